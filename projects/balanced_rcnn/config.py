@@ -1,0 +1,72 @@
+"""
+All yacs keys of the project. ``add_balanced_rcnn_config(cfg)`` adds them with their defaults;
+calling it twice is harmless (keys already present keep their values).
+"""
+from detectron2.config import CfgNode as CN
+
+
+def _add_balanced_loss_config(cfg: CN) -> None:
+    # Weights and normalizers of the balanced RPN / ROI losses (modeling/losses.py).
+    cfg.MODEL.BALANCED_LOSS = CN()
+    # w_pos of the RPN objectness BCE: weight of positive (foreground) anchors; negatives get 1.
+    cfg.MODEL.BALANCED_LOSS.RPN_CLS_POS_WEIGHT = 1.0
+    # Multiplier of loss_rpn_cls (replaces MODEL.RPN.LOSS_WEIGHT, which must stay 1.0).
+    cfg.MODEL.BALANCED_LOSS.RPN_LOSS_CLS_WEIGHT = 1.0
+    # Multiplier of loss_rpn_loc (replaces MODEL.RPN.BBOX_REG_LOSS_WEIGHT).
+    cfg.MODEL.BALANCED_LOSS.RPN_LOSS_BBOX_WEIGHT = 1.0
+    # w_pos of the ROI classification CE: weight of foreground proposals; background gets 1.
+    cfg.MODEL.BALANCED_LOSS.ROI_CLS_POS_WEIGHT = 1.0
+    # Multiplier of loss_cls.
+    cfg.MODEL.BALANCED_LOSS.ROI_LOSS_CLS_WEIGHT = 1.0
+    # Multiplier of loss_box_reg (replaces MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT).
+    cfg.MODEL.BALANCED_LOSS.ROI_LOSS_BBOX_WEIGHT = 1.0
+    # Multiplier of loss_mask.
+    cfg.MODEL.BALANCED_LOSS.ROI_LOSS_MASK_WEIGHT = 1.0
+    # Added to every count normalizer: loss = sum / (max(count, 1) + EPS). Must be > 0.
+    cfg.MODEL.BALANCED_LOSS.EPS = 1e-6
+    # Replace every count by its mean over workers (one all-reduce) so that DDP's gradient
+    # averaging equals training on one large batch.
+    cfg.MODEL.BALANCED_LOSS.SYNC_NORMALIZERS = True
+
+
+def _add_swin_config(cfg: CN) -> None:
+    # detectron2.modeling.backbone.swin.SwinTransformer's arguments (Swin paper, Liu et al. 2021).
+    cfg.MODEL.SWIN = CN()
+    cfg.MODEL.SWIN.PRETRAIN_IMG_SIZE = 224  # image size the ImageNet weights were trained at
+    cfg.MODEL.SWIN.PATCH_SIZE = 4  # patch embedding stride
+    cfg.MODEL.SWIN.EMBED_DIM = 96  # C: channels of stage 1 (96 = Swin-T/S, 128 = Swin-B)
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]  # blocks per stage (Swin-T; Swin-S/B: 2-2-18-2)
+    cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]  # attention heads per stage
+    cfg.MODEL.SWIN.WINDOW_SIZE = 7  # M: local attention window, in patches
+    cfg.MODEL.SWIN.MLP_RATIO = 4.0  # MLP hidden size / embedding size
+    cfg.MODEL.SWIN.QKV_BIAS = True  # learnable bias on query, key, value
+    cfg.MODEL.SWIN.DROP_RATE = 0.0  # dropout after attention projection and MLP
+    cfg.MODEL.SWIN.ATTN_DROP_RATE = 0.0  # dropout on attention weights
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.2  # stochastic depth, linearly increasing to this value
+    cfg.MODEL.SWIN.APE = False  # absolute position embedding (off in the published detectors)
+    cfg.MODEL.SWIN.PATCH_NORM = True  # LayerNorm after patch embedding
+    cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # stages 1-4, strides 4-32
+    cfg.MODEL.SWIN.FROZEN_STAGES = -1  # freeze patch embedding (0) and stages 1..n (n); -1: none
+    cfg.MODEL.SWIN.USE_CHECKPOINT = False  # activation checkpointing: less memory, slower
+
+
+def _add_solver_config(cfg: CN) -> None:
+    # "SGD" (detectron2's default) or "AdamW" (the Swin detection recipe).
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    # Parameters whose name contains one of these get no weight decay (Swin recipe).
+    cfg.SOLVER.NO_WEIGHT_DECAY_KEYS = ["relative_position_bias_table", "absolute_pos_embed"]
+    # AdamW's (beta1, beta2).
+    cfg.SOLVER.BETAS = (0.9, 0.999)
+    # SOLVER.CLIP_GRADIENTS.CLIP_TYPE also accepts "full_model": one L2 clip of the total norm
+    # over all parameters (torch.nn.utils.clip_grad_norm_) with max norm CLIP_VALUE.
+
+
+def add_balanced_rcnn_config(cfg: CN) -> None:
+    """Add every key of the project to ``cfg`` (idempotent)."""
+    # Each section is added once; a second call must not reset values already set.
+    if "BALANCED_LOSS" not in cfg.MODEL:
+        _add_balanced_loss_config(cfg)
+    if "SWIN" not in cfg.MODEL:
+        _add_swin_config(cfg)
+    if "OPTIMIZER" not in cfg.SOLVER:
+        _add_solver_config(cfg)

@@ -1,0 +1,43 @@
+"""
+Training scalars that are still tensors (possibly on the GPU).
+
+``EventStorage.put_scalar`` converts its value with ``float()``, a host-device synchronization.
+Heads call :func:`put_tensor_scalars` instead, which only keeps detached tensors; the trainer
+calls :func:`flush_tensor_scalars` once per step, which moves them all to the host in one
+transfer and hands them to ``EventStorage``.
+"""
+from typing import Dict
+
+import torch
+from detectron2.utils.events import EventStorage, get_event_storage
+
+_PENDING_ATTR = "_balanced_rcnn_pending_scalars"
+
+
+def _pending(storage: EventStorage) -> Dict[str, torch.Tensor]:
+    pending = getattr(storage, _PENDING_ATTR, None)
+    if pending is None:
+        pending = {}
+        setattr(storage, _PENDING_ATTR, pending)
+    return pending
+
+
+def put_tensor_scalars(**scalars: torch.Tensor) -> None:
+    """Record 0-dim tensors under their names for the current iteration (no synchronization)."""
+    pending = _pending(get_event_storage())
+    for name, value in scalars.items():
+        pending[name] = value.detach().reshape(())
+
+
+def flush_tensor_scalars(storage: EventStorage = None) -> Dict[str, float]:
+    """Write every pending tensor scalar to ``storage`` with one device-to-host copy."""
+    storage = storage if storage is not None else get_event_storage()
+    pending = _pending(storage)
+    if not pending:
+        return {}
+    names = list(pending)
+    values = torch.stack([pending[n].to(torch.float32) for n in names]).cpu().tolist()
+    pending.clear()
+    flushed = dict(zip(names, values))
+    storage.put_scalars(**flushed)
+    return flushed
