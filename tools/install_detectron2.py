@@ -18,13 +18,14 @@ detectron2 publishes no wheels and is not on PyPI under its own name. Sources, i
 Exit status: 0 when detectron2 is importable afterwards, 1 with one line on stderr otherwise.
 """
 import argparse
+import base64
 import hashlib
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 DEFAULT_DISTRIBUTION = "sal-detectron2==0.7.2"
@@ -76,53 +77,57 @@ def download_default_wheel(directory: Path) -> Path:
     return wheels[0]
 
 
-def repack_as_pure_python(wheel: Path, expected_sha256: str, work_dir: Path) -> Path:
+def _record_line(name: str, data: bytes) -> str:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"{name},sha256={digest},{len(data)}"
+
+
+def _is_dropped(name: str) -> bool:
+    # The CPython-3.10 extension cannot load elsewhere, and a top-level "tools" package in
+    # site-packages would shadow any project's own tools/.
+    return name.startswith("detectron2/_C") or name.startswith("tools/")
+
+
+def repack_as_pure_python(wheel: Path, expected_sha256: str, out_dir: Path) -> Path:
     """Verify ``wheel`` and rebuild it without compiled parts, tagged py3-none-any."""
     actual = sha256_of(wheel)
     if actual != expected_sha256:
         raise InstallError(
             f"{wheel} has sha256 {actual}, expected {expected_sha256}; refusing to install it"
         )
-    unpack_dir = work_dir / "unpacked"
-    subprocess.run(
-        [sys.executable, "-m", "wheel", "unpack", "--dest", str(unpack_dir), str(wheel)],
-        check=True, stdout=subprocess.DEVNULL,
-    )
-    (tree,) = unpack_dir.iterdir()
-    removed = [p for p in tree.glob("detectron2/_C*") if p.is_file()]
-    for path in removed:
-        path.unlink()
-    # A top-level "tools" package in site-packages would shadow any project's own tools/.
-    if (tree / "tools").is_dir():
-        shutil.rmtree(tree / "tools")
-        removed.append(tree / "tools")
-    (wheel_meta,) = tree.glob("*.dist-info/WHEEL")
-    lines = []
-    for line in wheel_meta.read_text().splitlines():
-        if line.startswith("Root-Is-Purelib:"):
-            line = "Root-Is-Purelib: true"
-        elif line.startswith("Tag:"):
-            if any(existing.startswith("Tag:") for existing in lines):
+    distribution, version = wheel.name.split("-")[:2]
+    repacked = out_dir / f"{distribution}-{version}-py3-none-any.whl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    removed, record = [], []
+    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(repacked, "w", zipfile.ZIP_DEFLATED) as target:
+        names = source.namelist()
+        (record_name,) = [n for n in names if n.endswith(".dist-info/RECORD")]
+        for name in names:
+            if name == record_name:
                 continue
-            line = "Tag: py3-none-any"
-        lines.append(line)
-    wheel_meta.write_text("\n".join(lines) + "\n")
-    out_dir = work_dir / "repacked"
-    out_dir.mkdir()
-    # wheel pack rewrites RECORD, so the removed files disappear from it too.
-    subprocess.run(
-        [sys.executable, "-m", "wheel", "pack", "--dest-dir", str(out_dir), str(tree)],
-        check=True, stdout=subprocess.DEVNULL,
-    )
-    (repacked,) = out_dir.glob("*.whl")
-    log(f"repacked {wheel.name} -> {repacked.name} (removed: {', '.join(p.name for p in removed) or 'nothing'})")
+            if _is_dropped(name):
+                removed.append(name)
+                continue
+            data = source.read(name)
+            if name.endswith(".dist-info/WHEEL"):
+                data = _pure_python_wheel_metadata(data.decode()).encode()
+            target.writestr(name, data)
+            record.append(_record_line(name, data))
+        record.append(f"{record_name},,")
+        target.writestr(record_name, "\n".join(record) + "\n")
+    log(f"repacked {wheel.name} -> {repacked.name} (removed {len(removed)} files: the _C extension and tools/)")
     return repacked
+
+
+def _pure_python_wheel_metadata(text: str) -> str:
+    lines = [l for l in text.splitlines() if not l.startswith(("Root-Is-Purelib:", "Tag:"))]
+    return "\n".join(lines + ["Root-Is-Purelib: true", "Tag: py3-none-any"]) + "\n"
 
 
 def install_from_source(source: str) -> None:
     if os.path.isdir(source):
-        if not (Path(source) / "setup.py").is_file():
-            raise InstallError(f"detectron2 source directory '{source}' has no setup.py")
+        if not any((Path(source) / name).is_file() for name in ("setup.py", "pyproject.toml")):
+            raise InstallError(f"detectron2 source directory '{source}' has no setup.py or pyproject.toml")
         # No build isolation: detectron2's setup.py imports the already installed torch.
         run_pip("install", "--no-build-isolation", source)
     elif source.startswith(("git+", "http://", "https://")):
@@ -141,7 +146,7 @@ def install_default(wheel: Path | None, expected_sha256: str) -> None:
             wheel = download_default_wheel(tmp_dir / "download")
         elif not wheel.is_file():
             raise InstallError(f"wheel file '{wheel}' does not exist")
-        repacked = repack_as_pure_python(wheel, expected_sha256, tmp_dir)
+        repacked = repack_as_pure_python(wheel, expected_sha256, tmp_dir / "repacked")
         run_pip("install", str(repacked))
 
 
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log(f"installing detectron2 from PyPI's {DEFAULT_DISTRIBUTION} wheel (pure Python, no _C)")
             install_default(args.wheel, args.sha256)
-    except (InstallError, subprocess.CalledProcessError) as e:
+    except (InstallError, zipfile.BadZipFile) as e:
         print(
             f"[install_detectron2] error: could not install detectron2: {str(e).rstrip('.')}. Name another source with "
             f"--source or ${SOURCE_ENV_VAR} (a detectron2 checkout or git URL).",
