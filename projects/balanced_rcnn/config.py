@@ -46,19 +46,31 @@ def _add_swin_config(cfg: CN) -> None:
     cfg.MODEL.SWIN.APE = False  # absolute position embedding (off in the published detectors)
     cfg.MODEL.SWIN.PATCH_NORM = True  # LayerNorm after patch embedding
     cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # stages 1-4, strides 4-32
-    cfg.MODEL.SWIN.FROZEN_STAGES = -1  # freeze patch embedding (0) and stages 1..n (n); -1: none
+    # -1: train all; 0: freeze patch embedding; 1: also the absolute position embedding;
+    # n >= 2: also stages 1..n-1 (detectron2 SwinTransformer._freeze_stages semantics).
+    cfg.MODEL.SWIN.FROZEN_STAGES = -1
     cfg.MODEL.SWIN.USE_CHECKPOINT = False  # activation checkpointing: less memory, slower
 
 
 def _add_solver_config(cfg: CN) -> None:
     # "SGD" (detectron2's default) or "AdamW" (the Swin detection recipe).
     cfg.SOLVER.OPTIMIZER = "SGD"
-    # Parameters whose name contains one of these get no weight decay (Swin recipe).
+    # Parameters whose own name (the part after the last dot) is one of these get no weight
+    # decay (Swin recipe); passed as `overrides` to get_default_optimizer_params.
     cfg.SOLVER.NO_WEIGHT_DECAY_KEYS = ["relative_position_bias_table", "absolute_pos_embed"]
     # AdamW's (beta1, beta2).
     cfg.SOLVER.BETAS = (0.9, 0.999)
     # SOLVER.CLIP_GRADIENTS.CLIP_TYPE also accepts "full_model": one L2 clip of the total norm
     # over all parameters (torch.nn.utils.clip_grad_norm_) with max norm CLIP_VALUE.
+
+
+def _add_data_config(cfg: CN) -> None:
+    # Read by balanced_rcnn.register_datasets_from_config (data/register.py), e.g. from the
+    # command line: DATASETS.REGISTER_COCO "[['mine_train', 'train.json', 'images/']]".
+    # Users' COCO instances datasets: [name, json_file, image_root] triples; classes from the json.
+    cfg.DATASETS.REGISTER_COCO = []
+    # Cache folder of the generated synthetic datasets; "" = $BALANCED_RCNN_DATASETS or datasets/.
+    cfg.DATASETS.SYNTHETIC_ROOT = ""
 
 
 def add_balanced_rcnn_config(cfg: CN) -> None:
@@ -70,3 +82,5 @@ def add_balanced_rcnn_config(cfg: CN) -> None:
         _add_swin_config(cfg)
     if "OPTIMIZER" not in cfg.SOLVER:
         _add_solver_config(cfg)
+    if "REGISTER_COCO" not in cfg.DATASETS:
+        _add_data_config(cfg)

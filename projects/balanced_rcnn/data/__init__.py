@@ -1,0 +1,30 @@
+"""
+Datasets: the deterministic synthetic shapes generator, its built-in registered variants, and
+registration of users' COCO datasets from the config.
+
+Importing this package registers the built-in synthetic datasets (names and metadata only; the
+images are generated on first use).
+"""
+from .builtin import (
+    BUILTIN_SYNTHETIC,
+    default_dataset_root,
+    prepare_synthetic_shapes,
+    register_builtin_synthetic,
+    register_synthetic_shapes,
+)
+from .register import register_coco_dataset, register_datasets_from_config
+from .synthetic import SyntheticShapesParams, generate_synthetic_shapes
+
+register_builtin_synthetic()
+
+__all__ = [
+    "BUILTIN_SYNTHETIC",
+    "SyntheticShapesParams",
+    "default_dataset_root",
+    "generate_synthetic_shapes",
+    "prepare_synthetic_shapes",
+    "register_builtin_synthetic",
+    "register_coco_dataset",
+    "register_datasets_from_config",
+    "register_synthetic_shapes",
+]

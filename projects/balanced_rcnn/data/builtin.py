@@ -1,0 +1,120 @@
+"""
+The built-in synthetic datasets and their lazy registration.
+
+Registering only records names and metadata (cheap, no file is touched); the first
+``DatasetCatalog.get(name)`` generates the images into ``<root>/<name>/`` (see data/cache.py),
+where root is $BALANCED_RCNN_DATASETS or ``datasets/`` at the repository root. Later calls, in any
+process, reuse that folder until the parameters or the generator version change.
+"""
+import functools
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
+
+from .cache import build_cached
+from .synthetic import GENERATOR_VERSION, SyntheticShapesParams, generate_synthetic_shapes
+
+__all__ = [
+    "BUILTIN_SYNTHETIC",
+    "default_dataset_root",
+    "prepare_synthetic_shapes",
+    "register_builtin_synthetic",
+    "register_synthetic_shapes",
+]
+
+logger = logging.getLogger(__name__)
+
+_MILD = dict(image_size=(192, 192), objects_per_image=(1, 3), object_size=(12, 60),
+             empty_fraction=0.1)
+# The imbalanced setting: most images are pure background, objects are small, classes long-tail.
+_RARE = dict(image_size=(128, 128), objects_per_image=(1, 3), object_size=(8, 20),
+             empty_fraction=0.8, class_frequencies=(0.7, 0.2, 0.1))
+
+# All share the classes circle/square/triangle (NUM_CLASSES 3), so configs switch between them by
+# changing DATASETS only. Each split has its own seed: val images are never train images.
+BUILTIN_SYNTHETIC: Dict[str, SyntheticShapesParams] = {
+    # The CPU demo's data: sized so a tiny Swin trains to a real AP in a few minutes.
+    "synthetic_shapes_train": SyntheticShapesParams(num_images=1000, seed=0, **_MILD),
+    "synthetic_shapes_val": SyntheticShapesParams(num_images=200, seed=1, **_MILD),
+    # 600 train images -> 480 empty, 120 with objects.
+    "synthetic_shapes_rare_train": SyntheticShapesParams(num_images=600, seed=2, **_RARE),
+    "synthetic_shapes_rare_val": SyntheticShapesParams(num_images=300, seed=3, **_RARE),
+    # For tests and instant schedules: generated in well under a second.
+    "synthetic_shapes_tiny_train": SyntheticShapesParams(
+        num_images=16, image_size=(64, 64), object_size=(8, 24), empty_fraction=0.25, seed=4),
+    "synthetic_shapes_tiny_val": SyntheticShapesParams(
+        num_images=8, image_size=(64, 64), object_size=(8, 24), empty_fraction=0.25, seed=5),
+}
+
+# name -> (params, folder) of every dataset this module registered, for idempotent calls.
+_REGISTERED: Dict[str, Tuple[SyntheticShapesParams, Path]] = {}
+
+
+def default_dataset_root() -> Path:
+    """$BALANCED_RCNN_DATASETS, else ``datasets/`` at the repository root (or the cwd when the
+    package is installed outside a checkout)."""
+    env = os.environ.get("BALANCED_RCNN_DATASETS")
+    if env:
+        return Path(env).expanduser()
+    repo = Path(__file__).resolve().parents[3]
+    if (repo / "projects" / "balanced_rcnn").is_dir():
+        return repo / "datasets"
+    return Path.cwd() / "datasets"
+
+
+def prepare_synthetic_shapes(params: SyntheticShapesParams, folder: Path) -> Path:
+    """Generate the dataset into ``folder`` unless an identical one is there; return folder."""
+    def build(tmp: Path) -> None:
+        start = time.perf_counter()
+        generate_synthetic_shapes(params, tmp)
+        logger.info(f"Generated {params.num_images} synthetic images into {folder} in "
+                    f"{time.perf_counter() - start:.1f} s")
+
+    info = {"generator_version": GENERATOR_VERSION, "params": params.to_dict()}
+    return build_cached(Path(folder), params.fingerprint(), build, info)
+
+
+def _load(name: str, params: SyntheticShapesParams, folder: Path) -> List[Dict]:
+    prepare_synthetic_shapes(params, folder)
+    return load_coco_json(str(folder / "annotations.json"), str(folder / "images"), name)
+
+
+def register_synthetic_shapes(name: str, params: SyntheticShapesParams,
+                              root: Optional[Path] = None) -> None:
+    """
+    Register a synthetic dataset under ``name`` (generated on first use into ``root/name``).
+    Calling it again with the same arguments does nothing; with other arguments it replaces
+    this module's earlier registration. Names registered by other code are never replaced.
+    """
+    folder = Path(root if root is not None else default_dataset_root()) / name
+    if name in DatasetCatalog:
+        if _REGISTERED.get(name) == (params, folder):
+            return
+        if name not in _REGISTERED:
+            raise ValueError(f"Dataset name '{name}' is already registered by other code; "
+                             "choose another name for the synthetic dataset")
+        DatasetCatalog.remove(name)
+    if name in _REGISTERED and name in MetadataCatalog:
+        MetadataCatalog.remove(name)  # this module's stale metadata (other paths/classes)
+    DatasetCatalog.register(name, functools.partial(_load, name, params, folder))
+    # Known without generating anything: class names and ids are fixed by the parameters.
+    # load_coco_json later sets the same two values, which MetadataCatalog accepts.
+    MetadataCatalog.get(name).set(
+        json_file=str(folder / "annotations.json"),
+        image_root=str(folder / "images"),
+        evaluator_type="coco",
+        thing_classes=list(params.classes),
+        thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(params.classes))},
+    )
+    _REGISTERED[name] = (params, folder)
+
+
+def register_builtin_synthetic(root: Optional[Path] = None) -> None:
+    """Register every dataset of BUILTIN_SYNTHETIC (idempotent, generates nothing)."""
+    for name, params in BUILTIN_SYNTHETIC.items():
+        register_synthetic_shapes(name, params, root)

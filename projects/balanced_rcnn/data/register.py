@@ -1,0 +1,152 @@
+"""
+Dataset registration driven by the config, with the checks that are cheap to do up front.
+
+``register_datasets_from_config(cfg)`` registers the built-in synthetic datasets and the users'
+COCO datasets of DATASETS.REGISTER_COCO, then checks that every name in DATASETS.TRAIN/TEST is
+registered and has as many classes as the model predicts. Each error names the culprit: the path,
+the config key, the dataset, the numbers. It is idempotent, so setup() may call it in every
+process.
+"""
+import difflib
+import json
+import logging
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
+
+from .builtin import BUILTIN_SYNTHETIC, register_builtin_synthetic
+
+__all__ = ["read_coco_categories", "register_coco_dataset", "register_datasets_from_config"]
+
+logger = logging.getLogger(__name__)
+
+_COCO_KEYS = ("images", "annotations", "categories")
+# name -> (json_file, image_root) of every COCO dataset this module registered.
+_REGISTERED: Dict[str, Tuple[str, str]] = {}
+
+
+def read_coco_categories(json_file: str) -> List[Dict]:
+    """The categories of a COCO instances json, sorted by id, after checking its structure."""
+    try:
+        with open(json_file) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"'{json_file}' is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"'{json_file}' is not a COCO instances json: its top level is a "
+                         f"{type(data).__name__}, not an object with {', '.join(_COCO_KEYS)}")
+    missing = [k for k in _COCO_KEYS if k not in data]
+    if missing:
+        raise ValueError(
+            f"'{json_file}' is not a COCO instances json: it has no "
+            f"{' and no '.join(repr(k) for k in missing)} (its top-level keys: "
+            f"{', '.join(repr(k) for k in data) or 'none'})")
+    for key in _COCO_KEYS:
+        if not isinstance(data[key], list):
+            raise ValueError(f"'{json_file}' is not a COCO instances json: '{key}' is a "
+                             f"{type(data[key]).__name__}, not a list")
+    categories = data["categories"]
+    if not categories:
+        raise ValueError(f"'{json_file}' has no categories: its 'categories' list is empty")
+    for i, cat in enumerate(categories):
+        if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
+            raise ValueError(f"'{json_file}': categories[{i}] needs an 'id' and a 'name', "
+                             f"got {cat!r}")
+    ids = [c["id"] for c in categories]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"'{json_file}': category ids {duplicates} appear more than once")
+    return sorted(categories, key=lambda c: c["id"])
+
+
+def register_coco_dataset(name: str, json_file: str, image_root: str,
+                          key: str = "register_coco_dataset") -> None:
+    """
+    Register a COCO instances dataset whose class names come from its json, after checking the
+    files. ``key`` names where the entry came from (a config key) in error messages.
+    Idempotent for the same paths; a name registered by other code is never replaced.
+    """
+    json_file, image_root = str(Path(json_file).resolve()), str(Path(image_root).resolve())
+    if name in DatasetCatalog and _REGISTERED.get(name) == (json_file, image_root):
+        return
+    if name in DatasetCatalog and name not in _REGISTERED:
+        builtin = " (a built-in synthetic dataset)" if name in BUILTIN_SYNTHETIC else ""
+        raise ValueError(f"{key}: dataset name '{name}' is already registered{builtin}; "
+                         "choose another name")
+    if not Path(json_file).is_file():
+        raise FileNotFoundError(f"{key}: json_file '{json_file}' of dataset '{name}' "
+                                "does not exist")
+    if not Path(image_root).is_dir():
+        raise FileNotFoundError(f"{key}: image_root '{image_root}' of dataset '{name}' "
+                                "does not exist or is not a folder")
+    categories = read_coco_categories(json_file)
+    if name in _REGISTERED:  # same name, new paths: replace this module's own registration
+        if name in DatasetCatalog:
+            DatasetCatalog.remove(name)
+        if name in MetadataCatalog:
+            MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: load_coco_json(json_file, image_root, name))
+    # The same values load_coco_json derives (classes sorted by id, ids -> 0..K-1); set now so
+    # the class count can be checked and predictions mapped back without loading the dataset.
+    MetadataCatalog.get(name).set(
+        json_file=json_file,
+        image_root=image_root,
+        evaluator_type="coco",
+        thing_classes=[c["name"] for c in categories],
+        thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(categories)},
+    )
+    _REGISTERED[name] = (json_file, image_root)
+    logger.info(f"Registered COCO dataset '{name}': {len(categories)} classes from {json_file}")
+
+
+def _check_names(names: Sequence[str], key: str) -> None:
+    available = DatasetCatalog.list()
+    for name in names:
+        if name in available:
+            continue
+        close = difflib.get_close_matches(name, available, n=5, cutoff=0.6)
+        ours = sorted(n for n in set(BUILTIN_SYNTHETIC) | set(_REGISTERED) if n in available)
+        hint = f"Did you mean: {', '.join(close)}? " if close else ""
+        raise ValueError(
+            f"{key}: unknown dataset '{name}'. {hint}This project's datasets: {', '.join(ours)} "
+            "(plus detectron2's built-in ones, e.g. coco_2017_train); register your own with "
+            "DATASETS.REGISTER_COCO")
+
+
+def _check_num_classes(cfg: CfgNode, names: Sequence[str], key: str) -> None:
+    if cfg.MODEL.META_ARCHITECTURE == "RetinaNet":
+        num_key, expected = "MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES
+    else:
+        num_key, expected = "MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    for name in names:
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is not None and len(classes) != expected:
+            shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+            raise ValueError(
+                f"Dataset '{name}' (in {key}) has {len(classes)} categories ({shown}) but "
+                f"{num_key} is {expected}; set {num_key} {len(classes)}")
+
+
+def register_datasets_from_config(cfg: CfgNode) -> None:
+    """Register the synthetic and the configured COCO datasets, then check DATASETS.TRAIN/TEST
+    against the registry and the model's class count. Raises on the first problem found."""
+    register_builtin_synthetic(cfg.DATASETS.SYNTHETIC_ROOT or None)
+    seen: Dict[str, str] = {}
+    for i, entry in enumerate(cfg.DATASETS.REGISTER_COCO):
+        key = f"DATASETS.REGISTER_COCO[{i}]"
+        if (not isinstance(entry, (list, tuple)) or len(entry) != 3
+                or not all(isinstance(x, str) and x for x in entry)):
+            raise ValueError(f"{key} must be [name, json_file, image_root] (three non-empty "
+                             f"strings), got {entry!r}")
+        name = entry[0]
+        if name in seen:
+            raise ValueError(f"{key}: dataset name '{name}' is already used by {seen[name]}")
+        seen[name] = key
+        register_coco_dataset(*entry, key=key)
+    splits = [("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST)]
+    for key, names in splits:
+        _check_names(names, key)
+        _check_num_classes(cfg, names, key)
