@@ -1,0 +1,288 @@
+"""BalancedRPN: hand-computed losses, exact relations to detectron2's RPN on identical inputs,
+foreground weighting, edge cases, logged scalars and build-time refusals."""
+
+import math
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.proposal_generator import build_proposal_generator
+from detectron2.structures import Boxes, ImageList, Instances
+
+from balanced_rcnn import BalancedRPN, add_balanced_rcnn_config
+from balanced_rcnn.utils.events import flush_tensor_scalars
+
+EPS = 1e-6
+LN2 = math.log(2.0)
+SHAPES = {"p2": ShapeSpec(channels=8, stride=4), "p3": ShapeSpec(channels=8, stride=8)}
+IMAGE_SIZE = (64, 64)
+
+
+def _cfg(name="BalancedRPN", **balanced):
+    cfg = get_cfg()
+    add_balanced_rcnn_config(cfg)
+    cfg.MODEL.PROPOSAL_GENERATOR.NAME = name
+    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3"]
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[16], [32]]
+    cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 64
+    for key, value in balanced.items():
+        cfg.MODEL.BALANCED_LOSS[key] = value
+    return cfg
+
+
+def _build(cfg):
+    torch.manual_seed(0)
+    return build_proposal_generator(cfg, SHAPES)
+
+
+def _features(num_images=2):
+    g = torch.Generator().manual_seed(1)
+    return {
+        "p2": torch.randn(num_images, 8, 16, 16, generator=g),
+        "p3": torch.randn(num_images, 8, 8, 8, generator=g),
+    }
+
+
+def _gt_instances(boxes_per_image):
+    out = []
+    for boxes in boxes_per_image:
+        inst = Instances(IMAGE_SIZE)
+        inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+        inst.gt_classes = torch.zeros(len(inst.gt_boxes), dtype=torch.int64)
+        out.append(inst)
+    return out
+
+
+GT = [[[4.0, 6.0, 30.0, 40.0], [30.0, 30.0, 60.0, 62.0]], [[10.0, 10.0, 26.0, 50.0]]]
+
+
+def _inputs(rpn, gt=GT):
+    """Anchors, labels and random predictions, the arguments of RPN.losses."""
+    features = [_features(len(gt))[f] for f in rpn.in_features]
+    anchors = rpn.anchor_generator(features)
+    torch.manual_seed(2)  # anchor sampling
+    labels, matched = rpn.label_and_sample_anchors(anchors, _gt_instances(gt))
+    g = torch.Generator().manual_seed(3)
+    n = len(gt)
+    logits = [torch.randn(n, len(a), generator=g).requires_grad_() for a in anchors]
+    deltas = [(torch.randn(n, len(a), 4, generator=g) * 0.2).requires_grad_() for a in anchors]
+    return anchors, logits, labels, deltas, matched
+
+
+def _counts(labels):
+    labels = torch.stack(labels)
+    return int((labels == 1).sum()), int((labels == 0).sum())
+
+
+def test_registered_and_built_from_config():
+    rpn = _build(_cfg())
+    assert type(rpn) is BalancedRPN
+    assert rpn.loss_weight == {"loss_rpn_cls": 1.0, "loss_rpn_loc": 1.0}
+
+
+def test_hand_computed(event_storage):
+    cfg = _cfg(RPN_CLS_POS_WEIGHT=2.0)
+    cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 4  # 2 sampled anchors + 2 padding slots per image
+    rpn = _build(cfg)
+    # Two levels: anchors 0, 1 on the first, anchor 2 on the second; two images.
+    anchors = [
+        Boxes(torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 20.0, 10.0]])),
+        Boxes(torch.tensor([[0.0, 0.0, 40.0, 40.0]])),
+    ]
+    labels = [torch.tensor([1, 0, -1]), torch.tensor([-1, 0, 1])]
+    matched = [torch.zeros(3, 4), torch.zeros(3, 4)]  # undefined where the label is not 1
+    matched[0][0] = torch.tensor([2.0, 0.0, 12.0, 10.0])
+    matched[1][2] = torch.tensor([0.0, 0.0, 40.0, 40.0])
+    logits = [torch.tensor([[0.0, math.log(3.0)], [9.0, 0.0]]), torch.tensor([[7.0], [0.0]])]
+    deltas = [torch.zeros(2, 2, 4), torch.zeros(2, 1, 4)]
+    deltas[0][1, 0] = 9.0  # an ignored anchor: no effect
+    deltas[1][1, 0] = torch.tensor([0.5, 0.0, 0.0, -0.25])
+    losses = rpn.losses(anchors, logits, labels, deltas, matched)
+
+    # P = 2, Q = 2. Objectness: image 0 anchor 0 (positive, logit 0): ln 2, weight 2;
+    # image 0 anchor 1 (negative, logit ln 3): -ln(1 - 3/4) = ln 4; image 1 anchor 1
+    # (negative, logit 0): ln 2; image 1 anchor 2 (positive, logit 0): ln 2, weight 2.
+    expected_cls = (2 * LN2 + math.log(4.0) + LN2 + 2 * LN2) / (4 + EPS)
+    # Localization (weights 1): image 0 anchor 0: target dx = (7 - 5) / 10 = 0.2, pred 0 -> 0.2;
+    # image 1 anchor 2: target 0, pred (0.5, 0, 0, -0.25) -> 0.75.
+    expected_loc = (0.2 + 0.75) / (2 + EPS)
+    assert losses["loss_rpn_cls"].item() == pytest.approx(expected_cls, rel=1e-6)
+    assert losses["loss_rpn_loc"].item() == pytest.approx(expected_loc, rel=1e-6)
+
+    scalars = flush_tensor_scalars(event_storage)
+    assert scalars["rpn/num_pos_anchors"] == 1.0  # 2 positives / 2 images
+    assert scalars["rpn/num_neg_anchors"] == 1.0
+    assert scalars["rpn/fg_fraction"] == 0.5
+    assert scalars["rpn/cls_normalizer"] == pytest.approx(4 + EPS)
+    assert scalars["rpn/loc_normalizer"] == pytest.approx(2 + EPS)
+
+
+LOSS_TYPES = [("smooth_l1", 0.0), ("smooth_l1", 0.1), ("giou", 0.0), ("diou", 0.0), ("ciou", 0.0)]
+
+
+@pytest.mark.parametrize("loss_type,beta", LOSS_TYPES)
+def test_relation_to_stock_rpn(event_storage, loss_type, beta):
+    cfgs = [_cfg("RPN"), _cfg("BalancedRPN")]
+    for cfg in cfgs:
+        cfg.MODEL.RPN.BBOX_REG_LOSS_TYPE = loss_type
+        cfg.MODEL.RPN.SMOOTH_L1_BETA = beta
+    stock, balanced = _build(cfgs[0]), _build(cfgs[1])
+    inputs = _inputs(stock)
+    num_pos, num_neg = _counts(inputs[2])
+    assert num_pos > 0 and num_neg > 0
+    stock_losses = stock.losses(*inputs)
+    ours = balanced.losses(*inputs)
+    n_b = stock.batch_size_per_image * 2  # BATCH_SIZE_PER_IMAGE * N
+    # loss_rpn_cls = stock x B*N / max(P + Q, 1); loss_rpn_loc = stock x B*N / max(P, 1)
+    torch.testing.assert_close(
+        ours["loss_rpn_cls"], stock_losses["loss_rpn_cls"] * n_b / (num_pos + num_neg + EPS)
+    )
+    torch.testing.assert_close(
+        ours["loss_rpn_loc"], stock_losses["loss_rpn_loc"] * n_b / (num_pos + EPS)
+    )
+
+    # The gradients keep the same relation.
+    logits, deltas = inputs[1], inputs[3]
+    grads_stock = torch.autograd.grad(sum(stock_losses.values()), logits + deltas)
+    grads_ours = torch.autograd.grad(sum(ours.values()), logits + deltas)
+    scales = [n_b / (num_pos + num_neg + EPS)] * len(logits) + [n_b / (num_pos + EPS)] * len(deltas)
+    for g_s, g_o, scale in zip(grads_stock, grads_ours, scales):
+        torch.testing.assert_close(g_o, g_s * scale)
+
+
+def test_pos_weight_scales_exactly_the_positive_terms(event_storage):
+    inputs = None
+    results = {}
+    for w in (0.0, 1.0, 3.0):
+        rpn = _build(_cfg(RPN_CLS_POS_WEIGHT=w))
+        inputs = inputs or _inputs(rpn)
+        results[w] = rpn.losses(*inputs)
+    negatives = results[0.0]["loss_rpn_cls"]
+    positives = results[1.0]["loss_rpn_cls"] - negatives
+    torch.testing.assert_close(results[3.0]["loss_rpn_cls"], negatives + 3 * positives)
+    # The counts (normalizers) and the localization loss are not weighted.
+    torch.testing.assert_close(results[3.0]["loss_rpn_loc"], results[1.0]["loss_rpn_loc"])
+
+    # Negatives alone, by hand from the labels.
+    labels = torch.cat([l for l in inputs[2]])
+    logits = torch.cat([x for x in inputs[1]], dim=1).flatten()
+    neg = labels == 0
+    num_pos, num_neg = _counts(inputs[2])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits[neg], torch.zeros(num_neg), reduction="sum"
+    ) / (num_pos + num_neg + EPS)
+    torch.testing.assert_close(negatives, expected)
+
+
+def test_loss_weights_multiply(event_storage):
+    plain = _build(_cfg())
+    inputs = _inputs(plain)
+    base = plain.losses(*inputs)
+    weighted = _build(_cfg(RPN_LOSS_CLS_WEIGHT=2.0, RPN_LOSS_BBOX_WEIGHT=0.5)).losses(*inputs)
+    torch.testing.assert_close(weighted["loss_rpn_cls"], 2 * base["loss_rpn_cls"])
+    torch.testing.assert_close(weighted["loss_rpn_loc"], 0.5 * base["loss_rpn_loc"])
+
+
+def _finite_loss_and_grads(losses, inputs):
+    logits, deltas = inputs[1], inputs[3]
+    grads = torch.autograd.grad(sum(losses.values()), logits + deltas)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert all(torch.isfinite(g).all() for g in grads)
+    return grads
+
+
+def test_images_without_annotations(event_storage):
+    rpn = _build(_cfg(RPN_CLS_POS_WEIGHT=5.0))
+    inputs = _inputs(rpn, gt=[[], []])  # P = 0: only negatives
+    num_pos, num_neg = _counts(inputs[2])
+    assert num_pos == 0 and num_neg == 2 * rpn.batch_size_per_image
+    losses = rpn.losses(*inputs)
+    grads = _finite_loss_and_grads(losses, inputs)
+    assert losses["loss_rpn_loc"].item() == 0.0
+    assert all(g.abs().sum() == 0 for g in grads[len(inputs[1]) :])  # no delta gradient
+    assert losses["loss_rpn_cls"].item() > 0
+    assert flush_tensor_scalars(event_storage)["rpn/loc_normalizer"] == pytest.approx(1 + EPS)
+
+
+def test_one_image_without_annotations(event_storage):
+    rpn = _build(_cfg())
+    inputs = _inputs(rpn, gt=[GT[0], []])
+    _finite_loss_and_grads(rpn.losses(*inputs), inputs)
+
+
+def test_no_valid_anchor(event_storage):
+    rpn = _build(_cfg())
+    anchors, logits, labels, deltas, matched = _inputs(rpn)
+    labels = [torch.full_like(l, -1) for l in labels]
+    inputs = (anchors, logits, labels, deltas, matched)
+    losses = rpn.losses(*inputs)
+    grads = _finite_loss_and_grads(losses, inputs)
+    assert losses["loss_rpn_cls"].item() == 0.0 and losses["loss_rpn_loc"].item() == 0.0
+    assert all(g.abs().sum() == 0 for g in grads)
+    scalars = flush_tensor_scalars(event_storage)
+    assert scalars["rpn/fg_fraction"] == 0.0
+    assert scalars["rpn/cls_normalizer"] == pytest.approx(1 + EPS)
+
+
+def test_more_sampled_anchors_than_batch_size_is_refused(event_storage):
+    rpn = _build(_cfg())
+    anchors, logits, labels, deltas, matched = _inputs(rpn)
+    labels = [torch.zeros_like(l) for l in labels]  # every anchor sampled
+    with pytest.raises(RuntimeError, match="batch_size_per_image"):
+        rpn.losses(anchors, logits, labels, deltas, matched)
+
+
+def test_losses_do_not_wait_for_the_device(event_storage, refuse_host_sync):
+    rpn = _build(_cfg())
+    inputs = _inputs(rpn)
+    with refuse_host_sync():
+        losses = rpn.losses(*inputs)
+        sum(losses.values()).backward()
+    assert torch.isfinite(losses["loss_rpn_cls"])
+
+
+def test_forward_trains_and_inference_is_stock(event_storage):
+    balanced, stock = _build(_cfg()), _build(_cfg("RPN"))
+    stock.load_state_dict(balanced.state_dict())
+    images = ImageList(torch.zeros(2, 3, *IMAGE_SIZE), [IMAGE_SIZE] * 2)
+    _, losses = balanced(images, _features(), _gt_instances(GT))
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    balanced.eval()
+    stock.eval()
+    with torch.no_grad():
+        ours, no_losses = balanced(images, _features())
+        theirs, _ = stock(images, _features())
+    assert no_losses == {}
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor)
+        assert torch.equal(a.objectness_logits, b.objectness_logits)
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("MODEL.RPN.LOSS_WEIGHT", 2.0, "MODEL.BALANCED_LOSS.RPN_LOSS_CLS_WEIGHT"),
+        ("MODEL.RPN.BBOX_REG_LOSS_WEIGHT", 0.5, "MODEL.BALANCED_LOSS.RPN_LOSS_BBOX_WEIGHT"),
+        ("MODEL.BALANCED_LOSS.RPN_CLS_POS_WEIGHT", -1.0, r"RPN_CLS_POS_WEIGHT.*-1\.0"),
+        ("MODEL.BALANCED_LOSS.RPN_LOSS_CLS_WEIGHT", float("nan"), "RPN_LOSS_CLS_WEIGHT.*nan"),
+        ("MODEL.BALANCED_LOSS.RPN_LOSS_BBOX_WEIGHT", float("inf"), "RPN_LOSS_BBOX_WEIGHT.*inf"),
+        ("MODEL.BALANCED_LOSS.EPS", 0.0, r"MODEL.BALANCED_LOSS.EPS.*0\.0"),
+        ("MODEL.BALANCED_LOSS.EPS", -1e-6, "MODEL.BALANCED_LOSS.EPS"),
+        ("MODEL.RPN.BBOX_REG_LOSS_TYPE", "l2", "MODEL.RPN.BBOX_REG_LOSS_TYPE.*l2"),
+    ],
+)
+def test_build_refuses(key, value, message):
+    cfg = _cfg()
+    cfg.merge_from_list([key, value])
+    with pytest.raises(ValueError, match=message):
+        _build(cfg)
+
+
+def test_build_without_project_keys_says_what_to_call():
+    cfg = get_cfg()
+    cfg.MODEL.PROPOSAL_GENERATOR.NAME = "BalancedRPN"
+    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3"]
+    with pytest.raises(KeyError, match="add_balanced_rcnn_config"):
+        _build(cfg)
