@@ -20,3 +20,58 @@ def event_storage():
     """Detectron2 heads log through get_event_storage(); give them one."""
     with EventStorage(start_iter=0) as storage:
         yield storage
+
+
+# --- Project configs and the tiny CPU model (configs/quick_schedules). ---
+TINY_CONFIG = "quick_schedules/swin_tiny_balanced_instant_test.yaml"
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def load_project_config(repo_root):
+    """``load_project_config("swin_balanced.yaml")``: a file of configs/ merged over detectron2's
+    defaults and the project's keys (unfrozen)."""
+    from balanced_rcnn import add_balanced_rcnn_config
+    from detectron2.config import get_cfg
+
+    def load(relative_path):
+        cfg = get_cfg()
+        add_balanced_rcnn_config(cfg)
+        cfg.merge_from_file(str(repo_root / "configs" / relative_path))
+        return cfg
+
+    return load
+
+
+@pytest.fixture
+def tiny_cfg(load_project_config):
+    """The instant-test config: tiny Swin-FPN Mask R-CNN with the balanced heads, CPU, unfrozen."""
+    return load_project_config(TINY_CONFIG)
+
+
+@pytest.fixture
+def refuse_host_sync(monkeypatch):
+    """
+    ``with refuse_host_sync(): ...``: inside, the Python-level ways of waiting for the device
+    (Tensor.item / tolist / bool / float / int, nonzero) raise AssertionError.
+    """
+    import contextlib
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host-device synchronization")
+
+    @contextlib.contextmanager
+    def context():
+        with monkeypatch.context() as patch:
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__", "nonzero"):
+                patch.setattr(torch.Tensor, name, refuse)
+            patch.setattr(torch, "nonzero", refuse)
+            yield
+
+    return context

@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""
+Train or evaluate Balanced R-CNN (Swin + FPN Mask R-CNN with the balanced RPN/ROI losses).
+
+    python train_net.py --config-file configs/swin_balanced.yaml --num-gpus 8
+    python train_net.py --config-file configs/swin_balanced.yaml --eval-only \
+        MODEL.WEIGHTS output/swin_balanced/model_final.pth
+    python train_net.py --config-file configs/quick_schedules/swin_tiny_balanced_demo.yaml
+
+--resume continues from the last checkpoint in OUTPUT_DIR; KEY VALUE pairs after the options
+override the config. Starting points for MODEL.WEIGHTS:
+- ImageNet Swin weights: convert them with tools/convert_swin_checkpoint.py.
+- A COCO-trained Mask R-CNN on data with another number of classes: set MODEL.WEIGHTS to it and
+  MODEL.ROI_HEADS.NUM_CLASSES to your count. The checkpointer loads every tensor whose shape
+  matches and skips, with a warning naming each one, the class-dependent layers
+  (roi_heads.box_predictor.cls_score, .bbox_pred and roi_heads.mask_head.predictor), which keep
+  their fresh initialization.
+"""
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+from balanced_rcnn import Trainer, add_balanced_rcnn_config
+from balanced_rcnn.data import register_datasets_from_config
+
+
+def setup(args) -> CfgNode:
+    cfg = get_cfg()
+    add_balanced_rcnn_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    # Dataset registration from the config (the synthetic datasets and DATASETS.REGISTER_COCO).
+    # It lives here, not at import time, because launch() starts fresh worker processes whose
+    # catalogs are empty: every worker runs setup().
+    register_datasets_from_config(cfg)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        return results
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
