@@ -17,27 +17,44 @@ override the config. Starting points for MODEL.WEIGHTS:
   their fresh initialization.
 """
 
-from detectron2.checkpoint import DetectionCheckpointer
+import logging
+import sys
+
 from detectron2.config import CfgNode, get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from balanced_rcnn import Trainer, add_balanced_rcnn_config
 from balanced_rcnn.data import register_datasets_from_config
+from balanced_rcnn.engine.checkpoint import AtomicCheckpointer, check_weights_file
+from balanced_rcnn.engine.health import TrainingHealthError
+from balanced_rcnn.engine.launch import collective_timeout, launch
 
 
-def setup(args) -> CfgNode:
+def load_config(args) -> CfgNode:
     cfg = get_cfg()
     add_balanced_rcnn_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    return cfg
+
+
+def setup(args) -> CfgNode:
+    cfg = load_config(args)
     default_setup(cfg, args)
+    # The project's own loggers (balanced_rcnn.*: dataset generation, the health monitor) write to
+    # the console and to OUTPUT_DIR/log.txt like detectron2's.
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="balanced_rcnn")
     # Dataset registration from the config (the synthetic datasets and DATASETS.REGISTER_COCO).
     # It lives here, not at import time, because launch() starts fresh worker processes whose
     # catalogs are empty: every worker runs setup().
     register_datasets_from_config(cfg)
+    # Before anything is built: detectron2 would fail on a missing file only after building the
+    # model and the data loader, and evaluate random weights when none are given.
+    check_weights_file(cfg, resume=args.resume, eval_only=args.eval_only)
     return cfg
 
 
@@ -45,7 +62,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)
@@ -55,12 +72,21 @@ def main(args):
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    try:
+        return trainer.train()
+    except TrainingHealthError as e:
+        logging.getLogger("detectron2").error(f"Training stopped, exit code {e.exit_code}: {e}")
+        # Every worker stops at the same step. Leave together, so that the launcher, which kills
+        # the others when one exits, does not kill the main worker while it writes its logs.
+        comm.synchronize()
+        sys.exit(e.exit_code)  # README, "Training health": 3 collapse, 4 non-finite
 
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
+    # The project's launch: exits with the status of a failed worker (README, "Reliability":
+    # 3 collapse, 4 non-finite, 75 lost peer, 130 / 143 Ctrl-C / SIGTERM after a checkpoint).
     launch(
         main,
         args.num_gpus,
@@ -68,4 +94,5 @@ if __name__ == "__main__":
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        timeout=collective_timeout(load_config(args)),
     )

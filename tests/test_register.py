@@ -241,8 +241,9 @@ def test_user_coco_reregistered_with_new_paths(tmp_path: Path, catalog_names):
     catalog_names.append("mine")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
+    # The second json names its categories 3 and 7 "x" and "y".
     first, second = _write_coco(tmp_path / "a"), _write_coco(
-        tmp_path / "b", categories=[{"id": 1, "name": "x"}, {"id": 2, "name": "y"}])
+        tmp_path / "b", categories=[{"id": 3, "name": "x"}, {"id": 7, "name": "y"}])
     for json_file in (first, second):
         register_datasets_from_config(_cfg(
             REGISTER_COCO=[["mine", str(json_file), str(json_file.parent / "imgs")]]))

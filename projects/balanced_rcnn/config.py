@@ -73,6 +73,42 @@ def _add_data_config(cfg: CN) -> None:
     cfg.DATASETS.SYNTHETIC_ROOT = ""
 
 
+def _add_health_config(cfg: CN) -> None:
+    # The training-health monitor (engine/health.py): periodic detection checks, collapse
+    # warnings/stop, per-step balance measures, stop on non-finite losses or gradient norm.
+    cfg.HEALTH = CN()
+    cfg.HEALTH.ENABLED = True  # off: detectron2's plain training loop and no health/ scalars
+    cfg.HEALTH.PERIOD = 100  # a detection check after every PERIOD iterations; 0: no checks
+    cfg.HEALTH.NUM_IMAGES = 16  # check images: the first NUM_IMAGES records of HEALTH.DATASET
+    cfg.HEALTH.DATASET = ""  # registered dataset of the check images; "": DATASETS.TEST[0]
+    cfg.HEALTH.SCORE_THRESHOLDS = (0.05, 0.3, 0.5)  # detections per image are counted at each
+    # Score of the collapse rule; 0.05 is detectron2's SCORE_THRESH_TEST (what COCO AP sees).
+    cfg.HEALTH.MAIN_THRESHOLD = 0.05
+    # A check is collapsed when detections per image are 0 or below this x the best earlier one.
+    cfg.HEALTH.COLLAPSE_FRACTION = 0.05
+    cfg.HEALTH.PATIENCE = 3  # K: consecutive collapsed checks that make a collapse
+    cfg.HEALTH.WARMUP_ITERS = 100  # checks before this many iterations are logged, not judged
+    cfg.HEALTH.ACTION = "warn"  # on a collapse: "warn", or "stop" (checkpoint, exit code 3)
+
+
+def _add_reliability_config(cfg: CN) -> None:
+    # Bad inputs and interrupted or broken runs (README, "Reliability"). Checkpoints are always
+    # written atomically and SIGTERM / Ctrl-C always checkpoint before exiting: no key for those.
+    cfg.RELIABILITY = CN()
+    # Invalid annotations in a DATASETS.REGISTER_COCO json (zero-area box, polygon with < 3
+    # points): "error" refuses the json, naming them; "skip" drops each one with a warning.
+    cfg.RELIABILITY.BAD_ANNOTATIONS = "error"
+    # Training images that cannot be used (missing, unreadable, truncated, size not the json's)
+    # are skipped, logged and counted; skipping more than this share of the set is an error.
+    cfg.RELIABILITY.MAX_SKIPPED_IMAGE_FRACTION = 0.01
+    # DDP: a worker that sees no heartbeat from a peer for this many seconds takes it for dead
+    # and exits (code 75) instead of waiting in a collective; 0 turns the watchdog off.
+    cfg.RELIABILITY.PEER_TIMEOUT_S = 60.0
+    # DDP: timeout of every collective (detectron2's launch(timeout=...), default 30 min); it
+    # bounds a wait on a peer that is alive but stuck. Keep it above the longest evaluation.
+    cfg.RELIABILITY.COLLECTIVE_TIMEOUT_MIN = 30.0
+
+
 def add_balanced_rcnn_config(cfg: CN) -> None:
     """Add every key of the project to ``cfg`` (idempotent)."""
     # Each section is added once; a second call must not reset values already set.
@@ -84,3 +120,7 @@ def add_balanced_rcnn_config(cfg: CN) -> None:
         _add_solver_config(cfg)
     if "REGISTER_COCO" not in cfg.DATASETS:
         _add_data_config(cfg)
+    if "HEALTH" not in cfg:
+        _add_health_config(cfg)
+    if "RELIABILITY" not in cfg:
+        _add_reliability_config(cfg)

@@ -1,6 +1,7 @@
 """
-Datasets: the deterministic synthetic shapes generator, its built-in registered variants, and
-registration of users' COCO datasets from the config.
+Datasets: the deterministic synthetic shapes generator, its built-in registered variants,
+registration of users' COCO datasets from the config, and the data loaders that check the
+datasets up front and skip (training) or name (evaluation) the images they cannot use.
 
 Importing this package registers the built-in synthetic datasets (names and metadata only; the
 images are generated on first use).
@@ -12,6 +13,8 @@ from .builtin import (
     register_builtin_synthetic,
     register_synthetic_shapes,
 )
+from .loader import build_test_loader, build_train_loader
+from .mapper import SkippingDatasetMapper, TooManySkippedImages
 from .register import register_coco_dataset, register_datasets_from_config
 from .synthetic import SyntheticShapesParams, generate_synthetic_shapes
 
@@ -19,7 +22,11 @@ register_builtin_synthetic()
 
 __all__ = [
     "BUILTIN_SYNTHETIC",
+    "SkippingDatasetMapper",
     "SyntheticShapesParams",
+    "TooManySkippedImages",
+    "build_test_loader",
+    "build_train_loader",
     "default_dataset_root",
     "generate_synthetic_shapes",
     "prepare_synthetic_shapes",

@@ -4,32 +4,39 @@ Dataset registration driven by the config, with the checks that are cheap to do 
 ``register_datasets_from_config(cfg)`` registers the built-in synthetic datasets and the users'
 COCO datasets of DATASETS.REGISTER_COCO, then checks that every name in DATASETS.TRAIN/TEST is
 registered and has as many classes as the model predicts. Each error names the culprit: the path,
-the config key, the dataset, the numbers. It is idempotent, so setup() may call it in every
-process.
+the config key, the dataset, the numbers. The images and annotations of each COCO json are checked
+too (data/checks.py). It is idempotent, so setup() may call it in every process.
 """
 import difflib
+import functools
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import AbstractSet, Any, Dict, List, Sequence, Tuple
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 from .builtin import BUILTIN_SYNTHETIC, register_builtin_synthetic
+from .checks import check_coco_annotations
 
-__all__ = ["read_coco_categories", "register_coco_dataset", "register_datasets_from_config"]
+__all__ = [
+    "read_coco_categories",
+    "read_coco_json",
+    "register_coco_dataset",
+    "register_datasets_from_config",
+]
 
 logger = logging.getLogger(__name__)
 
 _COCO_KEYS = ("images", "annotations", "categories")
-# name -> (json_file, image_root) of every COCO dataset this module registered.
-_REGISTERED: Dict[str, Tuple[str, str]] = {}
+# name -> (json_file, image_root, bad-annotation policy) of every COCO dataset registered here.
+_REGISTERED: Dict[str, Tuple[str, str, str]] = {}
 
 
-def read_coco_categories(json_file: str) -> List[Dict]:
-    """The categories of a COCO instances json, sorted by id, after checking its structure."""
+def read_coco_json(json_file: str) -> Dict[str, Any]:
+    """A COCO instances json, after checking its structure and its categories."""
     try:
         with open(json_file) as f:
             data = json.load(f)
@@ -59,18 +66,37 @@ def read_coco_categories(json_file: str) -> List[Dict]:
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ValueError(f"'{json_file}': category ids {duplicates} appear more than once")
-    return sorted(categories, key=lambda c: c["id"])
+    return data
+
+
+def read_coco_categories(json_file: str) -> List[Dict]:
+    """The categories of a COCO instances json, sorted by id, after checking its structure."""
+    return sorted(read_coco_json(json_file)["categories"], key=lambda c: c["id"])
+
+
+def _load_coco(json_file: str, image_root: str, name: str, dropped: AbstractSet[Any]
+               ) -> List[Dict]:
+    if not dropped:
+        return load_coco_json(json_file, image_root, name)
+    # The annotation ids are kept so that those RELIABILITY.BAD_ANNOTATIONS skip drops are known.
+    dicts = load_coco_json(json_file, image_root, name, extra_annotation_keys=["id"])
+    for d in dicts:
+        d["annotations"] = [a for a in d["annotations"] if a.get("id") not in dropped]
+    return dicts
 
 
 def register_coco_dataset(name: str, json_file: str, image_root: str,
-                          key: str = "register_coco_dataset") -> None:
+                          key: str = "register_coco_dataset", bad_annotations: str = "error"
+                          ) -> None:
     """
     Register a COCO instances dataset whose class names come from its json, after checking the
-    files. ``key`` names where the entry came from (a config key) in error messages.
-    Idempotent for the same paths; a name registered by other code is never replaced.
+    files, images and annotations. ``key`` names where the entry came from (a config key) in
+    error messages; ``bad_annotations`` is RELIABILITY.BAD_ANNOTATIONS (data/checks.py).
+    Idempotent for the same arguments; a name registered by other code is never replaced.
     """
     json_file, image_root = str(Path(json_file).resolve()), str(Path(image_root).resolve())
-    if name in DatasetCatalog and _REGISTERED.get(name) == (json_file, image_root):
+    if name in DatasetCatalog and _REGISTERED.get(name) == (json_file, image_root,
+                                                             bad_annotations):
         return
     if name in DatasetCatalog and name not in _REGISTERED:
         builtin = " (a built-in synthetic dataset)" if name in BUILTIN_SYNTHETIC else ""
@@ -82,13 +108,17 @@ def register_coco_dataset(name: str, json_file: str, image_root: str,
     if not Path(image_root).is_dir():
         raise FileNotFoundError(f"{key}: image_root '{image_root}' of dataset '{name}' "
                                 "does not exist or is not a folder")
-    categories = read_coco_categories(json_file)
+    coco = read_coco_json(json_file)
+    categories = sorted(coco["categories"], key=lambda c: c["id"])
+    dropped = frozenset(check_coco_annotations(coco, json_file, bad_annotations))
+    del coco  # the loader parses the json again when the dataset is used
     if name in _REGISTERED:  # same name, new paths: replace this module's own registration
         if name in DatasetCatalog:
             DatasetCatalog.remove(name)
         if name in MetadataCatalog:
             MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, lambda: load_coco_json(json_file, image_root, name))
+    DatasetCatalog.register(name, functools.partial(_load_coco, json_file, image_root, name,
+                                                    dropped))
     # The same values load_coco_json derives (classes sorted by id, ids -> 0..K-1); set now so
     # the class count can be checked and predictions mapped back without loading the dataset.
     MetadataCatalog.get(name).set(
@@ -98,7 +128,7 @@ def register_coco_dataset(name: str, json_file: str, image_root: str,
         thing_classes=[c["name"] for c in categories],
         thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(categories)},
     )
-    _REGISTERED[name] = (json_file, image_root)
+    _REGISTERED[name] = (json_file, image_root, bad_annotations)
     logger.info(f"Registered COCO dataset '{name}': {len(categories)} classes from {json_file}")
 
 
@@ -145,7 +175,8 @@ def register_datasets_from_config(cfg: CfgNode) -> None:
         if name in seen:
             raise ValueError(f"{key}: dataset name '{name}' is already used by {seen[name]}")
         seen[name] = key
-        register_coco_dataset(*entry, key=key)
+        register_coco_dataset(*entry, key=key,
+                              bad_annotations=cfg.RELIABILITY.BAD_ANNOTATIONS)
     splits = [("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST)]
     for key, names in splits:
         _check_names(names, key)

@@ -1,7 +1,8 @@
 """
 The project's DefaultTrainer: AdamW/SGD parameter groups, whole-model gradient clipping and a
-gradient-norm log, the heads' tensor scalars flushed once per step, COCO bbox+segm evaluation
-through pycocotools, and DDP on the CPU.
+gradient-norm log, the heads' tensor scalars flushed once per step, the training-health monitor,
+COCO bbox+segm evaluation through pycocotools, and DDP on the CPU. Reliability (README): atomic
+checkpoints, a checkpoint on SIGTERM / Ctrl-C, skipped unusable images, the DDP peer watchdog.
 """
 
 import logging
@@ -11,7 +12,6 @@ from collections import OrderedDict
 from typing import List, Optional
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.engine import (
     AMPTrainer,
@@ -26,9 +26,15 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..data.loader import build_test_loader, build_train_loader
 from ..utils.events import flush_tensor_scalars
+from .checkpoint import AtomicCheckpointer
 from .grad_norm import GradientNormHook
+from .health import NonFiniteTrainingError, TrainingHealthMonitor, save_checkpoint_and_synchronize
+from .nonfinite import GuardedAMPTrainer, GuardedSimpleTrainer
 from .optimizer import build_optimizer
+from .signals import CheckpointOnSignal
+from .watchdog import PeerWatchdogHook
 
 __all__ = ["Trainer"]
 
@@ -38,7 +44,8 @@ class Trainer(DefaultTrainer):
     DefaultTrainer with the project's optimizer, gradient-norm hook and COCO evaluator.
 
     Configured by SOLVER.OPTIMIZER / BETAS / NO_WEIGHT_DECAY_KEYS, SOLVER.CLIP_GRADIENTS (incl.
-    CLIP_TYPE "full_model") and SOLVER.AMP.ENABLED. Logs "optim/grad_norm" every step.
+    CLIP_TYPE "full_model") and SOLVER.AMP.ENABLED. Logs "optim/grad_norm" every step. With
+    HEALTH.ENABLED, runs the training-health monitor (engine/health.py).
     """
 
     def __init__(self, cfg: CfgNode):
@@ -56,15 +63,20 @@ class Trainer(DefaultTrainer):
         on_gpu = next(model.parameters()).device.type == "cuda"
         device_ids = [comm.get_local_rank()] if on_gpu else None
         model = create_ddp_model(model, broadcast_buffers=False, device_ids=device_ids)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
-            model, data_loader, optimizer
-        )
+        # With HEALTH.ENABLED, a non-finite loss term or gradient norm stops every worker before
+        # the optimizer step, naming the term (engine/nonfinite.py).
+        if cfg.HEALTH.ENABLED:
+            inner = GuardedAMPTrainer if cfg.SOLVER.AMP.ENABLED else GuardedSimpleTrainer
+        else:
+            inner = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = inner(model, data_loader, optimizer)
         # Added: detectron2 calls after_backward only on the hooks of this inner trainer, and
         # after_backward is where gradients are complete (DDP-averaged) but not yet applied.
         self._trainer.register_hooks(self.build_inner_hooks(cfg))
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(
+        # Changed: writes that a kill cannot corrupt, loads that name the file (checkpoint.py).
+        self.checkpointer = AtomicCheckpointer(
             model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         self.start_iter = 0
@@ -83,10 +95,35 @@ class Trainer(DefaultTrainer):
             # DefaultTrainer evaluates after the last iteration; with no test set there is
             # nothing to evaluate (and `test` refuses an empty DATASETS.TEST).
             ret = [h for h in ret if not isinstance(h, hooks.EvalHook)]
+        if self.cfg.HEALTH.ENABLED:
+            # Before the checkpointer (a checkpoint then holds the monitor's state of the same
+            # iteration) and before PeriodicWriter (which writes the monitor's scalars).
+            later = (hooks.PeriodicCheckpointer, hooks.EvalHook, hooks.PeriodicWriter)
+            index = next((i for i, h in enumerate(ret) if isinstance(h, later)), len(ret))
+            ret.insert(index, TrainingHealthMonitor.from_config(self.cfg))
+        # SIGTERM / Ctrl-C: a checkpoint at the end of the step, after the scheduler step and the
+        # periodic checkpoint, before any evaluation.
+        later = (hooks.EvalHook, hooks.PeriodicWriter)
+        index = next((i for i, h in enumerate(ret) if isinstance(h, later)), len(ret))
+        ret.insert(index, CheckpointOnSignal(self.checkpointer))
+        skipped = getattr(self._trainer.data_loader, "skipped", None)  # data/mapper.py
+        if skipped is not None:
+            ret.append(hooks.CallbackHook(after_train=lambda _: skipped.log_summary()))
+        ret.append(PeerWatchdogHook(self.cfg.RELIABILITY.PEER_TIMEOUT_S))  # last: see watchdog.py
         return ret
 
     def run_step(self) -> None:
-        super().run_step()
+        try:
+            super().run_step()
+        except NonFiniteTrainingError:
+            # Raised on every worker before optimizer.step(): the weights are those of the last
+            # finite step, worth keeping to inspect or to resume from with other settings
+            # (--resume then continues after this iteration, past its bad batch).
+            path = save_checkpoint_and_synchronize(
+                self.checkpointer, f"model_nonfinite_{self.iter:07d}", self.iter
+            )
+            logging.getLogger(__name__).error(f"Saved the weights before the step to {path}")
+            raise
         # The heads (and GradientNormHook) record scalars as tensors; move them all to
         # EventStorage with one device-to-host copy per step.
         flush_tensor_scalars()
@@ -94,6 +131,14 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        return build_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        return build_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_evaluator(

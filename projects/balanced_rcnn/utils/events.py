@@ -6,7 +6,7 @@ Heads call :func:`put_tensor_scalars` instead, which only keeps detached tensors
 calls :func:`flush_tensor_scalars` once per step, which moves them all to the host in one
 transfer and hands them to ``EventStorage``.
 """
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from detectron2.utils.events import EventStorage, get_event_storage
@@ -27,6 +27,11 @@ def put_tensor_scalars(**scalars: torch.Tensor) -> None:
     pending = _pending(get_event_storage())
     for name, value in scalars.items():
         pending[name] = value.detach().reshape(())
+
+
+def pending_tensor_scalar(name: str, storage: EventStorage = None) -> Optional[torch.Tensor]:
+    """The tensor recorded under ``name`` in this step and not yet flushed, or None."""
+    return _pending(storage if storage is not None else get_event_storage()).get(name)
 
 
 def flush_tensor_scalars(storage: EventStorage = None) -> Dict[str, float]:

@@ -1,0 +1,205 @@
+"""
+Checks of a dataset that are cheap enough to run before anything trains. Each problem names the
+json, the annotation id, the image id and file.
+
+- :func:`check_coco_annotations` runs on the json of a DATASETS.REGISTER_COCO dataset when it is
+  registered (the json is parsed then anyway). Always errors: an annotation whose image_id is not
+  in ``images`` (detectron2 ignores it, with a count in a warning) or whose category_id is not in
+  ``categories`` (detectron2 stops with a KeyError naming neither the annotation nor the file), an
+  image entry without id/file_name/height/width. By RELIABILITY.BAD_ANNOTATIONS ("error" or
+  "skip"): a box of zero area and a polygon with fewer than 3 points, which detectron2 drops
+  silently or with a bare count.
+- :func:`load_train_dicts` builds the training dataset dicts as detectron2's
+  ``get_detection_dataset_dicts`` does, plus: image files that do not exist are skipped, each
+  logged and counted against RELIABILITY.MAX_SKIPPED_IMAGE_FRACTION (data/mapper.py); a dataset
+  with no image, or with none left after filtering, is an error that says what removed them
+  (detectron2: an AssertionError "No valid data found").
+
+Unreadable, truncated and wrongly sized images are only found by reading them, while training:
+see data/mapper.py.
+"""
+
+import itertools
+import logging
+import math
+import os
+from numbers import Real
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.build import (
+    filter_images_with_few_keypoints,
+    filter_images_with_only_crowd_annotations,
+    load_proposals_into_dataset,
+    print_instances_class_histogram,
+)
+from detectron2.data.detection_utils import check_metadata_consistency
+
+from .mapper import SkippedImages
+
+__all__ = ["BAD_ANNOTATION_POLICIES", "check_coco_annotations", "load_train_dicts"]
+
+logger = logging.getLogger(__name__)
+
+BAD_ANNOTATION_POLICIES = ("error", "skip")
+_LISTED = 5  # problems named in an error message
+_LOGGED = 20  # skipped annotations named in the log, per dataset
+
+
+def _listing(problems: Sequence[str], limit: int = _LISTED) -> str:
+    more = len(problems) - limit
+    return "\n  " + "\n  ".join(problems[:limit]) + (f"\n  ... and {more} more" if more > 0 else "")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _geometry_problem(ann: Dict[str, Any]) -> Optional[str]:
+    """Why the box or a polygon of a COCO annotation cannot be trained on, or None."""
+    box = ann.get("bbox")
+    if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+        return f"bbox {box!r} is not [x, y, width, height] (four finite numbers)"
+    if box[2] <= 0 or box[3] <= 0:
+        return f"bbox {box} has zero area (width {box[2]}, height {box[3]})"
+    segmentation = ann.get("segmentation")
+    if isinstance(segmentation, list):  # polygons; a dict is an RLE mask
+        for k, polygon in enumerate(segmentation):
+            if not isinstance(polygon, list) or len(polygon) % 2:
+                return f"segmentation polygon {k} is not a flat list of x, y pairs"
+            if len(polygon) < 6:
+                return (f"segmentation polygon {k} has {len(polygon) // 2} points (a polygon "
+                        "needs at least 3)")
+    return None
+
+
+def check_coco_annotations(
+    coco: Dict[str, Any], json_file: str, bad_annotations: str = "error"
+) -> Set[Any]:
+    """
+    Check the images and annotations of a parsed COCO instances json (see the module
+    docstring). Returns the ids of the annotations to drop (with ``bad_annotations="skip"``).
+
+    Raises:
+        ValueError: naming every problem (the first few in the message, the count of all).
+    """
+    if bad_annotations not in BAD_ANNOTATION_POLICIES:
+        raise ValueError(f"RELIABILITY.BAD_ANNOTATIONS must be one of {BAD_ANNOTATION_POLICIES}, "
+                         f"got {bad_annotations!r}")
+    errors: List[str] = []
+    images: Dict[Any, Dict] = {}
+    for i, image in enumerate(coco["images"]):
+        missing = [k for k in ("id", "file_name", "height", "width")
+                   if not isinstance(image, dict) or k not in image]
+        if missing:
+            errors.append(f"images[{i}] has no {', '.join(missing)}: {image!r}"[:300])
+        else:
+            images[image["id"]] = image
+    category_ids = {c["id"] for c in coco["categories"]}
+    bad_geometry: List[Tuple[Any, str]] = []
+    for i, ann in enumerate(coco["annotations"]):
+        ann_id = ann.get("id", f"at index {i}")
+        image = images.get(ann.get("image_id"))
+        if image is None:
+            errors.append(f"annotation id {ann_id}: image_id {ann.get('image_id')!r} is not in "
+                          "'images'")
+            continue
+        where = f"annotation id {ann_id} (image id {image['id']}, '{image['file_name']}')"
+        if ann.get("category_id") not in category_ids:
+            errors.append(f"{where}: category_id {ann.get('category_id')!r} is not in "
+                          f"'categories' (ids: {', '.join(map(str, sorted(category_ids)))})")
+            continue
+        problem = _geometry_problem(ann)
+        if problem is not None:
+            bad_geometry.append((ann_id, f"{where}: {problem}"))
+
+    if errors:
+        raise ValueError(f"'{json_file}' has {len(errors)} invalid image or annotation entries:"
+                         f"{_listing(errors)}")
+    if bad_geometry and bad_annotations == "error":
+        raise ValueError(
+            f"'{json_file}' has {len(bad_geometry)} annotations that cannot be trained on:"
+            f"{_listing([p for _, p in bad_geometry])}\nFix them, or set "
+            "RELIABILITY.BAD_ANNOTATIONS skip to drop them (each is logged)."
+        )
+    if bad_geometry:
+        logger.warning(
+            f"'{json_file}': dropping {len(bad_geometry)} annotations that cannot be trained on "
+            f"(RELIABILITY.BAD_ANNOTATIONS skip):{_listing([p for _, p in bad_geometry], _LOGGED)}"
+        )
+    return {ann_id for ann_id, _ in bad_geometry}
+
+
+def _drop_missing_files(dicts: List[Dict], skipped: SkippedImages) -> List[Dict]:
+    kept = []
+    for d in dicts:
+        file_name = d["file_name"]
+        # Names with a scheme (manifold://, s3://) are read through a PathManager: not checked.
+        if "://" in file_name or os.path.isfile(file_name):
+            kept.append(d)
+        else:
+            skipped.add(file_name, "the file does not exist", check=False)
+    if len(kept) < len(dicts):
+        logger.warning(f"Skipping {len(dicts) - len(kept)} of {len(dicts)} training images: "
+                       f"their files do not exist, e.g. '{next(iter(skipped.reasons))}'")
+        skipped.check()
+    return kept
+
+
+def load_train_dicts(cfg: CfgNode) -> Tuple[List[Dict], SkippedImages]:
+    """
+    The dataset dicts of DATASETS.TRAIN (see the module docstring) and the tally of skipped
+    images, which data/mapper.py continues while training.
+    """
+    names = list(cfg.DATASETS.TRAIN)
+    if not names:
+        raise ValueError("DATASETS.TRAIN is empty: name the dataset(s) to train on")
+    per_dataset = [DatasetCatalog.get(name) for name in names]
+    for name, dicts in zip(names, per_dataset):
+        if len(dicts) == 0:
+            raise ValueError(f"DATASETS.TRAIN: dataset '{name}' has no images")
+    if cfg.MODEL.LOAD_PROPOSALS:
+        per_dataset = [load_proposals_into_dataset(dicts, proposal_file) for dicts, proposal_file
+                       in zip(per_dataset, cfg.DATASETS.PROPOSAL_FILES_TRAIN)]
+    dicts = list(itertools.chain.from_iterable(per_dataset))
+    skipped = SkippedImages(len(dicts), cfg.RELIABILITY.MAX_SKIPPED_IMAGE_FRACTION)
+    dicts = _drop_missing_files(dicts, skipped)
+
+    # From here on, detectron2's get_detection_dataset_dicts.
+    num_existing = len(dicts)
+    has_instances = "annotations" in per_dataset[0][0]
+    filter_empty = cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS and has_instances
+    if filter_empty:
+        dicts = filter_images_with_only_crowd_annotations(dicts)
+    num_with_objects = len(dicts)
+    min_keypoints = cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON \
+        else 0
+    if min_keypoints > 0 and has_instances:
+        dicts = filter_images_with_few_keypoints(dicts, min_keypoints)
+    if has_instances:
+        try:
+            class_names = MetadataCatalog.get(names[0]).thing_classes
+            check_metadata_consistency("thing_classes", names)
+            print_instances_class_histogram(dicts, class_names)
+        except AttributeError:  # class names are not available for this dataset
+            pass
+
+    if not dicts:
+        reasons = []
+        if len(skipped.reasons):
+            reasons.append(f"{len(skipped.reasons)} image files do not exist")
+        if filter_empty and num_with_objects < num_existing:
+            reasons.append(
+                f"{num_existing - num_with_objects} images have no non-crowd annotation and "
+                "DATALOADER.FILTER_EMPTY_ANNOTATIONS True removes those (set it to False to train "
+                "on images without objects)")
+        if num_with_objects > len(dicts):
+            reasons.append(f"{num_with_objects - len(dicts)} images have fewer than "
+                           f"MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE = {min_keypoints} "
+                           "keypoints")
+        raise ValueError(
+            f"DATASETS.TRAIN {tuple(names)}: no image left to train on. Of "
+            f"{skipped.num_images} images, {'; '.join(reasons)}."
+        )
+    return dicts, skipped

@@ -1,0 +1,27 @@
+"""
+The project's data loaders: detectron2's, fed with checked dataset dicts (data/checks.py) and a
+mapper that skips or names the images it cannot use (data/mapper.py).
+"""
+
+from detectron2.config import CfgNode
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from torch.utils.data import DataLoader
+
+from .checks import load_train_dicts
+from .mapper import SkippingDatasetMapper, SkipTrackingLoader
+
+__all__ = ["build_test_loader", "build_train_loader"]
+
+
+def build_train_loader(cfg: CfgNode) -> SkipTrackingLoader:
+    """The training loader; its ``skipped`` attribute tallies the images skipped so far."""
+    dicts, skipped = load_train_dicts(cfg)
+    # Each mapper may skip what the up-front check has left of the allowance.
+    mapper = SkippingDatasetMapper(cfg, True, max_skipped=skipped.remaining())
+    loader = build_detection_train_loader(cfg, dataset=dicts, mapper=mapper)
+    return SkipTrackingLoader(loader, skipped)
+
+
+def build_test_loader(cfg: CfgNode, dataset_name: str) -> DataLoader:
+    """detectron2's test loader; an unusable image is an error naming the file."""
+    return build_detection_test_loader(cfg, dataset_name, mapper=SkippingDatasetMapper(cfg, False))

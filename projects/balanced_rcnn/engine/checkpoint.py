@@ -1,0 +1,226 @@
+"""
+Checkpoints that a kill cannot corrupt, and loads that name the file they cannot use.
+
+:class:`AtomicCheckpointer` is detectron2's ``DetectionCheckpointer`` with two changes:
+
+- ``save`` writes ``<name>.pth`` to a hidden temporary file in the same folder, fsyncs it,
+  renames it over the final name (``os.replace``: atomic within one file system) and fsyncs the
+  folder; only then does it rewrite ``last_checkpoint``, the same way. A process killed at any
+  moment leaves under each name either the old or the new complete file, and
+  ``last_checkpoint`` always names a complete checkpoint. A killed write leaves a
+  ``.<name>.pth.tmp-<pid>`` file behind, which the next save in that folder removes.
+- ``load`` refuses a missing file, and a truncated or corrupt one (checked with the CRC32 that
+  ``torch.save`` stores for every record of its zip archive, so a flipped byte in the middle of a
+  tensor is caught too) with an error that names the file and where its name came from
+  (MODEL.WEIGHTS or OUTPUT_DIR/last_checkpoint). fvcore would fail with an AssertionError after
+  the model and the data loader are built, or inside a zip reader with no file name.
+
+:func:`check_weights_file` runs the "missing" check before anything is built.
+"""
+
+import contextlib
+import glob
+import logging
+import os
+import pickle
+import zipfile
+from typing import Any, BinaryIO, Callable, Dict, Optional
+from urllib.parse import urlparse
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.utils import comm
+
+__all__ = ["AtomicCheckpointer", "CheckpointError", "atomic_write", "check_weights_file"]
+
+logger = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last_checkpoint"  # fvcore's tag file in the save folder
+_TMP_MARK = ".tmp-"
+_ZIP_MAGIC = b"PK\x03\x04"  # a zip archive's first local file header
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file exists but cannot be read: truncated, corrupt, or not a checkpoint."""
+
+
+def _is_local(path: str) -> bool:
+    # detectron2:// and http(s):// names are resolved (downloaded) by the PathManager.
+    return "://" not in path
+
+
+def _strip_query(path: str) -> str:
+    # DetectionCheckpointer accepts "file.pth?matching_heuristics=True".
+    return urlparse(path)._replace(query="").geturl()
+
+
+def _fsync_folder(folder: str) -> None:
+    # Makes the rename itself durable: without it a power loss can undo a completed os.replace.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """
+    ``write(f)`` into a temporary file next to ``path``, then rename it to ``path``: readers of
+    ``path`` only ever see the old or the complete new content.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}{_TMP_MARK}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_folder(folder)
+
+
+def _check_zip_records(path: str) -> Optional[str]:
+    """The first problem of a zip-format checkpoint (torch >= 1.6), None if it reads clean."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every record and compares its CRC32
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        return f"its zip archive is damaged ({e})"
+    return None if bad is None else f"record '{bad}' fails its CRC check"
+
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer with atomic saves and clear load errors (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, save_dir: str = "", **kwargs: Any):
+        super().__init__(model, save_dir, **kwargs)
+        self._debris_removed = False
+        # Where the path being loaded came from, for error messages.
+        self._source: Optional[str] = None
+
+    # ---- save ----
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        if not _is_local(self.save_dir):
+            super().save(name, **kwargs)  # remote storage has its own write semantics
+            return
+        # fvcore's Checkpointer.save, with the file written by atomic_write.
+        data: Dict[str, Any] = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        self._remove_debris()
+        self.logger.info(f"Saving checkpoint to {path}")
+        atomic_write(path, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if not _is_local(self.save_dir):
+            super().tag_last_checkpoint(last_filename_basename)
+            return
+        atomic_write(
+            os.path.join(self.save_dir, LAST_CHECKPOINT),
+            lambda f: f.write(last_filename_basename.encode()),
+        )
+
+    def _remove_debris(self) -> None:
+        # Temporary files of writes that were killed. Only one run writes into a save folder, so
+        # any of them at the first save of this run is debris.
+        if self._debris_removed:
+            return
+        self._debris_removed = True
+        for debris in glob.glob(os.path.join(glob.escape(self.save_dir), f".*{_TMP_MARK}*")):
+            logger.info(f"Removing {debris}, left by a checkpoint write that was interrupted")
+            with contextlib.suppress(OSError):
+                os.remove(debris)
+
+    # ---- load ----
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        if resume and self.has_checkpoint():
+            self._source = os.path.join(self.save_dir, LAST_CHECKPOINT)
+        else:
+            self._source = "MODEL.WEIGHTS"
+        try:
+            return super().resume_or_load(path, resume=resume)
+        finally:
+            self._source = None
+
+    def _named_by(self) -> str:
+        return f" (named by {self._source})" if self._source else ""
+
+    def load(self, path: str, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        # Under DDP detectron2 lets the other workers take the main worker's weights when only it
+        # can read the file, so the check is left to it there.
+        if path and _is_local(path) and comm.get_world_size() == 1:
+            local = _strip_query(path)
+            if not os.path.isfile(local):
+                raise FileNotFoundError(f"Checkpoint '{local}'{self._named_by()} does not exist")
+        return super().load(path, *args, **kwargs)
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        if zipfile.is_zipfile(filename):
+            problem = _check_zip_records(filename)
+        else:
+            with open(filename, "rb") as f:
+                starts_like_zip = f.read(4) == _ZIP_MAGIC
+            # torch.save writes a zip; one whose end (the central directory) is missing was cut.
+            problem = "it starts as a zip archive but its end is missing" if starts_like_zip \
+                else None
+        if problem is None:
+            try:
+                return super()._load_file(filename)
+            except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as e:
+                # An empty file gives EOFError, other bytes UnpicklingError ("Weights only load
+                # failed", misleading here), a damaged legacy (non-zip) file RuntimeError/OSError.
+                first_line = (str(e).strip().splitlines() or [""])[0][:300]
+                problem = f"torch.load failed: {type(e).__name__}" + (
+                    f": {first_line}" if first_line else "")
+        raise CheckpointError(
+            f"Cannot load checkpoint '{filename}'{self._named_by()}: it is truncated, corrupt or "
+            f"not a checkpoint ({problem}). {self._remedy(filename)}"
+        )
+
+    def _remedy(self, filename: str) -> str:
+        if self._source != os.path.join(self.save_dir, LAST_CHECKPOINT):
+            return "Point MODEL.WEIGHTS at an intact file."
+        others = sorted(
+            os.path.basename(p)
+            for p in glob.glob(os.path.join(glob.escape(self.save_dir), "*.pth"))
+            if os.path.abspath(p) != os.path.abspath(filename)
+        )
+        hint = f" (this folder also has: {', '.join(others[-3:])})" if others else ""
+        return (f"Delete it and write the name of an earlier checkpoint into {self._source}"
+                f"{hint}, or start without --resume.")
+
+
+def check_weights_file(cfg: CfgNode, *, resume: bool, eval_only: bool = False) -> None:
+    """
+    Refuse, before the model and the data are built, a MODEL.WEIGHTS that will be loaded and does
+    not exist (or, for an evaluation, none at all: it would evaluate a random initialization).
+    Checked on the main worker only, as detectron2 allows a file that only the main worker has.
+    """
+    if resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT)):
+        return  # resuming from OUTPUT_DIR: MODEL.WEIGHTS is not read
+    weights = cfg.MODEL.WEIGHTS
+    if not weights:
+        if eval_only:
+            raise ValueError(
+                "--eval-only needs trained weights: MODEL.WEIGHTS is empty (and no "
+                f"{LAST_CHECKPOINT} with --resume in OUTPUT_DIR '{cfg.OUTPUT_DIR}'), so a random "
+                "initialization would be evaluated. Set MODEL.WEIGHTS path/to/model_final.pth"
+            )
+        return
+    if not _is_local(weights) or not comm.is_main_process():
+        return
+    local = _strip_query(weights)
+    if not os.path.isfile(local):
+        where = "" if os.path.isabs(local) else f" (relative to the current folder {os.getcwd()})"
+        raise FileNotFoundError(f"MODEL.WEIGHTS '{weights}' does not exist{where}")

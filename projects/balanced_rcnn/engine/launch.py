@@ -1,0 +1,70 @@
+"""
+detectron2's ``launch`` with the project's handling of failures and signals.
+
+Three additions, each for the multi-process case only:
+
+- ``timeout``: the collective timeout, from RELIABILITY.COLLECTIVE_TIMEOUT_MIN (see
+  :func:`collective_timeout`); it bounds a wait on a peer that is alive but stuck.
+- SIGTERM / SIGINT sent to the launching process are passed on to the workers, which save a
+  checkpoint and exit 143 / 130 (engine/signals.py), instead of killing the launcher and leaving
+  the workers orphaned.
+- When a worker ends with a non-zero status, detectron2's launcher stops the other workers of this
+  machine and raises ``ProcessExitedException`` with a traceback. This launcher prints one line
+  naming the worker and its status and exits with that worker's code (128 + N for a worker killed
+  by signal N, as a shell reports it), so that schedulers and scripts see the real reason, e.g.
+  143 (stopped by SIGTERM, checkpoint saved) or 75 (a peer was lost, engine/watchdog.py).
+  A worker that raised a Python exception still ends with detectron2's report of it.
+"""
+
+import datetime
+import sys
+from typing import Any, Callable, Sequence
+
+from detectron2.config import CfgNode
+from detectron2.engine import launch as detectron2_launch
+from torch.multiprocessing import ProcessExitedException
+
+from .signals import forward_signals_to_workers
+
+__all__ = ["collective_timeout", "launch", "worker_exit_status"]
+
+
+def collective_timeout(cfg: CfgNode) -> datetime.timedelta:
+    minutes = cfg.RELIABILITY.COLLECTIVE_TIMEOUT_MIN
+    if not minutes > 0:
+        raise ValueError(f"RELIABILITY.COLLECTIVE_TIMEOUT_MIN must be > 0, got {minutes}")
+    return datetime.timedelta(minutes=minutes)
+
+
+def worker_exit_status(e: ProcessExitedException) -> int:
+    """The exit status a shell would report for the worker: its code, or 128 + N for signal N."""
+    return e.exit_code if e.exit_code > 0 else 128 - e.exit_code
+
+
+def launch(
+    main_func: Callable[..., Any],
+    num_gpus_per_machine: int,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: str = None,
+    args: Sequence[Any] = (),
+    timeout: datetime.timedelta = datetime.timedelta(minutes=30),
+) -> None:
+    """detectron2's ``launch`` (same arguments) plus what the module docstring lists."""
+    if num_machines * num_gpus_per_machine == 1:
+        detectron2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url,
+                          args=args, timeout=timeout)
+        return
+    with forward_signals_to_workers():
+        try:
+            detectron2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank,
+                              dist_url, args=args, timeout=timeout)
+        except ProcessExitedException as e:
+            status = worker_exit_status(e)
+            how = (f"was killed by {e.signal_name}" if e.exit_code < 0
+                   else f"exited with code {e.exit_code}")
+            rank = machine_rank * num_gpus_per_machine + e.error_index
+            print(f"launch: worker rank {rank} (pid {e.error_pid}) {how}; any other workers of "
+                  f"this machine were stopped. Exit code {status} (README, 'Reliability').",
+                  file=sys.stderr, flush=True)
+            sys.exit(status)

@@ -1,0 +1,65 @@
+"""Ctrl-C (SIGINT) during training: the step completes, a checkpoint is saved, exit code 130;
+and where the Trainer puts the reliability hooks.
+
+SIGTERM through train_net.py, with --resume afterwards: tests/test_interrupted_training.py.
+"""
+
+import logging
+import os
+import signal
+
+import pytest
+import torch
+from balanced_rcnn import Trainer
+from balanced_rcnn.data import register_datasets_from_config
+from balanced_rcnn.engine.signals import CheckpointOnSignal, TrainingInterrupted
+from balanced_rcnn.engine.watchdog import PeerWatchdogHook
+from detectron2.engine import HookBase, hooks
+
+
+class _SendSignal(HookBase):
+    """Sends ``signum`` to this process in the middle of step ``at`` (before its backward)."""
+
+    def __init__(self, at: int, signum: int):
+        self.at, self.signum = at, signum
+
+    def before_step(self) -> None:
+        if self.trainer.iter == self.at:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_ctrl_c_saves_the_completed_step_and_exits_130(tiny_cfg, tmp_path, caplog):
+    tiny_cfg.DATASETS.SYNTHETIC_ROOT = str(tmp_path / "datasets")
+    tiny_cfg.DATASETS.TEST = ()
+    tiny_cfg.OUTPUT_DIR = str(tmp_path / "output")
+    tiny_cfg.SOLVER.MAX_ITER = 10
+    tiny_cfg.SOLVER.CHECKPOINT_PERIOD = 100
+    register_datasets_from_config(tiny_cfg)
+    trainer = Trainer(tiny_cfg)
+    # After the scheduler and the periodic checkpoint, before the writer; the watchdog last.
+    order = [type(h) for h in trainer._hooks]
+    assert order.index(hooks.LRScheduler) < order.index(CheckpointOnSignal)
+    assert order.index(hooks.PeriodicCheckpointer) < order.index(CheckpointOnSignal)
+    assert order.index(CheckpointOnSignal) < order.index(hooks.PeriodicWriter)
+    assert order[-1] is PeerWatchdogHook
+    trainer.register_hooks([_SendSignal(at=2, signum=signal.SIGINT)])
+    previous = signal.getsignal(signal.SIGINT)
+    # A skip recorded while training is summarized at its end, interrupted or not.
+    trainer._trainer.data_loader.skipped.add("broken.png", "OSError: image file is truncated",
+                                             check=False)
+
+    with pytest.raises(TrainingInterrupted) as info, caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert ("Skipped 1 of 16 training images that cannot be used (RELIABILITY.MAX_SKIPPED_IMAGE_"
+            "FRACTION = 0.01): 'broken.png' (OSError: image file is truncated)") in caplog.text
+    assert info.value.code == 130 and info.value.iteration == 2
+    # Step 2 ran to its end (no KeyboardInterrupt in the middle of it) and was saved.
+    assert trainer.iter == 2
+    path = tmp_path / "output" / "model_0000002.pth"
+    assert info.value.checkpoint == str(path)
+    assert (tmp_path / "output" / "last_checkpoint").read_text() == "model_0000002.pth"
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    assert saved["iteration"] == 2 and saved["trainer"]["iteration"] == 2
+    model = trainer.model.state_dict()
+    assert all(torch.equal(saved["model"][k], v) for k, v in model.items())
+    assert signal.getsignal(signal.SIGINT) is previous  # the default action is back
