@@ -3,6 +3,7 @@ Time the balanced losses against detectron2's on identical, realistically sized 
 
     python benchmarks/bench_losses.py              # COCO-sized inputs (below)
     python benchmarks/bench_losses.py --tiny       # a few seconds; what the test suite runs
+    python benchmarks/bench_losses.py --update-md  # ... and replace its section of BENCHMARKS.md
 
 Inputs (default): 2 images of 800x1333; FPN P2-P6 anchors (sizes 32-512, 3 aspect ratios,
 about 267k per image) labelled and sampled by detectron2 (256 per image); 512 sampled ROIs per
@@ -13,14 +14,17 @@ Per head it prints the median time of stock detectron2's loss and of the balance
 loss alone ("forward") and with its backward pass, and the ratio balanced / stock. Stock
 detectron2 writes its scalars to EventStorage inside the losses; the balanced heads keep them as
 tensors, which the trainer moves to the host once per step: that flush is timed on its own and
-added to the balanced side of the "all" rows.
+added to the balanced side of the "all" rows. The table also goes to
+benchmarks/results/bench_losses.md and .json (with --tiny only when --results-dir is given).
 """
 
 import argparse
 import math
 import statistics
+import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import CfgNode, get_cfg
@@ -34,6 +38,11 @@ from detectron2.utils.events import EventStorage
 from balanced_rcnn import BalancedFastRCNNOutputLayers, add_balanced_rcnn_config
 from balanced_rcnn.modeling import balanced_mask_rcnn_loss
 from balanced_rcnn.utils.events import flush_tensor_scalars
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
+import common  # noqa: E402
+
+NAME = "bench_losses"
 
 SIZES = {
     # image (h, w), images, gt boxes per image, ROIs per image, classes, mask side, repeats
@@ -173,6 +182,11 @@ def main(argv=None) -> Dict[Tuple[str, str], Tuple[float, float]]:
     parser.add_argument("--repeats", type=int, help="timed repetitions per measurement")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--results-dir", type=Path,
+                        help=f"write {NAME}.md/.json here (default: {common.RESULTS_DIR}; "
+                        "with --tiny: nowhere)")
+    parser.add_argument("--update-md", action="store_true",
+                        help="also replace this script's section of BENCHMARKS.md")
     args = parser.parse_args(argv)
     size = SIZES["tiny" if args.tiny else "full"]
     repeats = args.repeats or size["repeats"]
@@ -234,19 +248,62 @@ def main(argv=None) -> Dict[Tuple[str, str], Tuple[float, float]]:
             sum(results[h, mode][1] for h in heads) + flush_ms,
         )
     num_anchors = sum(len(a) for a in rpn_args[0])
-    print(
+    inputs = (
         f"device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}; "
         f"{size['images']} images {size['image'][0]}x{size['image'][1]}, {num_anchors} anchors "
         f"per image, {size['rois']} ROIs per image, {size['classes']} classes, "
         f"{mask_logits.shape[0]} masks {size['mask']}x{size['mask']}; median of {repeats}"
     )
+    print(inputs)
     print(f"{'head':<8} {'pass':<8} {'stock ms':>9} {'balanced ms':>12} {'balanced/stock':>15}")
     for (name, mode), (stock_ms, balanced_ms) in results.items():
         if (name, mode) == ("all", "forward"):
             print(f"{'flush':<8} {'':<8} {'-':>9} {flush_ms:>12.2f} {'-':>15}")
         ratio = balanced_ms / stock_ms
         print(f"{name:<8} {mode:<8} {stock_ms:>9.2f} {balanced_ms:>12.2f} {ratio:>15.2f}")
+    results_dir = args.results_dir or (None if args.tiny else common.RESULTS_DIR)
+    if results_dir is not None:
+        write_results(results, flush_ms, inputs, args, argv, results_dir)
     return results
+
+
+def write_results(
+    results: Dict[Tuple[str, str], Tuple[float, float]],
+    flush_ms: float,
+    inputs: str,
+    args: argparse.Namespace,
+    argv: Optional[List[str]],
+    results_dir: Path,
+) -> None:
+    """The printed table as markdown + JSON (benchmarks/common.py), optionally in BENCHMARKS.md."""
+    rows = [
+        [name, mode, f"{stock_ms:.2f}", f"{balanced_ms:.2f}", f"{balanced_ms / stock_ms:.3f}"]
+        for (name, mode), (stock_ms, balanced_ms) in results.items()
+    ]
+    body = common.markdown_table(
+        ["head", "pass", "stock ms", "balanced ms", "balanced/stock"], rows
+    )
+    notes = [
+        inputs,
+        f"The balanced side of the \"all\" rows includes the once-per-step flush of the heads' "
+        f"tensor scalars ({flush_ms:.2f} ms); stock detectron2 logs inside its losses.",
+    ]
+    data = {
+        "tiny": args.tiny,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "flush_ms": flush_ms,
+        "results_ms": [
+            {"head": name, "pass": mode, "stock": stock_ms, "balanced": balanced_ms}
+            for (name, mode), (stock_ms, balanced_ms) in results.items()
+        ],
+    }
+    markdown = common.write_results(
+        NAME, "Losses alone: balanced vs stock (bench_losses.py)", body, data,
+        common.command_line(__file__, argv), results_dir, notes,
+    )
+    if args.update_md:
+        common.update_benchmarks_md(NAME, markdown)
 
 
 if __name__ == "__main__":

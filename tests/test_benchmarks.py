@@ -1,0 +1,151 @@
+"""The benchmark scripts in their tiny modes (they must keep working), and their shared helpers:
+result parsing, BENCHMARKS.md sections, counting host synchronizations."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def datasets_root(tmp_path_factory):
+    """One folder for the synthetic datasets of every test here (the tiny ones: < 1 s)."""
+    return tmp_path_factory.mktemp("datasets")
+
+
+@pytest.fixture
+def one_thread(monkeypatch, datasets_root):
+    """One torch thread (restored after), small datasets in a temporary folder."""
+    monkeypatch.setenv("BALANCED_RCNN_DATASETS", str(datasets_root))
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- helpers (no training) --
+
+
+def test_parse_metrics_finds_collapse_after_warmup():
+    quality_ab = _load("quality_ab")
+    records = [
+        {"iteration": 49, "health/dets_per_image": 0.0, "health/num_collapses": 0},  # warm-up
+        {"iteration": 99, "health/dets_per_image": 3.5, "health/num_collapses": 0},
+        {"iteration": 149, "health/dets_per_image": 0.0, "health/num_collapses": 0},
+        {"iteration": 199, "health/dets_per_image": 1.0, "health/num_collapses": 0},
+        {"iteration": 200, "bbox/AP": float("nan"), "bbox/AP50": float("nan"),
+         "segm/AP": float("nan"), "segm/AP50": float("nan")},
+    ]
+    parsed = quality_ab.parse_metrics(records, health_warmup=100)
+    assert parsed["collapsed"] and parsed["lowest_dets_per_image"] == 0.0
+    assert parsed["no_predictions"] and parsed["bbox/AP"] == 0.0  # NaN = no predictions = 0
+    assert len(parsed["health_checks"]) == 4
+
+
+def test_parse_metrics_ignores_warmup_zero_and_reads_monitor_collapses():
+    quality_ab = _load("quality_ab")
+    records = [
+        {"iteration": 49, "health/dets_per_image": 0.0},
+        {"iteration": 99, "health/dets_per_image": 2.0},
+        {"iteration": 100, "bbox/AP": 12.5, "bbox/AP50": 30.0, "segm/AP": 11.0,
+         "segm/AP50": 28.0},
+    ]
+    parsed = quality_ab.parse_metrics(records, health_warmup=100)
+    assert not parsed["collapsed"] and parsed["lowest_dets_per_image"] == 2.0
+    assert parsed["bbox/AP"] == 12.5 and not parsed["no_predictions"]
+    records[1]["health/num_collapses"] = 1
+    assert quality_ab.parse_metrics(records, health_warmup=100)["collapsed"]
+
+
+def test_update_benchmarks_md_replaces_only_its_section(tmp_path):
+    common = _load("common")
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# B\n<!-- begin:a -->\nold a\n<!-- end:a -->\ntail\n")
+    common.update_benchmarks_md("a", "new a", path)
+    common.update_benchmarks_md("b", "new b", path)
+    text = path.read_text()
+    assert "old a" not in text and "new a" in text and text.count("new a") == 1
+    assert text.index("new a") < text.index("tail") < text.index("new b")
+
+
+def test_count_python_syncs_counts_and_restores():
+    common = _load("common")
+    x = torch.tensor([1.0, 0.0])
+    original = torch.Tensor.item
+    with common.count_python_syncs() as counts:
+        x.sum().item()
+        x.tolist()
+        torch.nonzero(x)
+    assert counts["item"] == 1 and counts["tolist"] == 1 and counts["torch.nonzero"] == 1
+    assert torch.Tensor.item is original
+
+
+# -- tiny modes --
+
+
+def test_bench_step_tiny(one_thread, tmp_path, capsys):
+    results = _load("bench_step").main(
+        ["--tiny", "--threads", "1", "--device", "cpu", "--results-dir", str(tmp_path)]
+    )
+    assert [r["config"] for r in results] == ["tiny", "swin-t"]
+    for r in results:
+        for kind in ("train_step", "inference"):
+            assert r[kind]["stock"]["median"] > 0 and r[kind]["balanced"]["median"] > 0
+        assert r["inference_equal"] and r["detections_compared"] > 0
+        syncs = r["loss_path_syncs"]
+        # The counter sees stock detectron2's float() logging; the balanced heads never wait.
+        assert sum(sum(c.values()) for c in syncs["stock"].values()) > 0
+        assert sum(sum(c.values()) for c in syncs["balanced"].values()) == 0
+    out = capsys.readouterr().out
+    assert "| config | pass | stock ms | balanced ms | balanced/stock |" in out
+    assert "without host synchronization: yes" in out
+    data = json.loads((tmp_path / "bench_step.json").read_text())
+    assert data["commit"] and data["machine"]["cpu_count"] and data["threads"] == 1
+    assert "Command: `python benchmarks/bench_step.py --tiny" in (
+        tmp_path / "bench_step.md"
+    ).read_text()
+
+
+def test_bench_losses_writes_markdown_and_json(one_thread, tmp_path):
+    _load("bench_losses").main(["--tiny", "--repeats", "1", "--results-dir", str(tmp_path)])
+    text = (tmp_path / "bench_losses.md").read_text()
+    assert "| head | pass | stock ms | balanced ms | balanced/stock |" in text
+    rows = json.loads((tmp_path / "bench_losses.json").read_text())["results_ms"]
+    assert {(r["head"], r["pass"]) for r in rows} >= {("all", "fwd+bwd"), ("rpn", "forward")}
+
+
+def test_quality_ab_tiny_runs_tabulates_and_resumes(one_thread, tmp_path, capsys):
+    quality_ab = _load("quality_ab")
+    argv = ["--tiny", "--settings", "severe", "--output-dir", str(tmp_path / "runs"),
+            "--results-dir", str(tmp_path / "results")]
+    results = quality_ab.main(argv)
+    # The A/B pair and the sweep (POS_WEIGHT 1 is the A/B's balanced run, not run twice).
+    assert set(results) == {"severe_stock_s0", "severe_balanced_w1_s0", "severe_balanced_w2_s0"}
+    for r in results.values():
+        assert r["status"] == "ok" and r["evaluated"], r
+        assert r["health_checks"] and r["lowest_dets_per_image"] is not None
+        assert all(not math.isnan(r[k]) for k in quality_ab.AP_KEYS)
+    config = (tmp_path / "runs" / "severe_balanced_w2_s0" / "config.yaml").read_text()
+    assert "ROI_CLS_POS_WEIGHT: 2.0" in config and "RPN_CLS_POS_WEIGHT: 2.0" in config
+    assert "FILTER_EMPTY_ANNOTATIONS: false" in config
+    text = (tmp_path / "results" / "quality_ab_tiny.md").read_text()
+    assert "| severe | stock | 1 |" in text and "| severe | balanced | 1 |" in text
+    assert "| 2 | 0 | 1 |" in text  # the sweep's row for POS_WEIGHT 2
+    capsys.readouterr()
+
+    again = quality_ab.main(argv)  # every result is reused: no training
+    assert "3 of 3 runs already done; 0 to run" in capsys.readouterr().out
+    assert {k: v["bbox/AP"] for k, v in again.items()} == {
+        k: v["bbox/AP"] for k, v in results.items()
+    }
