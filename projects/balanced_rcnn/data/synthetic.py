@@ -31,7 +31,7 @@ import pycocotools.mask as mask_util
 __all__ = ["GENERATOR_VERSION", "SHAPES", "SyntheticShapesParams", "generate_synthetic_shapes"]
 
 # Bump whenever the output for given parameters changes: cached copies are then regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # Gap in pixels kept between the bounding boxes of two objects, so masks never touch.
 _OBJECT_GAP = 2.0
@@ -172,9 +172,11 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     elif kind == 1:  # stripes, period 6-30 px: edges that look like shape borders
         period = rng.uniform(6, 30)
         t = 0.5 + 0.5 * np.sin(2 * math.pi * proj / period + rng.uniform(0, 2 * math.pi))
-    else:  # low-frequency colour noise, upsampled
-        grid = rng.uniform(0, 255, size=(max(h // 24, 2), max(w // 24, 2), 3)).astype(np.float32)
-        return cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
+    else:  # colour clouds: a few blobs per side, half of the full contrast around a base colour
+        # (full-contrast clouds 24 px apart camouflage the objects for a small model)
+        grid = rng.uniform(-64, 64, size=(max(h // 64, 2), max(w // 64, 2), 3)).astype(np.float32)
+        clouds = cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
+        return np.clip((c1 + c2)[None, None] / 2 + clouds, 0, 255)
     return c1 * (1 - t[..., None]) + c2 * t[..., None]
 
 
