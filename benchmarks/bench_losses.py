@@ -182,11 +182,7 @@ def main(argv=None) -> Dict[Tuple[str, str], Tuple[float, float]]:
     parser.add_argument("--repeats", type=int, help="timed repetitions per measurement")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--results-dir", type=Path,
-                        help=f"write {NAME}.md/.json here (default: {common.RESULTS_DIR}; "
-                        "with --tiny: nowhere)")
-    parser.add_argument("--update-md", action="store_true",
-                        help="also replace this script's section of BENCHMARKS.md")
+    common.add_output_arguments(parser, NAME)
     args = parser.parse_args(argv)
     size = SIZES["tiny" if args.tiny else "full"]
     repeats = args.repeats or size["repeats"]

@@ -288,11 +288,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     parser.add_argument("--repeats", type=int, help="timed repetitions (default: per config)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if present)")
-    parser.add_argument("--results-dir", type=Path,
-                        help=f"write {NAME}.md/.json here (default: {common.RESULTS_DIR}; "
-                        "with --tiny: nowhere)")
-    parser.add_argument("--update-md", action="store_true",
-                        help="also replace this script's section of BENCHMARKS.md")
+    common.add_output_arguments(parser, NAME)
     args = parser.parse_args(argv)
 
     device_name = args.device

@@ -109,6 +109,15 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
+def add_output_arguments(parser, name: str) -> None:
+    """The options every benchmark shares: where its tables go."""
+    parser.add_argument("--results-dir", type=Path,
+                        help=f"write {name}.md/.json here (default: {RESULTS_DIR}; "
+                        "with --tiny: nowhere)")
+    parser.add_argument("--update-md", action="store_true",
+                        help="also replace this script's section of BENCHMARKS.md")
+
+
 def write_results(
     name: str,
     title: str,

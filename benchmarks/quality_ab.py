@@ -452,11 +452,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--threads-per-job", type=int, default=1, help="default 1")
     parser.add_argument("--output-dir", type=Path,
                         help="run folders (default output/quality_ab, --tiny: ..._tiny)")
-    parser.add_argument("--results-dir", type=Path,
-                        help=f"write {NAME}.md/.json here (default {common.RESULTS_DIR}; "
-                        "--tiny: nowhere)")
-    parser.add_argument("--update-md", action="store_true",
-                        help="also replace this script's section of BENCHMARKS.md")
+    common.add_output_arguments(parser, NAME)
     parser.add_argument("--probe", action="store_true",
                         help="only time 2 short runs both ways and estimate the A/B")
     parser.add_argument("--probe-iters", type=int, default=50)
