@@ -22,9 +22,12 @@ result.json made with the same command line and threads is not run again, so an 
 continues where it stopped. Runs go --jobs at a time, each with --threads-per-job threads
 (OMP_NUM_THREADS): two processes that each use all cores slow each other down many times over.
 
-The balanced arm of the A/B uses --ab-pos-weight (1 = the config default). The sweep sets
-MODEL.BALANCED_LOSS.RPN_CLS_POS_WEIGHT and ROI_CLS_POS_WEIGHT to the same value, on the severe
-setting, with --sweep-seed; its run with the A/B's weight and seed is the A/B's run.
+The balanced heads run with the weights given by --ab-balanced, one A/B arm per POS:BBOX pair:
+POS sets MODEL.BALANCED_LOSS.RPN_CLS_POS_WEIGHT and ROI_CLS_POS_WEIGHT, BBOX sets
+RPN_LOSS_BBOX_WEIGHT and ROI_LOSS_BBOX_WEIGHT (the demo config's own values are overridden).
+The default, 1:1, is the design's defaults (configs/swin_balanced.yaml); 3:0.25 is what the CPU
+demo config ships (6 more runs, about 15 minutes). The sweep sets POS to each --sweep value with
+BBOX 1, on the severe setting, with --sweep-seed; a sweep run that is also an A/B run runs once.
 
 From each run's metrics.json: the final COCO bbox/segm AP and AP50 ("no predictions", which
 COCOEvaluator reports as NaN, counts as 0), and the health monitor's detection checks
@@ -106,12 +109,24 @@ class Run:
     setting: str
     heads: str  # "stock" or "balanced"
     seed: int
-    pos_weight: Optional[float] = None  # balanced only: RPN_CLS_POS_WEIGHT = ROI_CLS_POS_WEIGHT
+    # Balanced only: RPN_CLS_POS_WEIGHT = ROI_CLS_POS_WEIGHT, RPN_ = ROI_LOSS_BBOX_WEIGHT.
+    pos_weight: Optional[float] = None
+    bbox_weight: Optional[float] = None
+
+    @property
+    def arm(self) -> str:
+        """The heads and, for the balanced ones, their weights: one A/B row each."""
+        if self.heads != "balanced":
+            return self.heads
+        return f"balanced POS {self.pos_weight:g}, BBOX {self.bbox_weight:g}"
 
     @property
     def name(self) -> str:
-        weight = f"_w{self.pos_weight:g}" if self.heads == "balanced" else ""
-        return f"{self.setting}_{self.heads}{weight}_s{self.seed}"
+        weights = ""
+        if self.heads == "balanced":
+            weights = f"_w{self.pos_weight:g}"
+            weights += f"_b{self.bbox_weight:g}" if self.bbox_weight != 1 else ""
+        return f"{self.setting}_{self.heads}{weights}_s{self.seed}"
 
     def overrides(self, setting: Setting, schedule: Schedule, output_dir: Path) -> List[str]:
         opts = {
@@ -136,16 +151,31 @@ class Run:
             # str(float): "2.0", not "2", which yacs refuses for a float key.
             opts["MODEL.BALANCED_LOSS.RPN_CLS_POS_WEIGHT"] = str(float(self.pos_weight))
             opts["MODEL.BALANCED_LOSS.ROI_CLS_POS_WEIGHT"] = str(float(self.pos_weight))
+            opts["MODEL.BALANCED_LOSS.RPN_LOSS_BBOX_WEIGHT"] = str(float(self.bbox_weight))
+            opts["MODEL.BALANCED_LOSS.ROI_LOSS_BBOX_WEIGHT"] = str(float(self.bbox_weight))
         return [x for kv in opts.items() for x in kv]
 
 
-def plan_runs(settings: Sequence[str], seeds: Sequence[int], ab_pos_weight: float,
-              sweep: Sequence[float], sweep_seed: int) -> Tuple[List[Run], List[Run]]:
-    """(A/B runs, sweep runs); seed-major, so that a partial A/B already pairs both heads."""
-    ab = [Run(s, h, seed, ab_pos_weight if h == "balanced" else None)
-          for seed in seeds for s in settings for h in ("stock", "balanced")]
-    swept = [Run("severe", "balanced", sweep_seed, w) for w in sweep]
+def plan_runs(settings: Sequence[str], seeds: Sequence[int],
+              ab_balanced: Sequence[Tuple[float, float]], sweep: Sequence[float],
+              sweep_seed: int) -> Tuple[List[Run], List[Run]]:
+    """(A/B runs, sweep runs); seed-major, so that a partial A/B already pairs the arms."""
+    arms = [("stock", None, None)] + [("balanced", pos, bbox) for pos, bbox in ab_balanced]
+    ab = [Run(s, heads, seed, pos, bbox)
+          for seed in seeds for s in settings for heads, pos, bbox in arms]
+    swept = [Run("severe", "balanced", sweep_seed, w, 1.0) for w in sweep]
     return ab, swept
+
+
+def parse_weight_pair(text: str) -> Tuple[float, float]:
+    """"POS:BBOX" (e.g. "3:0.25") of --ab-balanced."""
+    try:
+        pos, bbox = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--ab-balanced {text!r}: expected POS:BBOX, two numbers, e.g. 1:1 or 3:0.25"
+        ) from None
+    return pos, bbox
 
 
 # -- one run: command, reuse, parse --
@@ -318,26 +348,28 @@ def render(ab: List[Run], swept: List[Run], results: Dict[str, dict],
                       "lowest dets/img", "collapsed"]
     rows, notes = [], []
     settings = list(dict.fromkeys(r.setting for r in ab))
+    arms = list(dict.fromkeys(r.arm for r in ab))
     for setting in settings:
-        for heads in ("stock", "balanced"):
-            group = [results[r.name] for r in ab if (r.setting, r.heads) == (setting, heads)]
-            rows.append(_group_row([setting, heads], group))
-        # {seed: {heads: result}} of this setting: balanced − stock differences per seed.
+        for arm in arms:
+            group = [results[r.name] for r in ab if (r.setting, r.arm) == (setting, arm)]
+            rows.append(_group_row([setting, arm], group))
+        # {seed: {arm: result}} of this setting: balanced − stock differences per seed.
         by_seed: Dict[int, Dict[str, dict]] = {}
         for r in ab:
             if r.setting == setting and results[r.name]["status"] == "ok":
-                by_seed.setdefault(r.seed, {})[r.heads] = results[r.name]
-        diffs = [p["balanced"]["bbox/AP"] - p["stock"]["bbox/AP"]
-                 for p in by_seed.values() if len(p) == 2]
-        if diffs:
-            notes.append(f"{setting}: balanced − stock bbox AP, paired by seed: "
-                         f"{_mean_std(diffs)} over {len(diffs)} seed(s)")
+                by_seed.setdefault(r.seed, {})[r.arm] = results[r.name]
+        for arm in arms[1:]:
+            diffs = [p[arm]["bbox/AP"] - p["stock"]["bbox/AP"]
+                     for p in by_seed.values() if arm in p and "stock" in p]
+            if diffs:
+                notes.append(f"{setting}, {arm}: minus stock bbox AP, paired by seed: "
+                             f"{_mean_std(diffs)} over {len(diffs)} seed(s)")
     body = common.markdown_table(["setting", "heads", "runs", *metric_headers], rows)
     if swept:
         sweep_rows = [_group_row([f"{r.pos_weight:g}", str(r.seed)], [results[r.name]])
                       for r in swept]
         body += ("\n\nPOS_WEIGHT sweep, severe setting, balanced heads (RPN_CLS_POS_WEIGHT and "
-                 "ROI_CLS_POS_WEIGHT set together):\n\n")
+                 "ROI_CLS_POS_WEIGHT set together; BBOX weights 1):\n\n")
         body += common.markdown_table(["POS_WEIGHT", "seed", "runs", *metric_headers], sweep_rows)
     minutes = sum(r["seconds"] for r in results.values()) / 60
     notes += [
@@ -403,7 +435,7 @@ def probe(settings: Dict[str, Setting], schedule: Schedule, output: Path, iters:
     print(f"1-min load average before the probe: {os.getloadavg()[0]:.2f} (another process on "
           "the CPUs distorts both modes, the 2-thread one most)", flush=True)
     short = replace(schedule, iters=iters)
-    runs = [Run("mild", "balanced", 0, 1.0), Run("severe", "stock", 0)]
+    runs = [Run("mild", "balanced", 0, 1.0, 1.0), Run("severe", "stock", 0)]
     no_eval = ["DATASETS.TEST", "()", "HEALTH.PERIOD", "0"]
     report = {}
     for jobs, threads in modes:
@@ -441,8 +473,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help=f"{TINY_SCHEDULE.iters} iterations on synthetic_shapes_tiny, 1 seed")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2 (--tiny: 0)")
-    parser.add_argument("--ab-pos-weight", type=float, default=1.0,
-                        help="POS_WEIGHT of the balanced arm of the A/B (default 1.0)")
+    parser.add_argument("--ab-balanced", nargs="+", type=parse_weight_pair, default=[(1.0, 1.0)],
+                        metavar="POS:BBOX",
+                        help="one balanced arm of the A/B per pair: POS_WEIGHT and LOSS_BBOX_WEIGHT "
+                        "of both heads (default 1:1, the design's defaults; the CPU demo's: "
+                        "3:0.25)")
     parser.add_argument("--sweep", nargs="*", type=float,
                         help="POS_WEIGHT values on the severe setting (default: 1 2 3 5; "
                         "--tiny: 1 2); none: no sweep")
@@ -473,7 +508,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                                        [1.0, 2.0, 3.0, 5.0])
     output = (args.output_dir or common.REPO / "output" / (NAME + ("_tiny" if args.tiny else "")))
     output = output.resolve()
-    ab, swept = plan_runs(args.settings, seeds, args.ab_pos_weight, sweep, args.sweep_seed)
+    ab, swept = plan_runs(args.settings, seeds, args.ab_balanced, sweep, args.sweep_seed)
     runs = list(dict.fromkeys(ab + swept))  # the sweep's A/B-weight run is the A/B's run
 
     if args.probe:

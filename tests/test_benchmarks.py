@@ -68,6 +68,14 @@ def test_parse_metrics_ignores_warmup_zero_and_reads_monitor_collapses():
     assert quality_ab.parse_metrics(records, health_warmup=100)["collapsed"]
 
 
+def test_quality_ab_refuses_a_weight_without_its_pair(capsys):
+    with pytest.raises(SystemExit):
+        _load("quality_ab").parse_args(["--ab-balanced", "3"])
+    assert "--ab-balanced '3': expected POS:BBOX, two numbers, e.g. 1:1 or 3:0.25" in (
+        capsys.readouterr().err
+    )
+
+
 def test_update_benchmarks_md_replaces_only_its_section(tmp_path):
     common = _load("common")
     path = tmp_path / "BENCHMARKS.md"
@@ -127,25 +135,37 @@ def test_bench_losses_writes_markdown_and_json(one_thread, tmp_path):
 
 def test_quality_ab_tiny_runs_tabulates_and_resumes(one_thread, tmp_path, capsys):
     quality_ab = _load("quality_ab")
-    argv = ["--tiny", "--settings", "severe", "--output-dir", str(tmp_path / "runs"),
-            "--results-dir", str(tmp_path / "results")]
+    argv = ["--tiny", "--settings", "severe", "--ab-balanced", "1:1", "3:0.25",
+            "--output-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")]
     results = quality_ab.main(argv)
-    # The A/B pair and the sweep (POS_WEIGHT 1 is the A/B's balanced run, not run twice).
-    assert set(results) == {"severe_stock_s0", "severe_balanced_w1_s0", "severe_balanced_w2_s0"}
+    # The A/B's three arms and the sweep (POS_WEIGHT 1 is the A/B's 1:1 run, not run twice).
+    assert set(results) == {"severe_stock_s0", "severe_balanced_w1_s0",
+                            "severe_balanced_w3_b0.25_s0", "severe_balanced_w2_s0"}
     for r in results.values():
         assert r["status"] == "ok" and r["evaluated"], r
         assert r["health_checks"] and r["lowest_dets_per_image"] is not None
         assert all(not math.isnan(r[k]) for k in quality_ab.AP_KEYS)
-    config = (tmp_path / "runs" / "severe_balanced_w2_s0" / "config.yaml").read_text()
-    assert "ROI_CLS_POS_WEIGHT: 2.0" in config and "RPN_CLS_POS_WEIGHT: 2.0" in config
-    assert "FILTER_EMPTY_ANNOTATIONS: false" in config
+
+    def config(run):
+        return (tmp_path / "runs" / run / "config.yaml").read_text()
+
+    assert "ROI_CLS_POS_WEIGHT: 2.0" in config("severe_balanced_w2_s0")
+    assert "RPN_CLS_POS_WEIGHT: 2.0" in config("severe_balanced_w2_s0")
+    # 1:1 overrides the demo config's regression weights 0.25; 3:0.25 keeps them.
+    assert "RPN_LOSS_BBOX_WEIGHT: 1.0" in config("severe_balanced_w1_s0")
+    assert "ROI_LOSS_BBOX_WEIGHT: 1.0" in config("severe_balanced_w1_s0")
+    assert "ROI_LOSS_BBOX_WEIGHT: 0.25" in config("severe_balanced_w3_b0.25_s0")
+    assert "FILTER_EMPTY_ANNOTATIONS: false" in config("severe_stock_s0")
     text = (tmp_path / "results" / "quality_ab_tiny.md").read_text()
-    assert "| severe | stock | 1 |" in text and "| severe | balanced | 1 |" in text
+    assert "| severe | stock | 1 |" in text
+    assert "| severe | balanced POS 1, BBOX 1 | 1 |" in text
+    assert "| severe | balanced POS 3, BBOX 0.25 | 1 |" in text
+    assert "severe, balanced POS 3, BBOX 0.25: minus stock bbox AP, paired by seed" in text
     assert "| 2 | 0 | 1 |" in text  # the sweep's row for POS_WEIGHT 2
     capsys.readouterr()
 
     again = quality_ab.main(argv)  # every result is reused: no training
-    assert "3 of 3 runs already done; 0 to run" in capsys.readouterr().out
+    assert "4 of 4 runs already done; 0 to run" in capsys.readouterr().out
     assert {k: v["bbox/AP"] for k, v in again.items()} == {
         k: v["bbox/AP"] for k, v in results.items()
     }
