@@ -37,7 +37,9 @@ _SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "nonzero"
 
 
 def git_commit() -> str:
-    """The checked-out commit (12 hex digits), "+dirty" when tracked files differ from it."""
+    """The checked-out commit (12 hex digits), "+dirty" when tracked files differ from it; the
+    benchmarks' own outputs (BENCHMARKS.md, benchmarks/results/) do not count, so that every
+    script of one measuring session records the same clean commit."""
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
@@ -45,7 +47,8 @@ def git_commit() -> str:
 
     try:
         commit = git("rev-parse", "--short=12", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                         f":(exclude){BENCHMARKS_MD.name}", ":(exclude)benchmarks/results"))
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")

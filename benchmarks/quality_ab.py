@@ -3,7 +3,7 @@ Quality A/B on the synthetic shapes: detectron2's stock RPN/ROI heads vs the bal
 tiny Swin backbone, data, schedule and seeds; plus a POS_WEIGHT sweep of the balanced heads.
 
     python benchmarks/quality_ab.py --probe         # 1-2 min: s/iteration, 1 vs 2 jobs, estimate
-    python benchmarks/quality_ab.py                 # the A/B and the sweep (about 40 min, 2 CPUs)
+    python benchmarks/quality_ab.py                 # the A/B and the sweep (15 runs, ~33 min)
     python benchmarks/quality_ab.py --update-md     # ... and replace its section of BENCHMARKS.md
     python benchmarks/quality_ab.py --tiny          # seconds: a few iterations (the test suite)
 
@@ -32,8 +32,10 @@ BBOX 1, on the severe setting, with --sweep-seed; a sweep run that is also an A/
 From each run's metrics.json: the final COCO bbox/segm AP and AP50 ("no predictions", which
 COCOEvaluator reports as NaN, counts as 0), and the health monitor's detection checks
 (engine/health.py, every HEALTH.PERIOD iterations on the first HEALTH.NUM_IMAGES val images):
-the lowest detections per image at HEALTH.MAIN_THRESHOLD after HEALTH.WARMUP_ITERS, and
-*collapsed* = that lowest value is 0 or the monitor reported a collapse.
+the lowest detections per image at HEALTH.MAIN_THRESHOLD after HEALTH.WARMUP_ITERS, the value
+at the last check, how many of those checks found no detection, and *collapsed* = the monitor
+reported a collapse (HEALTH.PATIENCE consecutive checks at 0 or far below their best). Results
+are parsed from metrics.json anew each time, also for reused runs.
 """
 
 import argparse
@@ -54,6 +56,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
 import common  # noqa: E402
 from balanced_rcnn.data import BUILTIN_SYNTHETIC
+from detectron2.data import DatasetCatalog
 from balanced_rcnn.engine.health import EXIT_COLLAPSE, EXIT_NON_FINITE
 
 NAME = "quality_ab"
@@ -94,8 +97,9 @@ TINY_SETTINGS = {
     name: Setting("synthetic_shapes_tiny_train", "synthetic_shapes_tiny_val", 64)
     for name in SETTINGS
 }
-# Sized for 2 CPU cores, 2 runs at a time with 1 thread each (0.32-0.35 s per iteration at
-# 128 px, batch 4, measured with 1 thread): the 15 runs in about 40 minutes on a quiet machine.
+# Sized for 2 CPU cores, 2 runs at a time with 1 thread each (about 0.3 s per iteration at
+# 128 px, batch 4): measured, 21 runs (--ab-balanced 1:1 3:0.25) in 46 minutes, 3.4-5.4 minutes
+# a run, so the default 15 in about 33.
 # The tiny Swin's AP on the mild data stays low until iteration 400-600 and then jumps; 800
 # iterations keep a margin, so that the A/B does not compare two models that have not learned.
 SCHEDULE = Schedule(iters=800, batch=4, warmup=50, health_period=50, health_warmup=100,
@@ -201,16 +205,17 @@ def parse_metrics(records: List[dict], health_warmup: int) -> dict:
     # The monitor judges a check made at `iteration` when iteration + 1 >= its warm-up.
     judged = [d for it, d in checks if it + 1 >= health_warmup]
     collapses = max((r.get(COLLAPSES_SCALAR, 0) for r in records), default=0)
-    lowest = min(judged) if judged else None
     return {
         **ap,
         "evaluated": bool(final),
         "no_predictions": bool(final) and math.isnan(final.get("bbox/AP", 0.0)),
         "health_checks": checks,
-        "lowest_dets_per_image": lowest,
+        "judged_checks": len(judged),
+        "zero_checks": sum(d == 0 for d in judged),
+        "lowest_dets_per_image": min(judged) if judged else None,
         "last_dets_per_image": checks[-1][1] if checks else None,
         "monitor_collapses": int(collapses),
-        "collapsed": (lowest == 0) or collapses > 0,
+        "collapsed": collapses > 0,
     }
 
 
@@ -219,12 +224,15 @@ def _spec(cmd: List[str], threads: int) -> dict:
     return {"command": cmd[1:], "threads": threads}
 
 
-def load_result(run_dir: Path, spec: dict) -> Optional[dict]:
+def load_result(run_dir: Path, spec: dict, schedule: Schedule) -> Optional[dict]:
     path = run_dir / "result.json"
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    return result if result.get("spec") == spec else None
+    if result.get("spec") != spec:
+        return None
+    return {**result, **parse_metrics(read_metrics(run_dir / "metrics.json"),
+                                      schedule.health_warmup)}
 
 
 def finish(run: Run, run_dir: Path, spec: dict, returncode: int, seconds: float,
@@ -280,7 +288,7 @@ def execute(runs: List[Run], settings: Dict[str, Setting], schedule: Schedule, o
         run_dir = output / run.name
         cmd = command(run, settings[run.setting], schedule, run_dir) + list(extra_opts)
         spec = _spec(cmd, threads)
-        done = load_result(run_dir, spec)
+        done = load_result(run_dir, spec, schedule)
         if done is not None:
             results[run.name] = done
         else:
@@ -319,12 +327,23 @@ def execute(runs: List[Run], settings: Dict[str, Setting], schedule: Schedule, o
 # -- tables --
 
 
+def objects_per_check_image(setting: Setting, schedule: Schedule) -> float:
+    """Ground-truth objects per image on the health monitor's check images (the first
+    ``health_images`` of the test set): what "dets/img" means for a model that finds them."""
+    records = DatasetCatalog.get(setting.test)[: schedule.health_images]
+    return sum(len(r["annotations"]) for r in records) / len(records)
+
+
 def _mean_std(values: List[float]) -> str:
     if not values:
         return "-"
     if len(values) == 1:
         return f"{values[0]:.1f}"
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def _dets(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _lowest(results: List[dict]) -> str:
@@ -339,13 +358,16 @@ def _group_row(label: List[str], group: List[dict]) -> List[str]:
     cells = [_mean_std([r[k] for r in ok]) for k in AP_KEYS]
     collapsed = sum(1 for r in ok if r["collapsed"])
     runs = f"{len(ok)}" + (f" (+{failed} failed)" if failed else "")
-    return [*label, runs, *cells, _lowest(ok), f"{collapsed}/{len(ok)}"]
+    last = " / ".join(_dets(r.get("last_dets_per_image")) for r in ok) or "-"
+    zeros = f"{sum(r['zero_checks'] for r in ok)}/{sum(r['judged_checks'] for r in ok)}"
+    return [*label, runs, *cells, _lowest(ok), last, zeros, f"{collapsed}/{len(ok)}"]
 
 
 def render(ab: List[Run], swept: List[Run], results: Dict[str, dict],
-           schedule: Schedule, threads: int, jobs: int) -> Tuple[str, List[str]]:
+           settings_used: Dict[str, Setting], schedule: Schedule, threads: int,
+           jobs: int) -> Tuple[str, List[str]]:
     metric_headers = ["bbox AP", "bbox AP50", "segm AP", "segm AP50",
-                      "lowest dets/img", "collapsed"]
+                      "lowest dets/img", "last dets/img", "checks at 0", "collapsed"]
     rows, notes = [], []
     settings = list(dict.fromkeys(r.setting for r in ab))
     arms = list(dict.fromkeys(r.arm for r in ab))
@@ -362,7 +384,7 @@ def render(ab: List[Run], swept: List[Run], results: Dict[str, dict],
             diffs = [p[arm]["bbox/AP"] - p["stock"]["bbox/AP"]
                      for p in by_seed.values() if arm in p and "stock" in p]
             if diffs:
-                notes.append(f"{setting}, {arm}: minus stock bbox AP, paired by seed: "
+                notes.append(f"{setting}: bbox AP of {arm} minus stock, paired by seed: "
                              f"{_mean_std(diffs)} over {len(diffs)} seed(s)")
     body = common.markdown_table(["setting", "heads", "runs", *metric_headers], rows)
     if swept:
@@ -377,8 +399,13 @@ def render(ab: List[Run], swept: List[Run], results: Dict[str, dict],
         f"lowest dets/img: lowest detections per image at the health monitor's main threshold "
         f"(score 0.05) over the checks after iteration {schedule.health_warmup}, every "
         f"{schedule.health_period} iterations on the first {schedule.health_images} val images, "
-        f"lowest over the seeds; collapsed: runs where it reached 0 or the monitor reported a "
-        f"collapse.",
+        f"lowest over the seeds; last dets/img: at the last check, per seed; checks at 0: "
+        f"checks after the warm-up that found no detection, all seeds together; collapsed: runs "
+        f"in which the health monitor reported a collapse (HEALTH.PATIENCE 3 consecutive checks "
+        f"at 0 or below 5% of the best earlier check). The check images hold " + ", ".join(
+            f"{objects_per_check_image(settings_used[s], schedule):.2f} ({s})"
+            for s in dict.fromkeys(r.setting for r in ab + swept)
+        ) + " ground-truth objects per image.",
         f"Schedule: {schedule.iters} iterations, batch {schedule.batch}, AdamW lr 8e-4 with "
         f"{schedule.warmup} warm-up iterations and cosine decay (the CPU demo configs); "
         f"{jobs} run(s) at a time, {threads} thread(s) each; the runs took {minutes:.0f} "
@@ -387,17 +414,15 @@ def render(ab: List[Run], swept: List[Run], results: Dict[str, dict],
     return body, notes
 
 
-def _dets(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
 def per_run_table(results: Dict[str, dict]) -> str:
     rows = [[name, r["status"], *(f"{r.get(k, 0):.1f}" for k in AP_KEYS),
              _dets(r.get("lowest_dets_per_image")), _dets(r.get("last_dets_per_image")),
+             f"{r.get('zero_checks', 0)}/{r.get('judged_checks', 0)}",
              "yes" if r.get("collapsed") else "no", f"{r['seconds'] / 60:.1f}"]
             for name, r in results.items()]
     return common.markdown_table(
-        ["run", "status", *AP_KEYS, "lowest dets/img", "last dets/img", "collapsed", "minutes"],
+        ["run", "status", *AP_KEYS, "lowest dets/img", "last dets/img", "checks at 0",
+         "collapsed", "minutes"],
         rows)
 
 
@@ -475,9 +500,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2 (--tiny: 0)")
     parser.add_argument("--ab-balanced", nargs="+", type=parse_weight_pair, default=[(1.0, 1.0)],
                         metavar="POS:BBOX",
-                        help="one balanced arm of the A/B per pair: POS_WEIGHT and LOSS_BBOX_WEIGHT "
-                        "of both heads (default 1:1, the design's defaults; the CPU demo's: "
-                        "3:0.25)")
+                        help="one balanced arm of the A/B per pair: POS_WEIGHT and "
+                        "LOSS_BBOX_WEIGHT of both heads (default 1:1, the design's defaults; "
+                        "the CPU demo's: 3:0.25)")
     parser.add_argument("--sweep", nargs="*", type=float,
                         help="POS_WEIGHT values on the severe setting (default: 1 2 3 5; "
                         "--tiny: 1 2); none: no sweep")
@@ -520,7 +545,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         return {}
 
     results = execute(runs, settings, schedule, output, args.jobs, args.threads_per_job)
-    body, notes = render(ab, swept, results, schedule, args.threads_per_job, args.jobs)
+    body, notes = render(ab, swept, results, settings, schedule, args.threads_per_job, args.jobs)
     details = f"<details><summary>Every run</summary>\n\n{per_run_table(results)}\n\n</details>"
     print("\n" + body + "\n\n" + "\n".join(f"- {n}" for n in notes))
     results_dir = args.results_dir or (None if args.tiny else common.RESULTS_DIR)

@@ -4,6 +4,7 @@ result parsing, BENCHMARKS.md sections, counting host synchronizations."""
 import importlib.util
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def one_thread(monkeypatch, datasets_root):
 # -- helpers (no training) --
 
 
-def test_parse_metrics_finds_collapse_after_warmup():
+def test_parse_metrics_counts_zero_checks_after_warmup():
     quality_ab = _load("quality_ab")
     records = [
         {"iteration": 49, "health/dets_per_image": 0.0, "health/num_collapses": 0},  # warm-up
@@ -48,7 +49,10 @@ def test_parse_metrics_finds_collapse_after_warmup():
          "segm/AP": float("nan"), "segm/AP50": float("nan")},
     ]
     parsed = quality_ab.parse_metrics(records, health_warmup=100)
-    assert parsed["collapsed"] and parsed["lowest_dets_per_image"] == 0.0
+    assert parsed["lowest_dets_per_image"] == 0.0 and parsed["last_dets_per_image"] == 1.0
+    assert (parsed["zero_checks"], parsed["judged_checks"]) == (1, 3)
+    # One check at 0 is not a collapse: only the monitor's verdict (PATIENCE checks) is.
+    assert not parsed["collapsed"]
     assert parsed["no_predictions"] and parsed["bbox/AP"] == 0.0  # NaN = no predictions = 0
     assert len(parsed["health_checks"]) == 4
 
@@ -85,6 +89,31 @@ def test_update_benchmarks_md_replaces_only_its_section(tmp_path):
     text = path.read_text()
     assert "old a" not in text and "new a" in text and text.count("new a") == 1
     assert text.index("new a") < text.index("tail") < text.index("new b")
+
+
+def test_git_commit_is_dirty_for_code_changes_only(tmp_path, monkeypatch):
+    common = _load("common")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    files = ["BENCHMARKS.md", "benchmarks/results/a.md", "train.py"]
+    for name in files:
+        (tmp_path / name).write_text("v1\n")
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("add", *files)
+    git("commit", "-qm", "v1")
+    monkeypatch.setattr(common, "REPO", tmp_path)
+    monkeypatch.setattr(common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    clean = common.git_commit()
+    assert len(clean) == 12 and "+" not in clean
+    (tmp_path / "BENCHMARKS.md").write_text("v2\n")  # what the scripts themselves write
+    (tmp_path / "benchmarks/results/a.md").write_text("v2\n")
+    assert common.git_commit() == clean
+    (tmp_path / "train.py").write_text("v2\n")
+    assert common.git_commit() == clean + "+dirty"
 
 
 def test_count_python_syncs_counts_and_restores():
@@ -133,7 +162,7 @@ def test_bench_losses_writes_markdown_and_json(one_thread, tmp_path):
     assert {(r["head"], r["pass"]) for r in rows} >= {("all", "fwd+bwd"), ("rpn", "forward")}
 
 
-def test_quality_ab_tiny_runs_tabulates_and_resumes(one_thread, tmp_path, capsys):
+def test_quality_ab_tiny_runs_tabulates_and_resumes(one_thread, datasets_root, tmp_path, capsys):
     quality_ab = _load("quality_ab")
     argv = ["--tiny", "--settings", "severe", "--ab-balanced", "1:1", "3:0.25",
             "--output-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")]
@@ -160,7 +189,12 @@ def test_quality_ab_tiny_runs_tabulates_and_resumes(one_thread, tmp_path, capsys
     assert "| severe | stock | 1 |" in text
     assert "| severe | balanced POS 1, BBOX 1 | 1 |" in text
     assert "| severe | balanced POS 3, BBOX 0.25 | 1 |" in text
-    assert "severe, balanced POS 3, BBOX 0.25: minus stock bbox AP, paired by seed" in text
+    assert "severe: bbox AP of balanced POS 3, BBOX 0.25 minus stock, paired by seed" in text
+    # The tiny val set's first 4 images (the check images) hold these objects.
+    val = json.loads((datasets_root / "synthetic_shapes_tiny_val" / "annotations.json").read_text())
+    first = sorted(image["id"] for image in val["images"])[:4]
+    objects = sum(a["image_id"] in first for a in val["annotations"]) / 4
+    assert f"The check images hold {objects:.2f} (severe) ground-truth objects per image" in text
     assert "| 2 | 0 | 1 |" in text  # the sweep's row for POS_WEIGHT 2
     capsys.readouterr()
 
