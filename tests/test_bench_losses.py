@@ -20,7 +20,7 @@ def test_tiny_benchmark_prints_the_ratios(capsys):
     results = _load_benchmark().main(["--tiny", "--repeats", "1"])
     out = capsys.readouterr().out
     assert re.search(r"^head\s+pass\s+stock ms\s+balanced ms\s+balanced/stock$", out, re.M), out
-    for head in ("rpn", "roi_box", "mask", "all"):
+    for head in ("rpn", "roi_box", "roi_box_nostats", "mask", "all"):
         for mode in ("forward", "fwd+bwd"):
             row = re.search(
                 rf"^{head}\s+{re.escape(mode)}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M
@@ -30,3 +30,8 @@ def test_tiny_benchmark_prints_the_ratios(capsys):
             assert stock_ms > 0 and balanced_ms > 0
             assert float(row.group(3)) == pytest.approx(balanced_ms / stock_ms, abs=0.006)
     assert re.search(r"^flush\s+-\s+[\d.]+\s+-$", out, re.M), out
+    # "all" is the three losses; the diagnostic row without statistics is not one of them.
+    for mode in ("forward", "fwd+bwd"):
+        assert results["all", mode][0] == pytest.approx(
+            sum(results[h, mode][0] for h in ("rpn", "roi_box", "mask"))
+        )
