@@ -1,6 +1,7 @@
 """Trainer: optimizer parameter groups, gradient clipping, the gradient-norm log, evaluation."""
 
 import copy
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -213,3 +214,27 @@ def test_build_evaluator_is_pycocotools_bbox_and_segm(synthetic_cfg):
     assert evaluator._output_dir.endswith("output/inference/synthetic_shapes_tiny_val")
     synthetic_cfg.MODEL.MASK_ON = False
     assert Trainer.build_evaluator(synthetic_cfg, "synthetic_shapes_tiny_val")._tasks == ("bbox",)
+
+
+def test_resume_after_the_last_iteration_writes_the_missing_model_final(synthetic_cfg):
+    """Killed between the last periodic checkpoint and model_final.pth: --resume finishes it."""
+    synthetic_cfg.DATASETS.TEST = ()
+    synthetic_cfg.SOLVER.CHECKPOINT_PERIOD = 1
+    synthetic_cfg.HEALTH.ENABLED = False
+    Trainer(synthetic_cfg).train()
+    output = Path(synthetic_cfg.OUTPUT_DIR)
+    last_periodic = torch.load(output / "model_0000002.pth", weights_only=False)
+    (output / "model_final.pth").unlink()
+    (output / "last_checkpoint").write_text("model_0000002.pth")
+
+    trainer = Trainer(synthetic_cfg)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == synthetic_cfg.SOLVER.MAX_ITER == 3
+    assert (output / "last_checkpoint").read_text() == "model_final.pth"
+    final = torch.load(output / "model_final.pth", weights_only=False)
+    assert final["iteration"] == 2
+    assert final["model"].keys() == last_periodic["model"].keys()
+    assert all(torch.equal(final["model"][k], last_periodic["model"][k]) for k in final["model"])
+    trainer.train()  # nothing left to train, and nothing breaks
+    again = torch.load(output / "model_final.pth", weights_only=False)
+    assert all(torch.equal(again["model"][k], final["model"][k]) for k in final["model"])

@@ -112,6 +112,19 @@ class Trainer(DefaultTrainer):
         ret.append(PeerWatchdogHook(self.cfg.RELIABILITY.PEER_TIMEOUT_S))  # last: see watchdog.py
         return ret
 
+    def resume_or_load(self, resume: bool = True) -> None:
+        super().resume_or_load(resume=resume)
+        # A run killed after the last periodic checkpoint (iteration MAX_ITER - 1) and before
+        # model_final.pth was written: there is no iteration left to train, so the checkpointer
+        # hook would never write it. The loaded weights are exactly those model_final holds.
+        final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+        if resume and self.start_iter >= self.max_iter and not os.path.exists(final):
+            logging.getLogger(__name__).info(
+                f"Training ended at iteration {self.iter}; writing the missing {final}"
+            )
+            self.checkpointer.save("model_final", iteration=self.iter)  # main process only
+            comm.synchronize()
+
     def run_step(self) -> None:
         try:
             super().run_step()
