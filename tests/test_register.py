@@ -63,17 +63,35 @@ def _cfg(**datasets) -> "CfgNode":
 
 
 def test_builtin_names_and_settings():
-    assert set(BUILTIN_SYNTHETIC) == {
+    three_class = {
         "synthetic_shapes_train", "synthetic_shapes_val",
         "synthetic_shapes_rare_train", "synthetic_shapes_rare_val",
         "synthetic_shapes_tiny_train", "synthetic_shapes_tiny_val"}
+    many = {"synthetic_shapes_many_train", "synthetic_shapes_many_val",
+            "synthetic_shapes_tiny_many_train", "synthetic_shapes_tiny_many_val"}
+    novel = {"synthetic_shapes_novel_train", "synthetic_shapes_novel_val",
+             "synthetic_shapes_tiny_novel_train", "synthetic_shapes_tiny_novel_val"}
+    assert set(BUILTIN_SYNTHETIC) == three_class | many | novel
     mild, rare = BUILTIN_SYNTHETIC["synthetic_shapes_train"], BUILTIN_SYNTHETIC[
         "synthetic_shapes_rare_train"]
     assert (mild.image_size, mild.object_size, mild.empty_fraction) == ((192, 192), (12, 60), 0.1)
     assert (rare.object_size, rare.empty_fraction) == ((8, 20), 0.8)
     assert rare.class_frequencies == (0.7, 0.2, 0.1)
-    # One class list for all, so configs switch datasets without touching NUM_CLASSES.
-    assert {p.classes for p in BUILTIN_SYNTHETIC.values()} == {("circle", "square", "triangle")}
+    # One class list for the 3-class sets, so configs switch between them by DATASETS alone.
+    assert {BUILTIN_SYNTHETIC[n].class_names() for n in three_class} == {
+        ("circle", "square", "triangle")}
+    # 20 colour-coded classes, Zipf frequencies: the most frequent is 20x the rarest.
+    many_train = BUILTIN_SYNTHETIC["synthetic_shapes_many_train"]
+    assert len(many_train.class_names()) == 20 and many_train.class_names()[0] == "red_circle"
+    freqs = many_train.frequencies()
+    assert freqs[0] / freqs[-1] == pytest.approx(20.0)
+    assert many_train.empty_fraction == 0.85
+    novel_train = BUILTIN_SYNTHETIC["synthetic_shapes_novel_train"]
+    assert novel_train.class_names() == ("star", "hexagon") and novel_train.empty_fraction == 0.95
+    assert not set(novel_train.classes) & set(mild.classes)  # classes the mild data lacks
+    for name in many | novel:  # the tiny twins have the classes of their full-size sets
+        full = BUILTIN_SYNTHETIC[name.replace("tiny_", "")]
+        assert BUILTIN_SYNTHETIC[name].class_names() == full.class_names()
     # Train and val of a setting never share images.
     assert len({p.seed for p in BUILTIN_SYNTHETIC.values()}) == len(BUILTIN_SYNTHETIC)
 
@@ -343,9 +361,9 @@ def test_unknown_dataset_name_lists_close_matches():
     assert str(info.value).startswith(
         "DATASETS.TEST: unknown dataset 'synthetic_shapes_rare_vall'. Did you mean: "
         "synthetic_shapes_rare_val, ")
-    assert "This project's datasets: synthetic_shapes_rare_train, synthetic_shapes_rare_val, " \
-           "synthetic_shapes_tiny_train" in str(info.value)
+    assert "This project's datasets: synthetic_shapes_many_train, synthetic_shapes_many_val, " \
+           "synthetic_shapes_novel_train" in str(info.value)
     with pytest.raises(ValueError) as info:
         register_datasets_from_config(_cfg(TRAIN=("zzz",)))
     assert str(info.value).startswith("DATASETS.TRAIN: unknown dataset 'zzz'. This project's "
-                                      "datasets: synthetic_shapes_rare_train")
+                                      "datasets: synthetic_shapes_many_train")

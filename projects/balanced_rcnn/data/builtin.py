@@ -35,8 +35,28 @@ _MILD = dict(image_size=(192, 192), objects_per_image=(1, 3), object_size=(12, 6
 _RARE = dict(image_size=(128, 128), objects_per_image=(1, 3), object_size=(8, 20),
              empty_fraction=0.8, class_frequencies=(0.7, 0.2, 0.1))
 
-# All share the classes circle/square/triangle (NUM_CLASSES 3), so configs switch between them by
-# changing DATASETS only. Each split has its own seed: val images are never train images.
+# Long tail over many classes (the quality A/B's "many" setting): 5 shapes x 4 colours = 20
+# classes with Zipf frequencies 1/k (the most frequent is 20x the rarest), 85% empty images.
+_MANY = dict(image_size=(128, 128), objects_per_image=(1, 3), object_size=(8, 20),
+             classes=("circle", "square", "triangle", "star", "hexagon"),
+             colors=("red", "green", "blue", "yellow"),
+             class_frequencies=tuple(1.0 / k for k in range(1, 21)))
+# Classes that the 3-class datasets do not have, for fine-tuning a detector trained on them (the
+# quality A/B's "finetune" setting): 95% empty images, small objects, frequencies 0.8 / 0.2.
+_NOVEL = dict(image_size=(128, 128), objects_per_image=(1, 3), object_size=(8, 20),
+              classes=("star", "hexagon"), class_frequencies=(0.8, 0.2))
+
+
+def _tiny(setting: Dict, num_images: int, seed: int) -> SyntheticShapesParams:
+    """``setting``'s classes on the tiny datasets' 64-px images (generated in well under 1 s)."""
+    tiny = dict(image_size=(64, 64), object_size=(8, 24), empty_fraction=0.25)
+    return SyntheticShapesParams(num_images=num_images, seed=seed, **{**setting, **tiny})
+
+
+# mild, rare and tiny share the classes circle/square/triangle (NUM_CLASSES 3), so configs switch
+# between them by changing DATASETS only; "many" has 20 classes, "novel" 2. Each split has its own
+# seed: val images are never train images. The val splits of "many" and "novel" are half empty,
+# so that their AP rests on a few hundred objects.
 BUILTIN_SYNTHETIC: Dict[str, SyntheticShapesParams] = {
     # The CPU demo's data: sized so a tiny Swin trains to a real AP in a few minutes.
     "synthetic_shapes_train": SyntheticShapesParams(num_images=1000, seed=0, **_MILD),
@@ -49,6 +69,21 @@ BUILTIN_SYNTHETIC: Dict[str, SyntheticShapesParams] = {
         num_images=16, image_size=(64, 64), object_size=(8, 24), empty_fraction=0.25, seed=4),
     "synthetic_shapes_tiny_val": SyntheticShapesParams(
         num_images=8, image_size=(64, 64), object_size=(8, 24), empty_fraction=0.25, seed=5),
+    # Their classes at the tiny size, for tests.
+    "synthetic_shapes_tiny_many_train": _tiny(_MANY, num_images=16, seed=10),
+    "synthetic_shapes_tiny_many_val": _tiny(_MANY, num_images=8, seed=11),
+    "synthetic_shapes_tiny_novel_train": _tiny(_NOVEL, num_images=16, seed=12),
+    "synthetic_shapes_tiny_novel_val": _tiny(_NOVEL, num_images=8, seed=13),
+    # 2000 train images -> 300 with objects.
+    "synthetic_shapes_many_train": SyntheticShapesParams(
+        num_images=2000, empty_fraction=0.85, seed=6, **_MANY),
+    "synthetic_shapes_many_val": SyntheticShapesParams(
+        num_images=400, empty_fraction=0.5, seed=7, **_MANY),
+    # 2000 train images -> 100 with objects.
+    "synthetic_shapes_novel_train": SyntheticShapesParams(
+        num_images=2000, empty_fraction=0.95, seed=8, **_NOVEL),
+    "synthetic_shapes_novel_val": SyntheticShapesParams(
+        num_images=400, empty_fraction=0.5, seed=9, **_NOVEL),
 }
 
 # name -> (params, folder) of every dataset this module registered, for idempotent calls.
@@ -108,8 +143,8 @@ def register_synthetic_shapes(name: str, params: SyntheticShapesParams,
         json_file=str(folder / "annotations.json"),
         image_root=str(folder / "images"),
         evaluator_type="coco",
-        thing_classes=list(params.classes),
-        thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(params.classes))},
+        thing_classes=list(params.class_names()),
+        thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(params.class_names()))},
     )
     _REGISTERED[name] = (params, folder)
 

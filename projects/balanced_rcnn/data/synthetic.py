@@ -22,13 +22,19 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 
-__all__ = ["GENERATOR_VERSION", "SHAPES", "SyntheticShapesParams", "generate_synthetic_shapes"]
+__all__ = [
+    "COLORS",
+    "GENERATOR_VERSION",
+    "SHAPES",
+    "SyntheticShapesParams",
+    "generate_synthetic_shapes",
+]
 
 # Bump whenever the output for given parameters changes: cached copies are then regenerated.
 GENERATOR_VERSION = 2
@@ -64,6 +70,17 @@ SHAPES: Dict[str, Callable[[], np.ndarray]] = {
     "hexagon": lambda: _regular_polygon(6),
 }
 
+# RGB of the colours that colour-coded classes are painted in (SyntheticShapesParams.colors):
+# saturated, so each is far from the grey backgrounds those datasets get and from each other.
+COLORS: Dict[str, Tuple[int, int, int]] = {
+    "red": (215, 40, 40),
+    "green": (40, 175, 60),
+    "blue": (45, 80, 225),
+    "yellow": (230, 205, 35),
+}
+# Per-channel jitter of a colour-coded object's colour: the class stays unambiguous.
+_COLOR_JITTER = 20.0
+
 
 @dataclass(frozen=True)
 class SyntheticShapesParams:
@@ -78,13 +95,17 @@ class SyntheticShapesParams:
     # Share of images with no object at all.
     empty_fraction: float = 0.1
     classes: Tuple[str, ...] = ("circle", "square", "triangle")  # names from SHAPES
-    # Relative frequency of each class (normalized); empty means uniform.
+    # Names from COLORS. Empty: one class per shape, painted in random colours. Otherwise one
+    # class per (shape, colour) pair, named "<colour>_<shape>", shape-major (see class_names),
+    # painted in that colour on grey backgrounds.
+    colors: Tuple[str, ...] = ()
+    # Relative frequency of each class of class_names() (normalized); empty means uniform.
     class_frequencies: Tuple[float, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
         # Lists (e.g. from yaml/json) become tuples so the parameters stay hashable.
-        for field in ("image_size", "objects_per_image", "object_size", "classes",
+        for field in ("image_size", "objects_per_image", "object_size", "classes", "colors",
                       "class_frequencies"):
             object.__setattr__(self, field, tuple(getattr(self, field)))
         self._validate()
@@ -111,14 +132,32 @@ class SyntheticShapesParams:
             fail(f"classes must be a non-empty subset of {sorted(SHAPES)}, got {self.classes}")
         if len(set(self.classes)) != len(self.classes):
             fail(f"classes must be distinct, got {self.classes}")
-        freqs = self.class_frequencies
-        if freqs and (len(freqs) != len(self.classes) or min(freqs) < 0 or sum(freqs) <= 0):
-            fail(f"class_frequencies must be {len(self.classes)} non-negative numbers with a "
+        unknown = [c for c in self.colors if c not in COLORS]
+        if unknown or len(set(self.colors)) != len(self.colors):
+            fail(f"colors must be distinct names from {sorted(COLORS)}, got {self.colors}")
+        freqs, num_classes = self.class_frequencies, len(self.class_names())
+        if freqs and (len(freqs) != num_classes or min(freqs) < 0 or sum(freqs) <= 0):
+            fail(f"class_frequencies must be {num_classes} non-negative numbers with a "
                  f"positive sum (one per class), got {freqs}")
+
+    def class_names(self) -> Tuple[str, ...]:
+        """The dataset's categories in id order: the shapes, or "<colour>_<shape>" for every
+        (shape, colour) pair, shape-major (all colours of classes[0] first)."""
+        if not self.colors:
+            return self.classes
+        return tuple(f"{color}_{shape}" for shape in self.classes for color in self.colors)
+
+    def class_shape_and_color(self, label: int) -> Tuple[str, Optional[str]]:
+        """(shape, colour name or None for random colours) of class index ``label``."""
+        if not self.colors:
+            return self.classes[label], None
+        shape, color = divmod(label, len(self.colors))
+        return self.classes[shape], self.colors[color]
 
     def frequencies(self) -> np.ndarray:
         """Normalized class frequencies, (K,)."""
-        freqs = np.asarray(self.class_frequencies or [1.0] * len(self.classes), dtype=np.float64)
+        num_classes = len(self.class_names())
+        freqs = np.asarray(self.class_frequencies or [1.0] * num_classes, dtype=np.float64)
         return freqs / freqs.sum()
 
     def num_empty_images(self) -> int:
@@ -160,24 +199,30 @@ def _plan_labels(params: SyntheticShapesParams, rng: np.random.Generator) -> Lis
     return plan
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A (H, W, 3) float32 texture: a gradient, stripes or smooth colour clouds."""
+def _background(rng: np.random.Generator, h: int, w: int, grey: bool = False) -> np.ndarray:
+    """A (H, W, 3) float32 texture: a gradient, stripes or smooth colour clouds; in shades of
+    grey with ``grey`` (the backgrounds of colour-coded classes)."""
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    c1, c2 = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
+    # Grey: 1 channel, broadcast to 3 at the end (the random colours' stream is left as it was).
+    channels = 1 if grey else 3
+    c1, c2 = rng.uniform(40 if grey else 0, 215 if grey else 255,
+                         size=(2, channels)).astype(np.float32)
     theta = rng.uniform(0, math.pi)
     proj = x * math.cos(theta) + y * math.sin(theta)  # (H, W) coordinate along the texture axis
     kind = int(rng.integers(3))
-    if kind == 0:  # linear gradient
-        t = (proj - proj.min()) / max(float(np.ptp(proj)), 1.0)
-    elif kind == 1:  # stripes, period 6-30 px: edges that look like shape borders
-        period = rng.uniform(6, 30)
-        t = 0.5 + 0.5 * np.sin(2 * math.pi * proj / period + rng.uniform(0, 2 * math.pi))
-    else:  # colour clouds: a few blobs per side, half of the full contrast around a base colour
-        # (full-contrast clouds 24 px apart camouflage the objects for a small model)
-        grid = rng.uniform(-64, 64, size=(max(h // 64, 2), max(w // 64, 2), 3)).astype(np.float32)
-        clouds = cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
-        return np.clip((c1 + c2)[None, None] / 2 + clouds, 0, 255)
-    return c1 * (1 - t[..., None]) + c2 * t[..., None]
+    if kind == 2:  # colour clouds: a few blobs per side, half of the full contrast around a base
+        # colour (full-contrast clouds 24 px apart camouflage the objects for a small model)
+        grid = rng.uniform(-64, 64, size=(max(h // 64, 2), max(w // 64, 2), channels))
+        clouds = cv2.resize(grid.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+        texture = np.clip((c1 + c2)[None, None] / 2 + clouds.reshape(h, w, channels), 0, 255)
+    else:
+        if kind == 0:  # linear gradient
+            t = (proj - proj.min()) / max(float(np.ptp(proj)), 1.0)
+        else:  # stripes, period 6-30 px: edges that look like shape borders
+            period = rng.uniform(6, 30)
+            t = 0.5 + 0.5 * np.sin(2 * math.pi * proj / period + rng.uniform(0, 2 * math.pi))
+        texture = c1 * (1 - t[..., None]) + c2 * t[..., None]
+    return np.broadcast_to(texture, (h, w, 3)).astype(np.float32)
 
 
 def _outline(rng: np.random.Generator, shape: str, size: float) -> np.ndarray:
@@ -219,17 +264,18 @@ def _render_image(params: SyntheticShapesParams, index: int, labels: List[int]
     # Each image has its own stream, so changing one image never shifts the others.
     rng = np.random.default_rng([params.seed, index])
     h, w = params.image_size
-    image = _background(rng, h, w)
+    image = _background(rng, h, w, grey=bool(params.colors))
     smin, smax = params.object_size
-    outlines = [_outline(rng, params.classes[c], rng.uniform(smin, smax)) for c in labels]
+    kinds = [params.class_shape_and_color(c) for c in labels]
+    outlines = [_outline(rng, shape, rng.uniform(smin, smax)) for shape, _ in kinds]
     corners = _place(rng, [p.max(axis=0) for p in outlines], h, w, index)
     anns = []
-    for label, poly, xy in zip(labels, outlines, corners):
+    for label, (_, color), poly, xy in zip(labels, kinds, outlines, corners):
         # Rounded once: this exact polygon goes to the json and is rasterised for the pixels.
         flat = np.round(poly + xy, 2).reshape(-1).tolist()
         rle = mask_util.merge(mask_util.frPyObjects([flat], h, w))
         mask = mask_util.decode(rle).astype(bool)
-        _paint(rng, image, mask)
+        _paint(rng, image, mask, color)
         xs, ys = flat[0::2], flat[1::2]
         anns.append({
             "category_id": label + 1,
@@ -243,21 +289,30 @@ def _render_image(params: SyntheticShapesParams, index: int, labels: List[int]
     return np.clip(image + 0.5, 0, 255).astype(np.uint8), anns
 
 
-def _paint(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray) -> None:
-    """Fill ``mask`` with a colour that contrasts with the background, plus a little shading."""
-    under = image[mask].mean(axis=0)
-    for _ in range(20):
-        color = rng.uniform(0, 255, size=3).astype(np.float32)
-        if np.abs(color - under).sum() >= _MIN_CONTRAST:
-            break
-    else:  # background in the middle of the colour cube: push away from it
-        color = np.where(under > 127, under - 60, under + 60).astype(np.float32)
+def _paint(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray,
+           color_name: Optional[str] = None) -> None:
+    """Fill ``mask`` with a colour that contrasts with the background (or with the jittered
+    colour ``color_name`` of COLORS), plus a little shading."""
+    if color_name is not None:
+        jitter = rng.uniform(-_COLOR_JITTER, _COLOR_JITTER, size=3)
+        color = (np.asarray(COLORS[color_name]) + jitter).astype(np.float32)
+    else:
+        color = _contrasting_color(rng, image[mask].mean(axis=0))
     ys, xs = np.nonzero(mask)
     # A linear shading of +-15 across the object, so objects are not flat colour either.
     direction = rng.uniform(-1, 1, size=2)
     t = (xs - xs.mean()) * direction[0] + (ys - ys.mean()) * direction[1]
     t = t / max(float(np.abs(t).max()), 1.0)
     image[ys, xs] = color + 15.0 * t[:, None].astype(np.float32)
+
+
+def _contrasting_color(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
+    for _ in range(20):
+        color = rng.uniform(0, 255, size=3).astype(np.float32)
+        if np.abs(color - under).sum() >= _MIN_CONTRAST:
+            return color
+    # background in the middle of the colour cube: push away from it
+    return np.where(under > 127, under - 60, under + 60).astype(np.float32)
 
 
 def generate_synthetic_shapes(params: SyntheticShapesParams, out_dir: Path) -> Path:
@@ -284,7 +339,7 @@ def generate_synthetic_shapes(params: SyntheticShapesParams, out_dir: Path) -> P
         "images": images,
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": name, "supercategory": "shape"}
-                       for i, name in enumerate(params.classes)],
+                       for i, name in enumerate(params.class_names())],
     }
     json_path = out_dir / "annotations.json"
     json_path.write_text(json.dumps(coco, separators=(",", ":")))
