@@ -27,6 +27,18 @@ def _add_balanced_loss_config(cfg: CN) -> None:
     # Replace every count by its mean over workers (one all-reduce) so that DDP's gradient
     # averaging equals training on one large batch.
     cfg.MODEL.BALANCED_LOSS.SYNC_NORMALIZERS = True
+    # Divisor of loss_rpn_loc and loss_box_reg: "positives" (the design: positive anchors P,
+    # foreground proposals F) or "samples" (detectron2's: B x N anchors, R proposals).
+    cfg.MODEL.BALANCED_LOSS.REG_NORMALIZER = "positives"
+    # m of a running average of every count (detectron2's RetinaNet/FCOS use 0.9); 0: the
+    # counts of each batch (the design).
+    cfg.MODEL.BALANCED_LOSS.NORMALIZER_MOMENTUM = 0.0
+    # Raise the RPN/ROI positive weights so that positives carry the sampler's POSITIVE_FRACTION
+    # of the classification weight when too few were sampled (class-balancing, HED 2015).
+    cfg.MODEL.BALANCED_LOSS.ADAPTIVE_POS_WEIGHT = False
+    # > 0: initialize the RPN objectness and ROI class biases to this foreground probability
+    # (Focal Loss's prior pi, Lin et al. 2017); 0: detectron2's zero biases.
+    cfg.MODEL.BALANCED_LOSS.PRIOR_PROB = 0.0
 
 
 def _add_swin_config(cfg: CN) -> None:
@@ -71,6 +83,9 @@ def _add_data_config(cfg: CN) -> None:
     cfg.DATASETS.REGISTER_COCO = []
     # Cache folder of the generated synthetic datasets; "" = $BALANCED_RCNN_DATASETS or datasets/.
     cfg.DATASETS.SYNTHETIC_ROOT = ""
+    # With DATALOADER.SAMPLER_TRAIN "ObjectShareTrainingSampler" (data/samplers.py): the share of
+    # sampled training images that hold objects, in (0, 1].
+    cfg.DATALOADER.OBJECT_IMAGE_SHARE = 0.5
 
 
 def _add_health_config(cfg: CN) -> None:
@@ -89,6 +104,8 @@ def _add_health_config(cfg: CN) -> None:
     cfg.HEALTH.PATIENCE = 3  # K: consecutive collapsed checks that make a collapse
     cfg.HEALTH.WARMUP_ITERS = 100  # checks before this many iterations are logged, not judged
     cfg.HEALTH.ACTION = "warn"  # on a collapse: "warn", or "stop" (checkpoint, exit code 3)
+    # Also check once before the first step (logged, not judged): where fine-tuning starts from.
+    cfg.HEALTH.CHECK_AT_START = False
 
 
 def _add_reliability_config(cfg: CN) -> None:

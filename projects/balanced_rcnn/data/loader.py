@@ -1,6 +1,7 @@
 """
-The project's data loaders: detectron2's, fed with checked dataset dicts (data/checks.py) and a
-mapper that skips or names the images it cannot use (data/mapper.py).
+The project's data loaders: detectron2's, fed with checked dataset dicts (data/checks.py), a
+mapper that skips or names the images it cannot use (data/mapper.py) and, with DATALOADER.
+SAMPLER_TRAIN "ObjectShareTrainingSampler", the project's image rebalancing (data/samplers.py).
 """
 
 from detectron2.config import CfgNode
@@ -9,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from .checks import load_train_dicts
 from .mapper import SkippingDatasetMapper, SkipTrackingLoader
+from .samplers import build_object_share_sampler
 
 __all__ = ["build_test_loader", "build_train_loader"]
 
@@ -18,7 +20,9 @@ def build_train_loader(cfg: CfgNode) -> SkipTrackingLoader:
     dicts, skipped = load_train_dicts(cfg)
     # Each mapper may skip what the up-front check has left of the allowance.
     mapper = SkippingDatasetMapper(cfg, True, max_skipped=skipped.remaining())
-    loader = build_detection_train_loader(cfg, dataset=dicts, mapper=mapper)
+    # None: detectron2 builds the sampler DATALOADER.SAMPLER_TRAIN names.
+    sampler = build_object_share_sampler(cfg, dicts)
+    loader = build_detection_train_loader(cfg, dataset=dicts, mapper=mapper, sampler=sampler)
     return SkipTrackingLoader(loader, skipped)
 
 

@@ -9,6 +9,11 @@ while training, configured by the HEALTH keys (config.py).
 - every HEALTH.PERIOD iterations, runs the model in eval mode on a fixed set of images (the first
   HEALTH.NUM_IMAGES of HEALTH.DATASET, mapped once before training) and counts its detections
   (box branch only: the mask head is switched off for the check, the counts do not need it);
+- with HEALTH.CHECK_AT_START, checks once before the first step of a run that starts at
+  iteration 0 (logged, never judged: the starting weights are not the run's result, e.g. class
+  layers just re-initialized for fine-tuning);
+- at every check period, measures the gradient share of each loss term on the backbone
+  (engine/grad_shares.py);
 - reports a *collapse*: detections per image at HEALTH.MAIN_THRESHOLD are zero, or below
   HEALTH.COLLAPSE_FRACTION x the best value of the earlier checks, in HEALTH.PATIENCE consecutive
   checks made after HEALTH.WARMUP_ITERS completed iterations. It warns loudly; with
@@ -45,6 +50,12 @@ Every detection check (exact values):
                                  value in metrics.json is the run's lowest
     health/collapse_streak       consecutive collapsed checks after the warm-up
     health/num_collapses         collapses reported so far (a streak reaching PATIENCE)
+    health/grad_share/<loss>     each loss term's gradient norm on the backbone + FPN / their sum,
+                                 measured in the training step of the check (grad_shares.py)
+
+Once, with HEALTH.CHECK_AT_START (at iteration 0):
+
+    health/start_dets_per_image  detections per image at MAIN_THRESHOLD before training
 
 detectron2's writers record the latest value of each scalar every 20 iterations: with a PERIOD
 that is a multiple of 20 every check reaches metrics.json; the running values (lowest, best,
@@ -77,6 +88,7 @@ from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
 from .grad_norm import GRAD_NORM_SCALAR
+from .grad_shares import LossGradientShares
 
 __all__ = [
     "EXIT_COLLAPSE",
@@ -168,6 +180,7 @@ class TrainingHealthMonitor(HookBase):
         patience: int,
         warmup_iters: int,
         action: str,
+        check_at_start: bool = False,
     ):
         """
         Args:
@@ -184,6 +197,8 @@ class TrainingHealthMonitor(HookBase):
             warmup_iters: checks made before this many completed iterations are logged but not
                 counted (neither for the best value nor for a collapse).
             action: "warn" or "stop" (save a checkpoint, raise DetectionCollapseError).
+            check_at_start: count detections once before the first step of a run that starts
+                at iteration 0 (logged only).
         """
         if action not in ACTIONS:
             raise ValueError(f"HEALTH.ACTION must be one of {ACTIONS}, got {action!r}")
@@ -214,6 +229,8 @@ class TrainingHealthMonitor(HookBase):
         self._patience = patience
         self._warmup_iters = warmup_iters
         self._action = action
+        self._check_at_start = check_at_start
+        self._grad_shares = None
         self._inputs: List[Dict[str, Any]] = []  # this worker's share of the check images
         self._num_check_images = 0  # on all workers together
         self._train_start = 0.0
@@ -249,6 +266,7 @@ class TrainingHealthMonitor(HookBase):
             patience=health.PATIENCE,
             warmup_iters=health.WARMUP_ITERS,
             action=health.ACTION,
+            check_at_start=health.CHECK_AT_START,
         )
 
     # -- state, saved in checkpoints through the trainer's state_dict (a resumed run continues
@@ -261,6 +279,7 @@ class TrainingHealthMonitor(HookBase):
             "best": None,  # (dets per image, iteration) of the best counted check
             "lowest": None,  # (dets per image, iteration) of the lowest check
             "last": None,  # (dets per image, iteration, images-with-detections share)
+            "start": None,  # dets per image before training (HEALTH.CHECK_AT_START)
             "streak": 0,
             "num_collapses": 0,
         }
@@ -287,6 +306,14 @@ class TrainingHealthMonitor(HookBase):
             f"{len(records)} images of {self._dataset_name} ({len(self._inputs)} on this "
             f"worker), collapse rule at score >= {self._main_threshold:g}."
         )
+        model = self._unwrapped_model()
+        if hasattr(model, "backbone"):
+            period = self._period
+            self._grad_shares = LossGradientShares(
+                model, model.backbone, lambda: (self.trainer.iter + 1) % period == 0
+            )
+        if self._check_at_start and self.trainer.iter == 0:
+            self._check_start()
 
     def after_step(self) -> None:
         if comm.is_main_process():
@@ -300,6 +327,9 @@ class TrainingHealthMonitor(HookBase):
                 self._check_seconds += time.perf_counter() - start
 
     def after_train(self) -> None:
+        if self._grad_shares is not None:
+            self._grad_shares.remove()
+            self._grad_shares = None
         state = self._state
         if not state["num_checks"]:
             return
@@ -309,7 +339,9 @@ class TrainingHealthMonitor(HookBase):
         lines = [
             f"Training health summary ({state['num_checks']} detection checks on "
             f"{self._num_check_images} images of {self._dataset_name}):",
-            f"  detections per image at {at}: last {last[0]:.2f} (iteration {last[1]}), "
+            f"  detections per image at {at}: "
+            + (f"before training {state['start']:.2f}, " if state["start"] is not None else "")
+            + f"last {last[0]:.2f} (iteration {last[1]}), "
             + (f"best {best[0]:.2f} (iteration {best[1]}), " if best else "")
             + f"lowest {lowest[0]:.2f} (iteration {lowest[1]})",
             f"  images with a detection at the last check: {100 * last[2]:.0f}%",
@@ -352,15 +384,19 @@ class TrainingHealthMonitor(HookBase):
             return model.inference(batch, do_postprocess=False)
         return [r["instances"] for r in model(batch)]
 
+    def _unwrapped_model(self) -> torch.nn.Module:
+        model = self.trainer.model
+        if isinstance(model, DistributedDataParallel):
+            model = model.module  # DDP's forward would wait for a backward that never comes
+        return model
+
     @torch.no_grad()
     def _count_detections(self) -> List[float]:
         """
         On this worker's images: [number of images, detections at each threshold, images with a
         detection at the main threshold], summed over all workers.
         """
-        model = self.trainer.model
-        if isinstance(model, DistributedDataParallel):
-            model = model.module  # DDP's forward would wait for a backward that never comes
+        model = self._unwrapped_model()
         device = next(model.parameters()).device
         thresholds = torch.tensor(self._thresholds, device=device)
         local = torch.zeros(len(self._thresholds) + 2, device=device, dtype=torch.float64)
@@ -381,6 +417,16 @@ class TrainingHealthMonitor(HookBase):
         # One transfer, then one all_gather (all workers, same iteration): everyone gets the sums.
         gathered = comm.all_gather(local.cpu().tolist())
         return [sum(values) for values in zip(*gathered)]
+
+    def _check_start(self) -> None:
+        counts = self._count_detections()
+        dets = counts[1 + self._main_index] / max(counts[0], 1.0)
+        self._state["start"] = dets
+        self.trainer.storage.put_scalar("health/start_dets_per_image", dets, smoothing_hint=False)
+        logger.info(
+            f"Training health check before training: {dets:.2f} detections per image at score "
+            f">= {self._main_threshold:g}"
+        )
 
     def _check(self, iteration: int) -> None:
         counts = self._count_detections()

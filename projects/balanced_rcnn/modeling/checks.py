@@ -6,9 +6,14 @@ import math
 
 from detectron2.config import CfgNode
 
-from .losses import BOX_REG_LOSS_TYPES
+from .losses import BOX_REG_LOSS_TYPES, REG_NORMALIZERS
 
-__all__ = ["check_balanced_loss_keys", "refuse_stock_loss_weight", "check_box_reg_loss_type"]
+__all__ = [
+    "balanced_loss_kwargs",
+    "check_balanced_loss_keys",
+    "check_box_reg_loss_type",
+    "refuse_stock_loss_weight",
+]
 
 
 def _balanced_loss(cfg: CfgNode) -> CfgNode:
@@ -29,6 +34,29 @@ def check_balanced_loss_keys(cfg: CfgNode, *weight_names: str) -> None:
             raise ValueError(f"MODEL.BALANCED_LOSS.{name} must be finite and >= 0, got {value}")
     if not (math.isfinite(section.EPS) and section.EPS > 0):
         raise ValueError(f"MODEL.BALANCED_LOSS.EPS must be finite and > 0, got {section.EPS}")
+    if section.REG_NORMALIZER not in REG_NORMALIZERS:
+        raise ValueError(f"MODEL.BALANCED_LOSS.REG_NORMALIZER must be one of {REG_NORMALIZERS}, "
+                         f"got {section.REG_NORMALIZER!r}")
+    if not 0.0 <= section.NORMALIZER_MOMENTUM < 1.0:
+        raise ValueError("MODEL.BALANCED_LOSS.NORMALIZER_MOMENTUM must be in [0, 1), got "
+                         f"{section.NORMALIZER_MOMENTUM}")
+    if not 0.0 <= section.PRIOR_PROB < 1.0:
+        raise ValueError("MODEL.BALANCED_LOSS.PRIOR_PROB must be in [0, 1) (0: detectron2's "
+                         f"initialization), got {section.PRIOR_PROB}")
+
+
+def balanced_loss_kwargs(cfg: CfgNode) -> dict:
+    """The constructor arguments that every balanced head takes from MODEL.BALANCED_LOSS
+    (checked by :func:`check_balanced_loss_keys` first)."""
+    section = _balanced_loss(cfg)
+    return {
+        "eps": section.EPS,
+        "sync_normalizers": section.SYNC_NORMALIZERS,
+        "reg_normalizer": section.REG_NORMALIZER,
+        "normalizer_momentum": section.NORMALIZER_MOMENTUM,
+        "adaptive_pos_weight": section.ADAPTIVE_POS_WEIGHT,
+        "prior_prob": section.PRIOR_PROB,
+    }
 
 
 def refuse_stock_loss_weight(key: str, value: float, use_instead: str) -> None:

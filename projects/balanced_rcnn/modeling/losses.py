@@ -11,12 +11,22 @@ Shape shorthand in this module:
 Every loss has three layers (as in mmdetection): an element-wise term with no reduction, a
 weighted sum divided by a normalizer, and the head that picks weights and normalizers. Where
 PyTorch's loss kernel takes the weights itself (BCE, cross-entropy) the first two are fused.
-Normalizers are tensors from :func:`count_normalizers`, so nothing here waits for the device.
-Terms are computed in float32 whatever the dtype of the predictions (AMP).
+Normalizers and weights are tensors made from sample counts by the functions of the first section
+(modeling/normalizer.py chains them per head), so nothing here waits for the device. Terms are
+computed in float32 whatever the dtype of the predictions (AMP).
+
+From counts to normalizers and weights, each step optional (MODEL.BALANCED_LOSS keys):
+
+    n      = mean of the counts over workers                          SYNC_NORMALIZERS
+    n_t    = m * n_{t-1} + (1 - m) * n       (n_0: the first batch)   NORMALIZER_MOMENTUM m
+    norm   = max(n_t, 1) + EPS
+    w_pos  = max(POS_WEIGHT, f / (1 - f) * Q / max(P, 1))             ADAPTIVE_POS_WEIGHT
+
+(P, Q: positive and negative counts of n_t; f: the sampler's POSITIVE_FRACTION.)
 """
 
 import math
-from typing import Tuple
+from typing import Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -27,7 +37,12 @@ from torch.nn import functional as F
 
 __all__ = [
     "BOX_REG_LOSS_TYPES",
+    "REG_NORMALIZERS",
+    "adaptive_pos_weight",
     "count_normalizers",
+    "ema_counts",
+    "prior_logit",
+    "worker_mean_counts",
     "weighted_sum",
     "encode_box_deltas",
     "iou_loss_terms",
@@ -41,20 +56,20 @@ __all__ = [
 # The values of MODEL.RPN.BBOX_REG_LOSS_TYPE / MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE that
 # detectron2's _dense_box_regression_loss accepts.
 BOX_REG_LOSS_TYPES = ("smooth_l1", "giou", "diou", "ciou")
+# MODEL.BALANCED_LOSS.REG_NORMALIZER: what the regression losses are divided by. "positives": the
+# foreground count they sum over (the design); "samples": detectron2's divisor, every sampled
+# anchor (B x N in the RPN) or proposal (R in the box head).
+REG_NORMALIZERS = ("positives", "samples")
 
 
-def count_normalizers(counts: torch.Tensor, eps: float, sync: bool = True) -> torch.Tensor:
+# ---- from sample counts to normalizers and weights ---------------------------------------------
+
+
+def worker_mean_counts(counts: torch.Tensor, sync: bool = True) -> torch.Tensor:
     """
-    Turn counts into loss normalizers ``max(count, 1) + eps``.
-
-    Args:
-        counts: (C,) unweighted counts of this worker (any dtype).
-        eps: added to every normalizer (> 0).
-        sync: replace every count by its mean over workers first. With DDP averaging the
-            gradients this makes a step equal to one step on the concatenated batch.
-
-    Returns:
-        (C,) float32 normalizers, detached from autograd.
+    (C,) counts of this worker (any dtype) -> a detached float32 copy, with ``sync`` averaged over
+    workers (one all-reduce). With DDP averaging the gradients this makes a step equal to one
+    step on the concatenated batch.
     """
     # A fresh float32 copy: the in-place all_reduce must not touch the caller's tensor.
     counts = counts.detach().to(torch.float32, copy=True)
@@ -62,7 +77,55 @@ def count_normalizers(counts: torch.Tensor, eps: float, sync: bool = True) -> to
     if sync and world_size > 1:
         dist.all_reduce(counts)  # one collective for all counts of a head
         counts = counts / world_size
-    return counts.clamp(min=1.0) + eps
+    return counts
+
+
+def ema_counts(previous: torch.Tensor, counts: torch.Tensor, momentum: float) -> torch.Tensor:
+    """
+    ``momentum * previous + (1 - momentum) * counts``, elementwise; where ``previous`` is negative
+    (no batch seen yet) the result is ``counts``. As detectron2's RetinaNet/FCOS smooth their
+    foreground count (``_ema_update``, momentum 0.9), without its host synchronization.
+    """
+    smoothed = momentum * previous + (1.0 - momentum) * counts
+    return torch.where(previous < 0, counts, smoothed)
+
+
+def count_normalizers(counts: torch.Tensor, eps: float, sync: bool = True) -> torch.Tensor:
+    """
+    Counts -> loss normalizers ``max(count, 1) + eps`` (after :func:`worker_mean_counts`).
+
+    Args:
+        counts: (C,) unweighted counts of this worker (any dtype).
+        eps: added to every normalizer (> 0).
+        sync: replace every count by its mean over workers first.
+
+    Returns:
+        (C,) float32 normalizers, detached from autograd.
+    """
+    return worker_mean_counts(counts, sync).clamp(min=1.0) + eps
+
+
+def adaptive_pos_weight(
+    num_pos: torch.Tensor, num_neg: torch.Tensor, positive_fraction: float, min_weight: float
+) -> torch.Tensor:
+    """
+    The weight of each positive that gives the positives the share of the total weight that the
+    sampler aims for (``positive_fraction``, detectron2's POSITIVE_FRACTION) when there are too
+    few of them to fill it: ``max(min_weight, f / (1 - f) * num_neg / max(num_pos, 1))``. The
+    class-balancing weight of Xie & Tu (HED, ICCV 2015) with the sampler's target in place of 1/2.
+    0-dim tensors in and out.
+    """
+    ratio = positive_fraction / (1.0 - positive_fraction)
+    return (ratio * num_neg / num_pos.clamp(min=1.0)).clamp(min=min_weight)
+
+
+def prior_logit(prior_prob: float) -> float:
+    """``log(p / (1 - p))``: the bias that makes a sigmoid start at probability ``p`` (Lin et
+    al., Focal Loss, ICCV 2017, section 4.1)."""
+    return math.log(prior_prob / (1.0 - prior_prob))
+
+
+# ---- losses ------------------------------------------------------------------------------------
 
 
 def weighted_sum(
@@ -183,7 +246,10 @@ def box_regression_terms(
 
 
 def objectness_loss(
-    logits: torch.Tensor, labels: torch.Tensor, pos_weight: float, normalizer: torch.Tensor
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    pos_weight: Union[float, torch.Tensor],
+    normalizer: torch.Tensor,
 ) -> torch.Tensor:
     """
     ``sum_i w_i * BCEWithLogits(logit_i, label_i) / normalizer`` over labels >= 0.
@@ -191,7 +257,7 @@ def objectness_loss(
     Args:
         logits: (S,) objectness logits.
         labels: (S,) 1 positive, 0 negative, -1 ignored (weight 0).
-        pos_weight: w_i of positives; negatives have 1.
+        pos_weight: w_i of positives (a number or a 0-dim tensor); negatives have 1.
         normalizer: 0-dim tensor, ``max(P + Q, 1) + eps`` in the balanced RPN.
     """
     positive = labels == 1
@@ -204,7 +270,10 @@ def objectness_loss(
 
 
 def classification_loss(
-    scores: torch.Tensor, gt_classes: torch.Tensor, pos_weight: float, normalizer: torch.Tensor
+    scores: torch.Tensor,
+    gt_classes: torch.Tensor,
+    pos_weight: Union[float, torch.Tensor],
+    normalizer: torch.Tensor,
 ) -> torch.Tensor:
     """
     ``sum_i w_i * CE(scores_i, gt_i) / normalizer``.
@@ -212,15 +281,15 @@ def classification_loss(
     Args:
         scores: (S, K + 1) class logits, the last column is the background.
         gt_classes: (S,) int64 in [0, K].
-        pos_weight: w_i of foreground (gt < K); background has 1.
+        pos_weight: w_i of foreground (gt < K), a number or a 0-dim tensor; background has 1.
         normalizer: 0-dim tensor, ``max(R, 1) + eps`` in the balanced box head.
     """
     # w_i as a class weight (pos_weight for classes < K, 1 for K): with reduction "sum" the
     # loss kernel computes sum_i w_{gt_i} CE_i itself.
-    class_weight = torch.full(
-        (scores.shape[1],), pos_weight, dtype=torch.float32, device=scores.device
+    pos_weight = torch.as_tensor(pos_weight, dtype=torch.float32, device=scores.device)
+    class_weight = torch.cat(
+        [pos_weight.reshape(1).expand(scores.shape[1] - 1), pos_weight.new_ones(1)]
     )
-    class_weight[-1] = 1.0
     total = F.cross_entropy(scores.float(), gt_classes, weight=class_weight, reduction="sum")
     return total / normalizer
 

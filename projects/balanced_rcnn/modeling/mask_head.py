@@ -9,7 +9,8 @@ Shape shorthand in this module:
 
     loss_mask = ROI_LOSS_MASK_WEIGHT * sum_fg mean_pixels(BCE_i) / (max(F, 1) + EPS)
 
-(F is the mean over workers with SYNC_NORMALIZERS). With one worker and weight 1 this equals
+(F averaged over workers and steps as in modeling/losses.py; REG_NORMALIZER does not apply: the
+loss is a mean over masks either way). With one worker, per-batch counts and weight 1 this equals
 detectron2's mask_rcnn_loss up to EPS. Inference is detectron2's.
 
 Scalars put into EventStorage every step (``balanced_rcnn.utils.events.put_tensor_scalars``):
@@ -20,7 +21,7 @@ Scalars put into EventStorage every step (``balanced_rcnn.utils.events.put_tenso
     mask_rcnn/false_negative   detectron2's name and definition
 """
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from detectron2.config import configurable
@@ -34,8 +35,9 @@ from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 
 from ..utils.events import put_tensor_scalars
-from .checks import check_balanced_loss_keys
-from .losses import count_normalizers, mask_loss
+from .checks import balanced_loss_kwargs, check_balanced_loss_keys
+from .losses import mask_loss
+from .normalizer import CountNormalizer
 
 __all__ = ["BalancedMaskRCNNConvUpsampleHead", "balanced_mask_rcnn_loss"]
 
@@ -105,6 +107,7 @@ def balanced_mask_rcnn_loss(
     *,
     eps: float = 1e-6,
     sync_normalizers: bool = True,
+    normalizer: Optional[CountNormalizer] = None,
     vis_period: int = 0,
 ) -> torch.Tensor:
     """
@@ -114,12 +117,15 @@ def balanced_mask_rcnn_loss(
         pred_mask_logits: (F, C, M, M) mask logits of the foreground proposals.
         instances: N Instances with ``proposal_boxes``, ``gt_classes``, ``gt_masks``, in 1:1
             correspondence with ``pred_mask_logits``.
-        eps, sync_normalizers: see :func:`count_normalizers`.
+        eps, sync_normalizers: of the per-batch normalizer used when ``normalizer`` is None.
+        normalizer: the head's :class:`CountNormalizer` of the foreground count.
         vis_period: put predicted and gt masks into EventStorage every that many iterations.
     """
     logits, gt_masks = _mask_targets(pred_mask_logits, instances)
     num_fg = torch.full((1,), logits.shape[0], dtype=torch.float32, device=logits.device)
-    normalizer = count_normalizers(num_fg, eps, sync_normalizers)[0]
+    if normalizer is None:
+        normalizer = CountNormalizer(1, eps=eps, sync=sync_normalizers)
+    normalizer = normalizer(num_fg)[1][0]
     _log_mask_stats(logits, gt_masks, normalizer)
     _visualize(logits, gt_masks, vis_period)
     return mask_loss(logits, gt_masks, normalizer)
@@ -130,17 +136,27 @@ class BalancedMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
     """MaskRCNNConvUpsampleHead whose training forward computes the balanced mask loss."""
 
     @configurable
-    def __init__(self, input_shape, *, eps: float = 1e-6, sync_normalizers: bool = True, **kwargs):
+    def __init__(
+        self,
+        input_shape,
+        *,
+        eps: float = 1e-6,
+        sync_normalizers: bool = True,
+        normalizer_momentum: float = 0.0,
+        **kwargs,
+    ):
         """
         Args:
             eps: added to the normalizer.
             sync_normalizers: normalize by the foreground count averaged over workers.
+            normalizer_momentum: of the running average of the count; 0: per-batch counts.
             input_shape, kwargs: arguments of :class:`MaskRCNNConvUpsampleHead`; its
                 ``loss_weight`` multiplies the loss.
         """
         super().__init__(input_shape, **kwargs)
-        self.eps = eps
-        self.sync_normalizers = sync_normalizers
+        self.normalizer = CountNormalizer(
+            1, eps=eps, sync=sync_normalizers, momentum=normalizer_momentum
+        )
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -148,9 +164,17 @@ class BalancedMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
         ret = super().from_config(cfg, input_shape)
         balanced = cfg.MODEL.BALANCED_LOSS
         ret["loss_weight"] = balanced.ROI_LOSS_MASK_WEIGHT
-        ret["eps"] = balanced.EPS
-        ret["sync_normalizers"] = balanced.SYNC_NORMALIZERS
+        kwargs = balanced_loss_kwargs(cfg)
+        ret.update({k: kwargs[k] for k in ("eps", "sync_normalizers", "normalizer_momentum")})
         return ret
+
+    def layers(self, x):
+        # The head is an nn.Sequential of its layers; the normalizer is a child module for its
+        # buffer (the running counts), not a layer.
+        for name, layer in self.named_children():
+            if name != "normalizer":
+                x = layer(x)
+        return x
 
     def forward(self, x, instances: List[Instances]):
         """
@@ -165,11 +189,7 @@ class BalancedMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
         x = self.layers(x)
         if self.training:
             loss = balanced_mask_rcnn_loss(
-                x,
-                instances,
-                eps=self.eps,
-                sync_normalizers=self.sync_normalizers,
-                vis_period=self.vis_period,
+                x, instances, normalizer=self.normalizer, vis_period=self.vis_period
             )
             return {"loss_mask": loss * self.loss_weight}
         mask_rcnn_inference(x, instances)

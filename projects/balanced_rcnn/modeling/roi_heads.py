@@ -9,19 +9,22 @@ Shape shorthand in this module:
     K: number of foreground classes; class K is the background
 
     loss_cls     = ROI_LOSS_CLS_WEIGHT * sum_i w_i CE_i / (max(R, 1) + EPS)
-    loss_box_reg = ROI_LOSS_BBOX_WEIGHT * sum_fg boxloss_i / (max(F, 1) + EPS)
+    loss_box_reg = ROI_LOSS_BBOX_WEIGHT * sum_fg boxloss_i / (max(F, 1) + EPS)   "positives"
+                                                      ... / (max(R, 1) + EPS)    "samples"
 
-(w_i = ROI_CLS_POS_WEIGHT for foreground, 1 for background; R and F are means over workers with
-SYNC_NORMALIZERS). The mask loss is BalancedMaskRCNNConvUpsampleHead's. Proposal sampling and
-inference are detectron2's.
+(REG_NORMALIZER picks the divisor; w_i = w_pos for foreground, 1 for background; counts,
+running averages and w_pos as in modeling/losses.py). The mask loss is
+BalancedMaskRCNNConvUpsampleHead's. Proposal sampling and inference are detectron2's; so are the
+losses with REG_NORMALIZER "samples" and weights 1 (up to EPS).
 
 Scalars put into EventStorage every step (``balanced_rcnn.utils.events.put_tensor_scalars``):
 
     roi_head/num_sampled        R per image on this worker
     roi_head/num_fg             F per image on this worker
     roi_head/fg_fraction        F / max(R, 1) on this worker
-    roi_head/cls_normalizer     max(R, 1) + EPS as used
-    roi_head/box_normalizer     max(F, 1) + EPS as used
+    roi_head/cls_normalizer     the divisor of loss_cls as used
+    roi_head/box_normalizer     the divisor of loss_box_reg as used
+    roi_head/pos_weight         w_pos as used (with ADAPTIVE_POS_WEIGHT)
     fast_rcnn/cls_accuracy      detectron2's name and definition
     fast_rcnn/fg_cls_accuracy   detectron2's, but 0 (not absent) when F = 0
     fast_rcnn/false_negative    detectron2's, but 0 (not absent) when F = 0
@@ -30,6 +33,7 @@ detectron2's label_and_sample_proposals still logs roi_head/num_fg_samples and
 roi_head/num_bg_samples itself.
 """
 
+import math
 from typing import Dict, List, Tuple
 
 import torch
@@ -41,9 +45,15 @@ from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY
 from detectron2.structures import Instances
 
 from ..utils.events import put_tensor_scalars
-from .checks import check_balanced_loss_keys, check_box_reg_loss_type, refuse_stock_loss_weight
-from .losses import box_regression_loss, classification_loss, count_normalizers
+from .checks import (
+    balanced_loss_kwargs,
+    check_balanced_loss_keys,
+    check_box_reg_loss_type,
+    refuse_stock_loss_weight,
+)
+from .losses import adaptive_pos_weight, box_regression_loss, classification_loss
 from .mask_head import BalancedMaskRCNNConvUpsampleHead
+from .normalizer import CountNormalizer
 
 __all__ = ["BalancedFastRCNNOutputLayers", "BalancedROIHeads"]
 
@@ -102,13 +112,27 @@ class BalancedFastRCNNOutputLayers(FastRCNNOutputLayers):
         cls_pos_weight: float = 1.0,
         eps: float = 1e-6,
         sync_normalizers: bool = True,
+        reg_normalizer: str = "positives",
+        normalizer_momentum: float = 0.0,
+        adaptive_pos_weight: bool = False,
+        positive_fraction: float = 0.25,
+        prior_prob: float = 0.0,
         **kwargs,
     ):
         """
         Args:
-            cls_pos_weight: weight of foreground proposals in loss_cls; background has 1.
+            cls_pos_weight: weight of foreground proposals in loss_cls; background has 1. With
+                ``adaptive_pos_weight``, the least weight of the foreground.
             eps: added to every normalizer.
             sync_normalizers: normalize by the counts averaged over workers.
+            reg_normalizer: "positives" or "samples" (modeling/losses.py, REG_NORMALIZERS).
+            normalizer_momentum: of the running average of the counts; 0: per-batch counts.
+            adaptive_pos_weight: raise the foreground weight to fill ``positive_fraction``
+                (modeling/losses.py, adaptive_pos_weight).
+            positive_fraction: the proposal sampler's (MODEL.ROI_HEADS.POSITIVE_FRACTION).
+            prior_prob: > 0: initialize the class biases so that every proposal starts at this
+                probability of foreground (spread evenly over the K classes); 0: detectron2's
+                initialization (biases 0).
             input_shape, kwargs: arguments of :class:`FastRCNNOutputLayers`; its
                 ``loss_weight`` multiplies the losses. ``use_sigmoid_ce`` and ``use_fed_loss``
                 are refused.
@@ -119,8 +143,23 @@ class BalancedFastRCNNOutputLayers(FastRCNNOutputLayers):
         )
         super().__init__(input_shape, **kwargs)
         self.cls_pos_weight = cls_pos_weight
-        self.eps = eps
-        self.sync_normalizers = sync_normalizers
+        self.reg_normalizer = reg_normalizer
+        self.adaptive_pos_weight = adaptive_pos_weight
+        self.positive_fraction = positive_fraction
+        self.prior_prob = prior_prob
+        # Counts: sampled proposals R, foreground F.
+        self.normalizer = CountNormalizer(
+            2, eps=eps, sync=sync_normalizers, momentum=normalizer_momentum
+        )
+        self.init_class_prior()
+
+    def init_class_prior(self) -> None:
+        """With ``prior_prob`` p > 0: class biases log(p / K) and background bias log(1 - p), so
+        that the softmax starts at these probabilities (Lin et al. 2017's prior, for a softmax)."""
+        if self.prior_prob > 0:
+            with torch.no_grad():
+                self.cls_score.bias.fill_(math.log(self.prior_prob / self.num_classes))
+                self.cls_score.bias[-1] = math.log(1.0 - self.prior_prob)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -132,8 +171,8 @@ class BalancedFastRCNNOutputLayers(FastRCNNOutputLayers):
             "loss_box_reg": balanced.ROI_LOSS_BBOX_WEIGHT,
         }
         ret["cls_pos_weight"] = balanced.ROI_CLS_POS_WEIGHT
-        ret["eps"] = balanced.EPS
-        ret["sync_normalizers"] = balanced.SYNC_NORMALIZERS
+        ret["positive_fraction"] = cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION
+        ret.update(balanced_loss_kwargs(cfg))
         return ret
 
     def losses(
@@ -169,8 +208,17 @@ class BalancedFastRCNNOutputLayers(FastRCNNOutputLayers):
         foreground = gt_classes < self.num_classes
         num_fg = foreground.sum(dtype=torch.float32)
         counts = torch.stack([torch.full_like(num_fg, num_rois), num_fg])
-        normalizers = count_normalizers(counts, self.eps, self.sync_normalizers)
-        cls_normalizer, box_normalizer = normalizers
+        used_counts, normalizers = self.normalizer(counts)
+        cls_normalizer = normalizers[0]
+        box_normalizer = normalizers[1] if self.reg_normalizer == "positives" else normalizers[0]
+        pos_weight = self.cls_pos_weight
+        if self.adaptive_pos_weight:
+            pos_weight = adaptive_pos_weight(
+                used_counts[1],
+                used_counts[0] - used_counts[1],
+                self.positive_fraction,
+                self.cls_pos_weight,
+            )
 
         box_dim = proposal_boxes.shape[1]
         if proposal_deltas.shape[1] == box_dim:  # class-agnostic
@@ -183,9 +231,7 @@ class BalancedFastRCNNOutputLayers(FastRCNNOutputLayers):
             fg_deltas = proposal_deltas.view(-1, box_dim).index_select(0, rows)
 
         losses = {
-            "loss_cls": classification_loss(
-                scores, gt_classes, self.cls_pos_weight, cls_normalizer
-            ),
+            "loss_cls": classification_loss(scores, gt_classes, pos_weight, cls_normalizer),
             "loss_box_reg": box_regression_loss(
                 self.box2box_transform,
                 fg_deltas,
@@ -197,7 +243,11 @@ class BalancedFastRCNNOutputLayers(FastRCNNOutputLayers):
                 self.smooth_l1_beta,
             ),
         }
-        self._log_stats(scores, gt_classes, foreground, counts, normalizers, len(proposals))
+        self._log_stats(scores, gt_classes, foreground, counts, len(proposals))
+        used = {"roi_head/cls_normalizer": cls_normalizer, "roi_head/box_normalizer": box_normalizer}
+        if self.adaptive_pos_weight:
+            used["roi_head/pos_weight"] = pos_weight
+        put_tensor_scalars(**used)
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
 
     def _log_stats(
@@ -206,10 +256,9 @@ class BalancedFastRCNNOutputLayers(FastRCNNOutputLayers):
         gt_classes: torch.Tensor,
         foreground: torch.Tensor,
         counts: torch.Tensor,
-        normalizers: torch.Tensor,
         num_images: int,
     ) -> None:
-        """detectron2's classification statistics, the sample counts and the normalizers."""
+        """detectron2's classification statistics and the sample counts."""
         # max().indices: the same first maximum as argmax(), faster on the CPU
         pred_classes = scores.detach().max(dim=1).indices
         correct = pred_classes == gt_classes
@@ -228,8 +277,6 @@ class BalancedFastRCNNOutputLayers(FastRCNNOutputLayers):
                 "fast_rcnn/cls_accuracy": hits[0] / at_least_one_roi,
                 "fast_rcnn/fg_cls_accuracy": fg_rates[0],
                 "fast_rcnn/false_negative": fg_rates[1],
-                "roi_head/cls_normalizer": normalizers[0],
-                "roi_head/box_normalizer": normalizers[1],
             }
         )
 
@@ -257,6 +304,9 @@ class BalancedROIHeads(StandardROIHeads):
         # one seed then gives the same initial model as StandardROIHeads, for A/B comparisons.
         with torch.random.fork_rng(devices=[]):
             predictor = BalancedFastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
-        predictor.load_state_dict(stock_predictor.state_dict())
+        # Only the normalizer's running counts (NORMALIZER_MOMENTUM > 0) are the stock's lack.
+        missing, unexpected = predictor.load_state_dict(stock_predictor.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("normalizer.") for k in missing), missing
+        predictor.init_class_prior()  # the stock biases were just copied over it
         ret["box_predictor"] = predictor
         return ret

@@ -6,37 +6,48 @@ Shape shorthand in this module:
     N: number of images in the minibatch
     L: number of feature maps per image on which RPN is run
     Ri: number of anchors of feature map i (Hi * Wi * A); R = sum(Ri)
-    B: MODEL.RPN.BATCH_SIZE_PER_IMAGE, the most anchors sampled per image
-    S: N * B loss slots, the sampled anchors of every image padded to B
+    B: MODEL.RPN.BATCH_SIZE_PER_IMAGE, the most anchors detectron2's sampler labels per image
+    S: loss rows: N * B slots (the sampled anchors of every image, padded to B) after
+       detectron2's sampler, N * R (every anchor) after any other labelling
 
 With P positive and Q negative sampled anchors over the batch:
 
     loss_rpn_cls = RPN_LOSS_CLS_WEIGHT * sum_i w_i BCE_i / (max(P + Q, 1) + EPS)
-    loss_rpn_loc = RPN_LOSS_BBOX_WEIGHT * sum_pos boxloss_i / (max(P, 1) + EPS)
+    loss_rpn_loc = RPN_LOSS_BBOX_WEIGHT * sum_pos boxloss_i / (max(P, 1) + EPS)   "positives"
+                                                        ... / (B * N + EPS)       "samples"
 
-(w_i = RPN_CLS_POS_WEIGHT for positives, 1 for negatives; P and Q are means over workers with
-SYNC_NORMALIZERS). Labelling, sampling and inference are detectron2's.
+(REG_NORMALIZER picks the second divisor; w_i = w_pos for positives, 1 for negatives; counts,
+running averages and w_pos as in modeling/losses.py). Labelling, sampling and inference are
+detectron2's; so is the loss with REG_NORMALIZER "samples", weights 1 and B anchors sampled in
+every image (up to EPS).
 
 Scalars put into EventStorage every step (``balanced_rcnn.utils.events.put_tensor_scalars``):
 
     rpn/num_pos_anchors   P per image on this worker (detectron2's name)
     rpn/num_neg_anchors   Q per image on this worker (detectron2's name)
     rpn/fg_fraction       P / max(P + Q, 1) on this worker
-    rpn/cls_normalizer    max(P + Q, 1) + EPS as used
-    rpn/loc_normalizer    max(P, 1) + EPS as used
+    rpn/cls_normalizer    the divisor of loss_rpn_cls as used
+    rpn/loc_normalizer    the divisor of loss_rpn_loc as used
+    rpn/pos_weight        w_pos as used (with ADAPTIVE_POS_WEIGHT)
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
 from detectron2.modeling.proposal_generator.build import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.proposal_generator.rpn import RPN
-from detectron2.structures import Boxes
+from detectron2.structures import Boxes, Instances
 
 from ..utils.events import put_tensor_scalars
-from .checks import check_balanced_loss_keys, check_box_reg_loss_type, refuse_stock_loss_weight
-from .losses import box_regression_loss, count_normalizers, objectness_loss
+from .checks import (
+    balanced_loss_kwargs,
+    check_balanced_loss_keys,
+    check_box_reg_loss_type,
+    refuse_stock_loss_weight,
+)
+from .losses import adaptive_pos_weight, box_regression_loss, objectness_loss, prior_logit
+from .normalizer import CountNormalizer
 
 __all__ = ["BalancedRPN"]
 
@@ -54,12 +65,13 @@ def _sampled_anchor_slots(
     slots = []
     for labels_i in gt_labels:
         sampled = labels_i >= 0
-        # detectron2's label_and_sample_anchors keeps at most B anchors per image. A static
-        # size makes the indexing free of the device sync that nonzero() needs; the bound is
-        # checked without a sync either.
+        # A static size makes the indexing free of the device sync that nonzero() needs; the
+        # bound (what detectron2's sampler guarantees) is checked without a sync either.
         torch._assert_async(
             sampled.sum() <= max_per_image,
-            "BalancedRPN.losses: more sampled anchors in an image than batch_size_per_image",
+            "BalancedRPN.losses: detectron2's sampler labelled more anchors in an image than "
+            "batch_size_per_image; a labelling that does must not come from "
+            "RPN.label_and_sample_anchors",
         )
         slots.append(torch.nonzero_static(sampled, size=max_per_image, fill_value=-1).squeeze(1))
     padding = torch.cat(slots) < 0
@@ -89,6 +101,44 @@ def _gather_from_levels(
     return out
 
 
+def _anchor_tensors(anchors: List[Boxes]) -> List[torch.Tensor]:
+    return [a.tensor if isinstance(a, Boxes) else a for a in anchors]
+
+
+def _sampled_rows(anchors, pred_objectness_logits, gt_labels, pred_anchor_deltas, gt_boxes,
+                  max_per_image: int):
+    """The loss rows of the anchors that detectron2's sampler labelled: at most B per image."""
+    num_images = len(gt_labels)
+    padding, slots = _sampled_anchor_slots(gt_labels, max_per_image)
+    anchor_idx = torch.cat(slots)
+    image_idx = torch.arange(num_images, device=anchor_idx.device)
+    image_idx = image_idx[:, None].expand(num_images, max_per_image).reshape(-1)  # (N,) -> (S,)
+
+    labels = torch.cat([labels_i[s] for labels_i, s in zip(gt_labels, slots)])
+    labels = torch.where(padding, -1, labels)
+    matched_boxes = torch.cat([boxes_i[s] for boxes_i, s in zip(gt_boxes, slots)])
+    logits = _gather_from_levels(pred_objectness_logits, image_idx, anchor_idx)
+    deltas = _gather_from_levels(pred_anchor_deltas, image_idx, anchor_idx)
+    anchor_boxes = _gather_from_levels(
+        # (Ri, 4) -> (1, Ri, 4): every image shares the anchors
+        [a.unsqueeze(0) for a in _anchor_tensors(anchors)], torch.zeros_like(image_idx), anchor_idx
+    )
+    return labels, logits, deltas, anchor_boxes, matched_boxes
+
+
+def _all_rows(anchors, pred_objectness_logits, gt_labels, pred_anchor_deltas, gt_boxes):
+    """The loss rows of every anchor of every image (any labelling, as detectron2's losses)."""
+    num_images = len(gt_labels)
+    anchor_boxes = torch.cat(_anchor_tensors(anchors))  # (R, 4)
+    return (
+        torch.cat(gt_labels),  # N x (R,) -> (N * R,)
+        torch.cat(pred_objectness_logits, dim=1).reshape(-1),  # L x (N, Ri) -> (N * R,)
+        torch.cat(pred_anchor_deltas, dim=1).reshape(-1, 4),  # L x (N, Ri, 4) -> (N * R, 4)
+        anchor_boxes.repeat(num_images, 1),  # (R, 4) -> (N * R, 4)
+        torch.cat(gt_boxes),  # N x (R, 4) -> (N * R, 4)
+    )
+
+
 @PROPOSAL_GENERATOR_REGISTRY.register()
 class BalancedRPN(RPN):
     """RPN with count-normalized, foreground-upweighted losses (see the module docstring)."""
@@ -100,19 +150,44 @@ class BalancedRPN(RPN):
         cls_pos_weight: float = 1.0,
         eps: float = 1e-6,
         sync_normalizers: bool = True,
+        reg_normalizer: str = "positives",
+        normalizer_momentum: float = 0.0,
+        adaptive_pos_weight: bool = False,
+        prior_prob: float = 0.0,
         **kwargs,
     ):
         """
         Args:
-            cls_pos_weight: weight of positive anchors in loss_rpn_cls; negatives have 1.
+            cls_pos_weight: weight of positive anchors in loss_rpn_cls; negatives have 1. With
+                ``adaptive_pos_weight``, the least weight of a positive.
             eps: added to every normalizer.
             sync_normalizers: normalize by the counts averaged over workers.
+            reg_normalizer: "positives" or "samples" (modeling/losses.py, REG_NORMALIZERS).
+            normalizer_momentum: of the running average of the counts; 0: per-batch counts.
+            adaptive_pos_weight: raise the weight of positives to fill the sampler's positive
+                fraction (modeling/losses.py, adaptive_pos_weight).
+            prior_prob: > 0: initialize the objectness bias so that every anchor starts at this
+                probability of being an object; 0: detectron2's initialization (bias 0).
             kwargs: arguments of :class:`RPN`. Its ``loss_weight`` multiplies the losses.
         """
         super().__init__(**kwargs)
         self.cls_pos_weight = cls_pos_weight
-        self.eps = eps
-        self.sync_normalizers = sync_normalizers
+        self.reg_normalizer = reg_normalizer
+        self.adaptive_pos_weight = adaptive_pos_weight
+        # Counts: sampled anchors P + Q, positives P, detectron2's divisor B * N.
+        self.normalizer = CountNormalizer(
+            3, eps=eps, sync=sync_normalizers, momentum=normalizer_momentum
+        )
+        if prior_prob > 0:
+            bias = getattr(self.rpn_head, "objectness_logits", None)
+            if not isinstance(bias, torch.nn.Conv2d):
+                raise ValueError(
+                    "MODEL.BALANCED_LOSS.PRIOR_PROB needs an RPN head with an 'objectness_logits' "
+                    f"convolution (StandardRPNHead), got {type(self.rpn_head).__name__}"
+                )
+            torch.nn.init.constant_(bias.bias, prior_logit(prior_prob))
+        # The labels detectron2's sampler made in this step (see losses()).
+        self._sampler_labels: Optional[List[torch.Tensor]] = None
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -137,9 +212,19 @@ class BalancedRPN(RPN):
             "loss_rpn_loc": balanced.RPN_LOSS_BBOX_WEIGHT,
         }
         ret["cls_pos_weight"] = balanced.RPN_CLS_POS_WEIGHT
-        ret["eps"] = balanced.EPS
-        ret["sync_normalizers"] = balanced.SYNC_NORMALIZERS
+        ret.update(balanced_loss_kwargs(cfg))
         return ret
+
+    @torch.jit.unused
+    @torch.no_grad()
+    def label_and_sample_anchors(
+        self, anchors: List[Boxes], gt_instances: List[Instances]
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """detectron2's labelling and sampling; remembers the labels, which hold at most B
+        sampled anchors per image, so that losses() can gather just those (see there)."""
+        gt_labels, matched_gt_boxes = super().label_and_sample_anchors(anchors, gt_instances)
+        self._sampler_labels = gt_labels
+        return gt_labels, matched_gt_boxes
 
     @torch.jit.unused
     def losses(
@@ -154,40 +239,45 @@ class BalancedRPN(RPN):
         Args (as :meth:`RPN.losses`):
             anchors: L Boxes (or tensors) of shape (Ri, 4).
             pred_objectness_logits: L tensors of shape (N, Ri).
-            gt_labels: N tensors of shape (R,) in {-1, 0, 1}, at most B of them >= 0.
+            gt_labels: N tensors of shape (R,) in {-1, 0, 1}.
             pred_anchor_deltas: L tensors of shape (N, Ri, 4).
             gt_boxes: N tensors of shape (R, 4), used where the label is 1.
+
+        Any labelling is accepted, as by detectron2. When ``gt_labels`` are the very tensors that
+        detectron2's sampler made in this step (at most B labelled anchors per image), only
+        those anchors are gathered, into B static slots per image (no host sync, a fraction of
+        the work); any other labelling (a subclass's sampler, sampling-free training) takes the
+        loss over all anchors.
 
         Returns:
             dict with ``loss_rpn_cls`` and ``loss_rpn_loc``.
         """
-        num_images = len(gt_labels)
-        per_image = self.batch_size_per_image
-        padding, slots = _sampled_anchor_slots(gt_labels, per_image)
-        anchor_idx = torch.cat(slots)
-        image_idx = torch.arange(num_images, device=anchor_idx.device)
-        image_idx = image_idx[:, None].expand(num_images, per_image).reshape(-1)  # (N,) -> (S,)
-
-        labels = torch.cat([labels_i[s] for labels_i, s in zip(gt_labels, slots)])
-        labels = torch.where(padding, -1, labels)
-        matched_boxes = torch.cat([boxes_i[s] for boxes_i, s in zip(gt_boxes, slots)])
-        logits = _gather_from_levels(pred_objectness_logits, image_idx, anchor_idx)
-        deltas = _gather_from_levels(pred_anchor_deltas, image_idx, anchor_idx)
-        anchor_boxes = _gather_from_levels(
-            # (Ri, 4) -> (1, Ri, 4): every image shares the anchors
-            [(a.tensor if isinstance(a, Boxes) else a).unsqueeze(0) for a in anchors],
-            torch.zeros_like(image_idx),
-            anchor_idx,
+        sampler_labels, self._sampler_labels = self._sampler_labels, None
+        from_sampler = sampler_labels is not None and len(sampler_labels) == len(gt_labels) and all(
+            a is b for a, b in zip(sampler_labels, gt_labels)
         )
+        inputs = (anchors, pred_objectness_logits, gt_labels, pred_anchor_deltas, gt_boxes)
+        if from_sampler:
+            rows = _sampled_rows(*inputs, max_per_image=self.batch_size_per_image)
+        else:
+            rows = _all_rows(*inputs)
+        labels, logits, deltas, anchor_boxes, matched_boxes = rows
 
+        num_images = len(gt_labels)
         positive = labels == 1
         num_sampled = (labels >= 0).sum()
         num_pos = positive.sum()
-        cls_normalizer, loc_normalizer = count_normalizers(
-            torch.stack([num_sampled, num_pos]), self.eps, self.sync_normalizers
-        )
+        stock_divisor = torch.full_like(num_pos, self.batch_size_per_image * num_images)
+        counts, normalizers = self.normalizer(torch.stack([num_sampled, num_pos, stock_divisor]))
+        cls_normalizer = normalizers[0]
+        loc_normalizer = normalizers[1] if self.reg_normalizer == "positives" else normalizers[2]
+        pos_weight = self.cls_pos_weight
+        if self.adaptive_pos_weight:
+            pos_weight = adaptive_pos_weight(
+                counts[1], counts[0] - counts[1], self.positive_fraction, self.cls_pos_weight
+            )
         losses = {
-            "loss_rpn_cls": objectness_loss(logits, labels, self.cls_pos_weight, cls_normalizer),
+            "loss_rpn_cls": objectness_loss(logits, labels, pos_weight, cls_normalizer),
             "loss_rpn_loc": box_regression_loss(
                 self.box2box_transform,
                 deltas,
@@ -199,13 +289,14 @@ class BalancedRPN(RPN):
                 self.smooth_l1_beta,
             ),
         }
-        put_tensor_scalars(
-            **{
-                "rpn/num_pos_anchors": num_pos / num_images,
-                "rpn/num_neg_anchors": (num_sampled - num_pos) / num_images,
-                "rpn/fg_fraction": num_pos / num_sampled.clamp(min=1),
-                "rpn/cls_normalizer": cls_normalizer,
-                "rpn/loc_normalizer": loc_normalizer,
-            }
-        )
+        scalars = {
+            "rpn/num_pos_anchors": num_pos / num_images,
+            "rpn/num_neg_anchors": (num_sampled - num_pos) / num_images,
+            "rpn/fg_fraction": num_pos / num_sampled.clamp(min=1),
+            "rpn/cls_normalizer": cls_normalizer,
+            "rpn/loc_normalizer": loc_normalizer,
+        }
+        if self.adaptive_pos_weight:
+            scalars["rpn/pos_weight"] = pos_weight
+        put_tensor_scalars(**scalars)
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}

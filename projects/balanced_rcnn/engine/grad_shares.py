@@ -1,0 +1,76 @@
+"""
+Which loss term drives the shared features: the gradient norm of each loss term on the parameters
+that every head shares (the backbone, FPN included), as a share of their sum.
+
+Loss shares (``health/loss_share/*``) do not tell it: a term with a small value can have the
+largest gradient, and the terms' gradients on the shared features are what compete. Measuring it
+takes one extra backward pass per term through the backbone, so it is done on chosen steps only
+(the health monitor's check period), from a forward hook on the model: the hook sees the loss
+dict with its graph before the trainer's backward. ``torch.autograd.grad`` returns the gradients
+without accumulating them into ``.grad`` (nor triggering DDP's reducer), so training is unchanged.
+
+    health/grad_share/<loss>   ||d loss / d shared|| / sum over the terms of the same norm
+"""
+
+from typing import Callable, Dict, List
+
+import torch
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+__all__ = ["GRAD_SHARE_PREFIX", "LossGradientShares", "loss_gradient_shares"]
+
+GRAD_SHARE_PREFIX = "health/grad_share/"
+
+
+def loss_gradient_shares(
+    losses: Dict[str, torch.Tensor], shared: List[torch.Tensor]
+) -> Dict[str, torch.Tensor]:
+    """
+    {name: 0-dim tensor}: the L2 norm of each loss term's gradient on ``shared`` divided by the sum
+    of these norms (all 0 when every norm is 0). The losses' graphs are kept for the real backward.
+    """
+    norms = {}
+    for name, loss in losses.items():
+        if not loss.requires_grad:
+            norms[name] = torch.zeros((), device=loss.device)
+            continue
+        grads = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
+        grads = [g for g in grads if g is not None]
+        norms[name] = (
+            torch.nn.utils.get_total_norm(grads, 2.0) if grads else loss.new_zeros(())
+        ).float()
+    total = torch.stack(list(norms.values())).sum().clamp(min=1e-12)
+    return {name: norm / total for name, norm in norms.items()}
+
+
+class LossGradientShares:
+    """
+    A forward hook on the (unwrapped) model that, in training mode, on the steps where
+    ``measure_now()`` is true, puts :data:`GRAD_SHARE_PREFIX` + <loss> scalars into the event
+    storage (exact values, no smoothing). ``remove()`` takes the hook off.
+    """
+
+    def __init__(self, model: nn.Module, shared: nn.Module, measure_now: Callable[[], bool]):
+        self._shared = [p for p in shared.parameters() if p.requires_grad]
+        self._measure_now = measure_now
+        self._handle = model.register_forward_hook(self._after_forward)
+
+    def _after_forward(self, module: nn.Module, inputs, output) -> None:
+        if not (module.training and isinstance(output, dict) and self._shared):
+            return
+        if not self._measure_now():
+            return
+        losses = {k: v for k, v in output.items() if k.startswith("loss")}
+        if not losses:
+            return
+        shares = loss_gradient_shares(losses, self._shared)
+        names = list(shares)
+        # Every check period only: one transfer for all terms.
+        values = torch.stack([shares[n] for n in names]).cpu().tolist()
+        get_event_storage().put_scalars(
+            smoothing_hint=False, **{GRAD_SHARE_PREFIX + n: v for n, v in zip(names, values)}
+        )
+
+    def remove(self) -> None:
+        self._handle.remove()
