@@ -1,41 +1,35 @@
 """
-Quality A/B on the synthetic shapes: detectron2's stock RPN/ROI heads vs the balanced heads, same
-tiny Swin backbone, data, schedule and seeds; plus a POS_WEIGHT sweep of the balanced heads.
+Quality A/B on the synthetic shapes: detectron2's stock heads, stock heads with image
+rebalancing, and the balanced heads with their loss options, same tiny Swin backbone, data,
+schedule and seeds. The settings and arms are defined in quality_arms.py.
 
     python benchmarks/quality_ab.py --probe         # 1-2 min: s/iteration, 1 vs 2 jobs, estimate
-    python benchmarks/quality_ab.py                 # the A/B and the sweep (15 runs, ~33 min)
+    python benchmarks/quality_ab.py --list          # the settings and arms, no training
+    python benchmarks/quality_ab.py                 # the final table (every setting, 4 arms, 5 seeds)
+    python benchmarks/quality_ab.py --settings severe --arms stock design_defaults --seeds 0 1
     python benchmarks/quality_ab.py --update-md     # ... and replace its section of BENCHMARKS.md
     python benchmarks/quality_ab.py --tiny          # seconds: a few iterations (the test suite)
 
-Settings (both keep the images without objects, DATALOADER.FILTER_EMPTY_ANNOTATIONS False: with
-True detectron2 drops them and the imbalance this measures disappears):
-
-- mild: synthetic_shapes_train / _val (10% empty images, objects 12-60 px in 192-px images,
-  classes equally frequent), resized to 128 px as in the CPU demo;
-- severe: synthetic_shapes_rare_train / _val (80% empty images, objects 8-20 px in 128-px
-  images, class frequencies 0.7 / 0.2 / 0.1).
-
-Each run is ``train_net.py`` in a subprocess with the CPU demo configs
+Each run is ``train_net.py`` in a subprocess with a CPU demo config
 (quick_schedules/swin_tiny_{stock,balanced}_demo.yaml) and overrides for data, schedule, SEED,
-health checks and OUTPUT_DIR (one folder per run under --output-dir). A run whose folder holds a
-result.json made with the same command line and threads is not run again, so an interrupted A/B
-continues where it stopped. Runs go --jobs at a time, each with --threads-per-job threads
-(OMP_NUM_THREADS): two processes that each use all cores slow each other down many times over.
-
-The balanced heads run with the weights given by --ab-balanced, one A/B arm per POS:BBOX pair:
-POS sets MODEL.BALANCED_LOSS.RPN_CLS_POS_WEIGHT and ROI_CLS_POS_WEIGHT, BBOX sets
-RPN_LOSS_BBOX_WEIGHT and ROI_LOSS_BBOX_WEIGHT (the demo config's own values are overridden).
-The default, 1:1, is the design's defaults (configs/swin_balanced.yaml); 3:0.25 is what the CPU
-demo config ships (6 more runs, about 15 minutes). The sweep sets POS to each --sweep value with
-BBOX 1, on the severe setting, with --sweep-seed; a sweep run that is also an A/B run runs once.
+health checks, the arm and OUTPUT_DIR (one folder per run under --output-dir). A run whose folder
+holds a result.json made from the same resolved config and threads is not run again, so an
+interrupted study continues where it stopped, and a study can be spread over sessions (config
+keys added to the project since a run was made count as keeping their defaults, which are the
+behaviour that run had: new options are off by default). Runs go
+--jobs at a time, each with --threads-per-job threads (OMP_NUM_THREADS): two processes that each
+use all cores slow each other down many times over. The fine-tune setting first trains (once)
+the detector it starts from.
 
 From each run's metrics.json: the final COCO bbox/segm AP and AP50 ("no predictions", which
 COCOEvaluator reports as NaN, counts as 0), and the health monitor's detection checks
-(engine/health.py, every HEALTH.PERIOD iterations on the first HEALTH.NUM_IMAGES val images):
-the lowest detections per image at HEALTH.MAIN_THRESHOLD after HEALTH.WARMUP_ITERS, the value
-at the last check, how many of those checks found no detection, and *collapsed* = the monitor
-reported a collapse (HEALTH.PATIENCE consecutive checks at 0 or far below their best). Results
-are parsed from metrics.json anew each time, also for reused runs.
+(engine/health.py, every HEALTH.PERIOD iterations on the first HEALTH.NUM_IMAGES val images, and
+once before training): detections per image at HEALTH.MAIN_THRESHOLD before training, the
+lowest after HEALTH.WARMUP_ITERS, the value at the last check, how many of those checks found no
+detection, *collapsed* = the monitor reported a collapse (HEALTH.PATIENCE consecutive checks at 0
+or far below their best), and the gradient share of each loss term on the backbone at the checks
+(health/grad_share/*, engine/grad_shares.py). Results are parsed from metrics.json anew each time,
+also for reused runs.
 """
 
 import argparse
@@ -55,9 +49,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
 import common  # noqa: E402
+import quality_arms  # noqa: E402
+from quality_arms import ARMS, PRETRAINS, SETTINGS, TINY_SETTINGS, Arm, Setting  # noqa: E402
+
+from balanced_rcnn import add_balanced_rcnn_config
 from balanced_rcnn.data import BUILTIN_SYNTHETIC
-from detectron2.data import DatasetCatalog
+from balanced_rcnn.engine.grad_shares import GRAD_SHARE_PREFIX
 from balanced_rcnn.engine.health import EXIT_COLLAPSE, EXIT_NON_FINITE
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
 
 NAME = "quality_ab"
 TRAIN_NET = common.REPO / "train_net.py"
@@ -66,17 +66,15 @@ CONFIGS = {
     "balanced": common.REPO / "configs/quick_schedules/swin_tiny_balanced_demo.yaml",
 }
 # The health monitor's scalars (engine/health.py): detections per image at the main threshold
-# of each check, and the number of collapses it reported so far.
+# of each check, before training, and the number of collapses it reported so far.
 DETS_SCALAR = "health/dets_per_image"
+START_SCALAR = "health/start_dets_per_image"
 COLLAPSES_SCALAR = "health/num_collapses"
 AP_KEYS = ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50")
-
-
-@dataclass(frozen=True)
-class Setting:
-    train: str
-    test: str
-    image_side: int  # INPUT.MIN_SIZE_TRAIN / MIN_SIZE_TEST
+LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask")
+# The final table: stock, stock with image rebalancing, the design's form and what ships.
+FINAL_ARMS = ("stock", "stock_rfs", "design", "design_defaults")
+BASELINES = ("stock", "stock_rfs")  # "the better of stock and stock with image rebalancing"
 
 
 @dataclass(frozen=True)
@@ -89,17 +87,8 @@ class Schedule:
     health_images: int
 
 
-SETTINGS = {
-    "mild": Setting("synthetic_shapes_train", "synthetic_shapes_val", 128),
-    "severe": Setting("synthetic_shapes_rare_train", "synthetic_shapes_rare_val", 128),
-}
-TINY_SETTINGS = {
-    name: Setting("synthetic_shapes_tiny_train", "synthetic_shapes_tiny_val", 64)
-    for name in SETTINGS
-}
 # Sized for 2 CPU cores, 2 runs at a time with 1 thread each (about 0.3 s per iteration at
-# 128 px, batch 4): measured, 21 runs (--ab-balanced 1:1 3:0.25) in 46 minutes, 3.4-5.4 minutes
-# a run, so the default 15 in about 33.
+# 128 px, batch 4): 3.4-5.4 minutes a run, measured.
 # The tiny Swin's AP on the mild data stays low until iteration 400-600 and then jumps; 800
 # iterations keep a margin, so that the A/B does not compare two models that have not learned.
 SCHEDULE = Schedule(iters=800, batch=4, warmup=50, health_period=50, health_warmup=100,
@@ -111,64 +100,103 @@ TINY_SCHEDULE = Schedule(iters=6, batch=2, warmup=2, health_period=2, health_war
 @dataclass(frozen=True)
 class Run:
     setting: str
-    heads: str  # "stock" or "balanced"
+    arm: str
     seed: int
-    # Balanced only: RPN_CLS_POS_WEIGHT = ROI_CLS_POS_WEIGHT, RPN_ = ROI_LOSS_BBOX_WEIGHT.
-    pos_weight: Optional[float] = None
-    bbox_weight: Optional[float] = None
-
-    @property
-    def arm(self) -> str:
-        """The heads and, for the balanced ones, their weights: one A/B row each."""
-        if self.heads != "balanced":
-            return self.heads
-        return f"balanced POS {self.pos_weight:g}, BBOX {self.bbox_weight:g}"
 
     @property
     def name(self) -> str:
-        weights = ""
-        if self.heads == "balanced":
-            weights = f"_w{self.pos_weight:g}"
-            weights += f"_b{self.bbox_weight:g}" if self.bbox_weight != 1 else ""
-        return f"{self.setting}_{self.heads}{weights}_s{self.seed}"
-
-    def overrides(self, setting: Setting, schedule: Schedule, output_dir: Path) -> List[str]:
-        opts = {
-            "DATASETS.TRAIN": f"('{setting.train}',)",
-            "DATASETS.TEST": f"('{setting.test}',)",
-            # Deliberate (module docstring): the empty images are the imbalance under test.
-            "DATALOADER.FILTER_EMPTY_ANNOTATIONS": "False",
-            "INPUT.MIN_SIZE_TRAIN": f"({setting.image_side},)",
-            "INPUT.MIN_SIZE_TEST": str(setting.image_side),
-            "SOLVER.MAX_ITER": str(schedule.iters),
-            "SOLVER.IMS_PER_BATCH": str(schedule.batch),
-            "SOLVER.WARMUP_ITERS": str(schedule.warmup),
-            "SOLVER.CHECKPOINT_PERIOD": str(10 * schedule.iters),  # only model_final
-            "HEALTH.PERIOD": str(schedule.health_period),
-            "HEALTH.WARMUP_ITERS": str(schedule.health_warmup),
-            "HEALTH.NUM_IMAGES": str(schedule.health_images),
-            "HEALTH.ACTION": "warn",  # keep training: the final AP of a collapsed run counts
-            "SEED": str(self.seed),
-            "OUTPUT_DIR": str(output_dir),
-        }
-        if self.heads == "balanced":
-            # str(float): "2.0", not "2", which yacs refuses for a float key.
-            opts["MODEL.BALANCED_LOSS.RPN_CLS_POS_WEIGHT"] = str(float(self.pos_weight))
-            opts["MODEL.BALANCED_LOSS.ROI_CLS_POS_WEIGHT"] = str(float(self.pos_weight))
-            opts["MODEL.BALANCED_LOSS.RPN_LOSS_BBOX_WEIGHT"] = str(float(self.bbox_weight))
-            opts["MODEL.BALANCED_LOSS.ROI_LOSS_BBOX_WEIGHT"] = str(float(self.bbox_weight))
-        return [x for kv in opts.items() for x in kv]
+        return f"{self.setting}_{self.arm}_s{self.seed}"
 
 
-def plan_runs(settings: Sequence[str], seeds: Sequence[int],
-              ab_balanced: Sequence[Tuple[float, float]], sweep: Sequence[float],
-              sweep_seed: int) -> Tuple[List[Run], List[Run]]:
-    """(A/B runs, sweep runs); seed-major, so that a partial A/B already pairs the arms."""
-    arms = [("stock", None, None)] + [("balanced", pos, bbox) for pos, bbox in ab_balanced]
-    ab = [Run(s, heads, seed, pos, bbox)
-          for seed in seeds for s in settings for heads, pos, bbox in arms]
-    swept = [Run("severe", "balanced", sweep_seed, w, 1.0) for w in sweep]
-    return ab, swept
+@dataclass(frozen=True)
+class Study:
+    """Everything a run's command depends on."""
+
+    settings: Dict[str, Setting]
+    arms: Dict[str, Arm]
+    pretrains: Dict[str, quality_arms.Pretrain]
+    schedule: Schedule
+    output: Path
+
+
+def run_overrides(study: Study, setting: Setting, arm: Arm, seed: int, run_dir: Path,
+                  iters: Optional[int] = None) -> List[str]:
+    schedule = study.schedule
+    opts = {
+        "DATASETS.TRAIN": f"('{setting.train}',)",
+        "DATASETS.TEST": f"('{setting.test}',)",
+        # Deliberate (quality_arms.py): the empty images are the imbalance under test.
+        "DATALOADER.FILTER_EMPTY_ANNOTATIONS": "False",
+        "MODEL.ROI_HEADS.NUM_CLASSES": str(setting.num_classes),
+        "INPUT.MIN_SIZE_TRAIN": f"({setting.image_side},)",
+        "INPUT.MIN_SIZE_TEST": str(setting.image_side),
+        "SOLVER.MAX_ITER": str(iters or schedule.iters),
+        "SOLVER.IMS_PER_BATCH": str(schedule.batch),
+        "SOLVER.WARMUP_ITERS": str(schedule.warmup),
+        "SOLVER.CHECKPOINT_PERIOD": str(10 * (iters or schedule.iters)),  # only model_final
+        "HEALTH.PERIOD": str(schedule.health_period),
+        "HEALTH.WARMUP_ITERS": str(schedule.health_warmup),
+        "HEALTH.NUM_IMAGES": str(schedule.health_images),
+        "HEALTH.CHECK_AT_START": "True",
+        "HEALTH.ACTION": "warn",  # keep training: the final AP of a collapsed run counts
+        "SEED": str(seed),
+        "OUTPUT_DIR": str(run_dir),
+    }
+    if setting.pretrain:
+        opts["MODEL.WEIGHTS"] = str(pretrain_dir(study, setting.pretrain) / "model_final.pth")
+    opts.update(dict(setting.overrides))
+    opts.update(dict(arm.overrides))
+    return [x for kv in opts.items() for x in kv]
+
+
+def pretrain_dir(study: Study, key: str) -> Path:
+    return study.output / study.pretrains[key].name
+
+
+def run_command(study: Study, run: Run, run_dir: Path) -> List[str]:
+    arm = study.arms[run.arm]
+    return [sys.executable, str(TRAIN_NET), "--config-file", str(CONFIGS[arm.heads]),
+            *run_overrides(study, study.settings[run.setting], arm, run.seed, run_dir)]
+
+
+def pretrain_command(study: Study, key: str) -> List[str]:
+    pre = study.pretrains[key]
+    arm = study.arms[pre.arm]
+    opts = run_overrides(study, study.settings[pre.setting], arm, pre.seed,
+                         pretrain_dir(study, key), iters=pre.iters)
+    return [sys.executable, str(TRAIN_NET), "--config-file", str(CONFIGS[arm.heads]), *opts]
+
+
+def resolved_config(cmd: List[str]) -> Dict[str, object]:
+    """The full config a train_net.py command line trains with, {dotted key: value} without
+    OUTPUT_DIR: what makes two runs the same (a changed default or config file makes them
+    differ)."""
+    config_file, opts = cmd[3], cmd[4:]
+    cfg = get_cfg()
+    add_balanced_rcnn_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts)
+    flat: Dict[str, object] = {}
+
+    def walk(node, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif f"{prefix}{key}" != "OUTPUT_DIR":
+                flat[f"{prefix}{key}"] = value
+
+    walk(cfg, "")
+    return json.loads(json.dumps(flat))  # tuples as lists, as read back from result.json
+
+
+def same_config(stored: Dict[str, object], current: Dict[str, object]) -> bool:
+    """Every key of the stored run has the same value now; keys added since are ignored."""
+    return all(k in current and current[k] == v for k, v in stored.items())
+
+
+def plan_runs(settings: Sequence[str], arms: Sequence[str], seeds: Sequence[int]) -> List[Run]:
+    """Seed-major, so that a partial study already pairs the arms."""
+    return [Run(s, arm, seed) for seed in seeds for s in settings for arm in arms]
 
 
 def parse_weight_pair(text: str) -> Tuple[float, float]:
@@ -182,12 +210,7 @@ def parse_weight_pair(text: str) -> Tuple[float, float]:
     return pos, bbox
 
 
-# -- one run: command, reuse, parse --
-
-
-def command(run: Run, setting: Setting, schedule: Schedule, run_dir: Path) -> List[str]:
-    return [sys.executable, str(TRAIN_NET), "--config-file", str(CONFIGS[run.heads]),
-            *run.overrides(setting, schedule, run_dir)]
+# -- one run: reuse, parse --
 
 
 def read_metrics(metrics_json: Path) -> List[dict]:
@@ -205,6 +228,12 @@ def parse_metrics(records: List[dict], health_warmup: int) -> dict:
     # The monitor judges a check made at `iteration` when iteration + 1 >= its warm-up.
     judged = [d for it, d in checks if it + 1 >= health_warmup]
     collapses = max((r.get(COLLAPSES_SCALAR, 0) for r in records), default=0)
+    start = next((r[START_SCALAR] for r in records if START_SCALAR in r), None)
+    shares: Dict[str, List[float]] = {}
+    for r in records:
+        for key, value in r.items():
+            if key.startswith(GRAD_SHARE_PREFIX):
+                shares.setdefault(key[len(GRAD_SHARE_PREFIX):], []).append(value)
     return {
         **ap,
         "evaluated": bool(final),
@@ -212,16 +241,20 @@ def parse_metrics(records: List[dict], health_warmup: int) -> dict:
         "health_checks": checks,
         "judged_checks": len(judged),
         "zero_checks": sum(d == 0 for d in judged),
+        "start_dets_per_image": start,
         "lowest_dets_per_image": min(judged) if judged else None,
         "last_dets_per_image": checks[-1][1] if checks else None,
         "monitor_collapses": int(collapses),
         "collapsed": collapses > 0,
+        # Mean over the checks of each term's gradient share on the backbone.
+        "grad_shares": {k: statistics.mean(v) for k, v in shares.items()},
     }
 
 
 def _spec(cmd: List[str], threads: int) -> dict:
-    # What makes a result reusable: the same overrides (not the interpreter path) and threads.
-    return {"command": cmd[1:], "threads": threads}
+    # What makes a result reusable: the same resolved config (not the interpreter path, not the
+    # output folder) and threads.
+    return {"config": resolved_config(cmd), "threads": threads}
 
 
 def load_result(run_dir: Path, spec: dict, schedule: Schedule) -> Optional[dict]:
@@ -229,13 +262,15 @@ def load_result(run_dir: Path, spec: dict, schedule: Schedule) -> Optional[dict]
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    if result.get("spec") != spec:
+    stored = result.get("spec", {})
+    if stored.get("threads") != spec["threads"] or not same_config(stored.get("config", {}),
+                                                                   spec["config"]):
         return None
     return {**result, **parse_metrics(read_metrics(run_dir / "metrics.json"),
                                       schedule.health_warmup)}
 
 
-def finish(run: Run, run_dir: Path, spec: dict, returncode: int, seconds: float,
+def finish(name: str, run_dir: Path, spec: dict, returncode: int, seconds: float,
            schedule: Schedule) -> dict:
     # train_net.py's exit codes when the health monitor stops a run (README, "Training health").
     status = {0: "ok", EXIT_NON_FINITE: "non-finite", EXIT_COLLAPSE: "stopped: collapse"}.get(
@@ -244,13 +279,13 @@ def finish(run: Run, run_dir: Path, spec: dict, returncode: int, seconds: float,
     parsed = {}
     if metrics.exists():
         parsed = parse_metrics(read_metrics(metrics), schedule.health_warmup)
-    result = {"run": asdict(run), "name": run.name, "status": status, "seconds": seconds,
+    result = {"name": name, "status": status, "seconds": seconds, "commit": common.git_commit(),
               "spec": spec, **parsed}
     if status == "ok":  # only finished runs are reused; others run again next time
         (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     else:
         log = (run_dir / "stdout.log").read_text()[-3000:]
-        print(f"  {run.name}: {status}; end of {run_dir / 'stdout.log'}:\n{log}", flush=True)
+        print(f"  {name}: {status}; end of {run_dir / 'stdout.log'}:\n{log}", flush=True)
     return result
 
 
@@ -259,7 +294,7 @@ def finish(run: Run, run_dir: Path, spec: dict, returncode: int, seconds: float,
 
 @dataclass
 class _Job:
-    run: Run
+    name: str
     run_dir: Path
     cmd: List[str]
     spec: dict
@@ -276,25 +311,22 @@ class _Job:
                                      stderr=subprocess.STDOUT)
 
 
-def execute(runs: List[Run], settings: Dict[str, Setting], schedule: Schedule, output: Path,
-            jobs: int, threads: int, extra_opts: Sequence[str] = ()) -> Dict[str, dict]:
-    """Run (or reuse) every run, ``jobs`` at a time (``extra_opts``: more overrides); returns
-    {run name: result}."""
+def execute(jobs_todo: List[Tuple[str, Path, List[str]]], schedule: Schedule, jobs: int,
+            threads: int) -> Dict[str, dict]:
+    """Run (or reuse) every (name, folder, command), ``jobs`` at a time; {name: result}."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONUNBUFFERED="1")
     results: Dict[str, dict] = {}
     todo: List[_Job] = []
-    for run in runs:
-        run_dir = output / run.name
-        cmd = command(run, settings[run.setting], schedule, run_dir) + list(extra_opts)
+    for name, run_dir, cmd in jobs_todo:
         spec = _spec(cmd, threads)
         done = load_result(run_dir, spec, schedule)
         if done is not None:
-            results[run.name] = done
+            results[name] = done
         else:
-            todo.append(_Job(run, run_dir, cmd, spec))
-    print(f"{len(results)} of {len(runs)} runs already done; {len(todo)} to run, {jobs} at a time, "
-          f"{threads} thread(s) each", flush=True)
+            todo.append(_Job(name, run_dir, cmd, spec))
+    print(f"{len(results)} of {len(jobs_todo)} runs already done; {len(todo)} to run, {jobs} at "
+          f"a time, {threads} thread(s) each", flush=True)
     running: List[_Job] = []
     start, finished = time.perf_counter(), 0
     try:
@@ -306,13 +338,13 @@ def execute(runs: List[Run], settings: Dict[str, Setting], schedule: Schedule, o
             for job in [j for j in running if j.proc.poll() is not None]:
                 job.log.close()
                 running.remove(job)
-                result = finish(job.run, job.run_dir, job.spec, job.proc.returncode,
+                result = finish(job.name, job.run_dir, job.spec, job.proc.returncode,
                                 time.perf_counter() - job.began, schedule)
-                results[job.run.name] = result
+                results[job.name] = result
                 finished += 1
                 elapsed = time.perf_counter() - start
                 left = len(todo) + len(running)
-                print(f"  [{finished}/{finished + left}] {job.run.name}: {result['status']}, "
+                print(f"  [{finished}/{finished + left}] {job.name}: {result['status']}, "
                       f"{result['seconds'] / 60:.1f} min; elapsed {elapsed / 60:.1f} min, about "
                       f"{elapsed / finished * left / 60:.0f} min to go", flush=True)
     finally:
@@ -322,6 +354,18 @@ def execute(runs: List[Run], settings: Dict[str, Setting], schedule: Schedule, o
             job.proc.wait()
             job.log.close()
     return results
+
+
+def execute_study(study: Study, runs: List[Run], jobs: int, threads: int) -> Dict[str, dict]:
+    """The pretraining runs the fine-tune settings need, then the runs."""
+    needed = sorted({study.settings[r.setting].pretrain for r in runs} - {None})
+    pre = execute([(study.pretrains[k].name, pretrain_dir(study, k), pretrain_command(study, k))
+                   for k in needed], study.schedule, jobs, threads)
+    failed = [n for n, r in pre.items() if r["status"] != "ok"]
+    if failed:
+        raise RuntimeError(f"pretraining failed: {', '.join(failed)}; see their stdout.log")
+    return execute([(r.name, study.output / r.name, run_command(study, r, study.output / r.name))
+                    for r in runs], study.schedule, jobs, threads)
 
 
 # -- tables --
@@ -352,6 +396,12 @@ def _lowest(results: List[dict]) -> str:
     return f"{min(values):.2f}" if values else "-"
 
 
+def _start(results: List[dict]) -> str:
+    values = [r["start_dets_per_image"] for r in results
+              if r.get("start_dets_per_image") is not None]
+    return f"{statistics.mean(values):.2f}" if values else "-"
+
+
 def _group_row(label: List[str], group: List[dict]) -> List[str]:
     ok = [r for r in group if r["status"] == "ok"]
     failed = len(group) - len(ok)
@@ -360,69 +410,104 @@ def _group_row(label: List[str], group: List[dict]) -> List[str]:
     runs = f"{len(ok)}" + (f" (+{failed} failed)" if failed else "")
     last = " / ".join(_dets(r.get("last_dets_per_image")) for r in ok) or "-"
     zeros = f"{sum(r['zero_checks'] for r in ok)}/{sum(r['judged_checks'] for r in ok)}"
-    return [*label, runs, *cells, _lowest(ok), last, zeros, f"{collapsed}/{len(ok)}"]
+    return [*label, runs, *cells, _start(ok), _lowest(ok), last, zeros,
+            f"{collapsed}/{len(ok)}"]
 
 
-def render(ab: List[Run], swept: List[Run], results: Dict[str, dict],
-           settings_used: Dict[str, Setting], schedule: Schedule, threads: int,
+def _by_seed(runs: List[Run], results: Dict[str, dict], setting: str) -> Dict[int, Dict[str, dict]]:
+    """{seed: {arm: result}} of the finished runs of one setting."""
+    out: Dict[int, Dict[str, dict]] = {}
+    for r in runs:
+        if r.setting == setting and results[r.name]["status"] == "ok":
+            out.setdefault(r.seed, {})[r.arm] = results[r.name]
+    return out
+
+
+def _paired(by_seed: Dict[int, Dict[str, dict]], arm: str, reference: str) -> List[float]:
+    return [p[arm]["bbox/AP"] - p[reference]["bbox/AP"]
+            for _, p in sorted(by_seed.items()) if arm in p and reference in p]
+
+
+def _diff_cell(diffs: List[float]) -> str:
+    if not diffs:
+        return "-"
+    per_seed = ", ".join(f"{d:+.1f}" for d in diffs)
+    return f"{_mean_std(diffs)} ({per_seed})"
+
+
+def render(study: Study, runs: List[Run], results: Dict[str, dict], threads: int,
            jobs: int) -> Tuple[str, List[str]]:
-    metric_headers = ["bbox AP", "bbox AP50", "segm AP", "segm AP50",
+    schedule = study.schedule
+    metric_headers = ["bbox AP", "bbox AP50", "segm AP", "segm AP50", "dets/img before",
                       "lowest dets/img", "last dets/img", "checks at 0", "collapsed"]
-    rows, notes = [], []
-    settings = list(dict.fromkeys(r.setting for r in ab))
-    arms = list(dict.fromkeys(r.arm for r in ab))
+    settings = list(dict.fromkeys(r.setting for r in runs))
+    arms = list(dict.fromkeys(r.arm for r in runs))
+    rows, diff_rows, share_rows = [], [], []
     for setting in settings:
+        by_seed = _by_seed(runs, results, setting)
         for arm in arms:
-            group = [results[r.name] for r in ab if (r.setting, r.arm) == (setting, arm)]
-            rows.append(_group_row([setting, arm], group))
-        # {seed: {arm: result}} of this setting: balanced − stock differences per seed.
-        by_seed: Dict[int, Dict[str, dict]] = {}
-        for r in ab:
-            if r.setting == setting and results[r.name]["status"] == "ok":
-                by_seed.setdefault(r.seed, {})[r.arm] = results[r.name]
-        for arm in arms[1:]:
-            diffs = [p[arm]["bbox/AP"] - p["stock"]["bbox/AP"]
-                     for p in by_seed.values() if arm in p and "stock" in p]
-            if diffs:
-                notes.append(f"{setting}: bbox AP of {arm} minus stock, paired by seed: "
-                             f"{_mean_std(diffs)} over {len(diffs)} seed(s)")
-    body = common.markdown_table(["setting", "heads", "runs", *metric_headers], rows)
-    if swept:
-        sweep_rows = [_group_row([f"{r.pos_weight:g}", str(r.seed)], [results[r.name]])
-                      for r in swept]
-        body += ("\n\nPOS_WEIGHT sweep, severe setting, balanced heads (RPN_CLS_POS_WEIGHT and "
-                 "ROI_CLS_POS_WEIGHT set together; BBOX weights 1):\n\n")
-        body += common.markdown_table(["POS_WEIGHT", "seed", "runs", *metric_headers], sweep_rows)
+            group = [results[r.name] for r in runs if (r.setting, r.arm) == (setting, arm)]
+            rows.append(_group_row([setting, study.arms[arm].label], group))
+            ok = [g for g in group if g["status"] == "ok" and g.get("grad_shares")]
+            if ok:
+                share_rows.append([setting, study.arms[arm].label] + [
+                    f"{statistics.mean(g['grad_shares'].get(n, 0.0) for g in ok):.2f}"
+                    for n in LOSS_NAMES])
+        # The better baseline of this setting: the one with the higher mean bbox AP.
+        means = {b: statistics.mean(p[b]["bbox/AP"] for p in by_seed.values() if b in p)
+                 for b in BASELINES if any(b in p for p in by_seed.values())}
+        best = max(means, key=means.get) if means else None
+        for arm in arms:
+            if arm == "stock":
+                continue
+            diff_rows.append([setting, study.arms[arm].label,
+                              _diff_cell(_paired(by_seed, arm, "stock")),
+                              study.arms[best].label if best else "-",
+                              _diff_cell(_paired(by_seed, arm, best)) if best and best != arm
+                              else "-"])
+    body = common.markdown_table(["setting", "arm", "runs", *metric_headers], rows)
+    if diff_rows:
+        body += ("\n\nbbox AP differences paired by seed (mean ± std, then each seed):\n\n"
+                 + common.markdown_table(["setting", "arm", "minus stock", "better baseline",
+                                          "minus the better baseline"], diff_rows))
+    if share_rows:
+        body += ("\n\nGradient share of each loss term on the backbone + FPN (mean over the "
+                 "checks and seeds; engine/grad_shares.py):\n\n"
+                 + common.markdown_table(["setting", "arm", *LOSS_NAMES], share_rows))
     minutes = sum(r["seconds"] for r in results.values()) / 60
-    notes += [
+    commits = sorted({r.get("commit", "unknown") for r in results.values()})
+    notes = [
+        "Arms: " + "; ".join(f"**{study.arms[a].label}**: {study.arms[a].about}" for a in arms)
+        + " (quality_arms.py).",
         f"AP: mean ± sample std over seeds (COCO, percent; a run with no predictions counts 0). "
-        f"lowest dets/img: lowest detections per image at the health monitor's main threshold "
-        f"(score 0.05) over the checks after iteration {schedule.health_warmup}, every "
-        f"{schedule.health_period} iterations on the first {schedule.health_images} val images, "
-        f"lowest over the seeds; last dets/img: at the last check, per seed; checks at 0: "
-        f"checks after the warm-up that found no detection, all seeds together; collapsed: runs "
-        f"in which the health monitor reported a collapse (HEALTH.PATIENCE 3 consecutive checks "
-        f"at 0 or below 5% of the best earlier check). The check images hold " + ", ".join(
-            f"{objects_per_check_image(settings_used[s], schedule):.2f} ({s})"
-            for s in dict.fromkeys(r.setting for r in ab + swept)
+        f"dets/img before: detections per image at the health monitor's main threshold (score "
+        f"0.05) before training, mean over seeds; lowest dets/img: the lowest over the checks "
+        f"after iteration {schedule.health_warmup} (every {schedule.health_period} iterations on "
+        f"the first {schedule.health_images} val images) and over the seeds; last dets/img: at "
+        f"the last check, per seed; checks at 0: checks after the warm-up that found no "
+        f"detection, all seeds together; collapsed: runs in which the health monitor reported a "
+        f"collapse (HEALTH.PATIENCE 3 consecutive checks at 0 or below 5% of the best earlier "
+        f"check). The check images hold " + ", ".join(
+            f"{objects_per_check_image(study.settings[s], schedule):.2f} ({s})" for s in settings
         ) + " ground-truth objects per image.",
         f"Schedule: {schedule.iters} iterations, batch {schedule.batch}, AdamW lr 8e-4 with "
         f"{schedule.warmup} warm-up iterations and cosine decay (the CPU demo configs); "
         f"{jobs} run(s) at a time, {threads} thread(s) each; the runs took {minutes:.0f} "
-        f"minutes together (sum of their durations).",
+        f"minutes together (sum of their durations); trained at commit(s) {', '.join(commits)}.",
     ]
     return body, notes
 
 
 def per_run_table(results: Dict[str, dict]) -> str:
     rows = [[name, r["status"], *(f"{r.get(k, 0):.1f}" for k in AP_KEYS),
-             _dets(r.get("lowest_dets_per_image")), _dets(r.get("last_dets_per_image")),
+             _dets(r.get("start_dets_per_image")), _dets(r.get("lowest_dets_per_image")),
+             _dets(r.get("last_dets_per_image")),
              f"{r.get('zero_checks', 0)}/{r.get('judged_checks', 0)}",
              "yes" if r.get("collapsed") else "no", f"{r['seconds'] / 60:.1f}"]
             for name, r in results.items()]
     return common.markdown_table(
-        ["run", "status", *AP_KEYS, "lowest dets/img", "last dets/img", "checks at 0",
-         "collapsed", "minutes"],
+        ["run", "status", *AP_KEYS, "dets/img before", "lowest dets/img", "last dets/img",
+         "checks at 0", "collapsed", "minutes"],
         rows)
 
 
@@ -442,39 +527,41 @@ def _seconds_per_iter(run_dir: Path) -> Optional[float]:
 
 def _eval_allowance(setting: Setting, schedule: Schedule) -> float:
     """Seconds a full run spends on health checks and the final evaluation (estimated)."""
-    checks = schedule.iters // schedule.health_period
+    checks = schedule.iters // schedule.health_period + 1
     val_images = BUILTIN_SYNTHETIC[setting.test].num_images
     return (checks * schedule.health_images + val_images) * INFERENCE_S_PER_IMAGE
 
 
-def probe(settings: Dict[str, Setting], schedule: Schedule, output: Path, iters: int,
-          planned_runs: int, modes: Sequence[Tuple[int, int]] = ((1, 2), (2, 1))
-          ) -> Dict[str, dict]:
+def probe(study: Study, iters: int, planned_runs: int,
+          modes: Sequence[Tuple[int, int]] = ((1, 2), (2, 1))) -> Dict[str, dict]:
     """
     Two short training runs (mild and severe; no evaluation, no checks) in each of ``modes``
     ((jobs, threads per job); default: one after the other with 2 threads each, then both at
-    once with 1 thread each). Prints s/iteration and, for both
-    modes, the estimated duration of the planned runs: each probe run plus its remaining
-    iterations plus the checks' and evaluation's inference (INFERENCE_S_PER_IMAGE).
+    once with 1 thread each). Prints s/iteration and, for both modes, the estimated duration
+    of the planned runs: each probe run plus its remaining iterations plus the checks' and
+    evaluation's inference (INFERENCE_S_PER_IMAGE).
     """
     print(f"1-min load average before the probe: {os.getloadavg()[0]:.2f} (another process on "
           "the CPUs distorts both modes, the 2-thread one most)", flush=True)
-    short = replace(schedule, iters=iters)
-    runs = [Run("mild", "balanced", 0, 1.0, 1.0), Run("severe", "stock", 0)]
+    short = replace(study.schedule, iters=iters)
+    runs = [Run("mild", "design_defaults", 0), Run("severe", "stock", 0)]
     no_eval = ["DATASETS.TEST", "()", "HEALTH.PERIOD", "0"]
     report = {}
     for jobs, threads in modes:
         mode = f"{jobs} job(s) x {threads} thread(s)"
-        folder = output / f"probe_j{jobs}_t{threads}"
+        folder = study.output / f"probe_j{jobs}_t{threads}"
         shutil.rmtree(folder, ignore_errors=True)  # always measured anew
+        probe_study = replace(study, schedule=short, output=folder)
+        todo = [(r.name, folder / r.name, run_command(probe_study, r, folder / r.name) + no_eval)
+                for r in runs]
         start = time.perf_counter()
-        results = execute(runs, settings, short, folder, jobs, threads, no_eval)
+        results = execute(todo, short, jobs, threads)
         wall = time.perf_counter() - start
         if any(r["status"] != "ok" for r in results.values()):
             raise RuntimeError(f"probe runs failed ({mode}); see {folder}/*/stdout.log")
         per_iter = [_seconds_per_iter(folder / r.name) for r in runs]
-        full = [results[r.name]["seconds"] + (schedule.iters - iters) * p
-                + _eval_allowance(settings[r.setting], schedule)
+        full = [results[r.name]["seconds"] + (study.schedule.iters - iters) * p
+                + _eval_allowance(study.settings[r.setting], study.schedule)
                 for r, p in zip(runs, per_iter)]
         # jobs at a time; runs of the two settings take about as long.
         estimate = math.ceil(planned_runs / jobs) * statistics.mean(full)
@@ -482,7 +569,7 @@ def probe(settings: Dict[str, Setting], schedule: Schedule, output: Path, iters:
                         "estimate_s": estimate}
         print(f"{mode}: 2 runs of {iters} iterations in {wall:.0f} s; s/iteration "
               f"{', '.join(f'{p:.3f}' for p in per_iter)} (mild, severe); a full run of "
-              f"{schedule.iters} iterations ~{statistics.mean(full) / 60:.1f} min; "
+              f"{study.schedule.iters} iterations ~{statistics.mean(full) / 60:.1f} min; "
               f"{planned_runs} runs ~{estimate / 60:.0f} min", flush=True)
     best = min(report, key=lambda m: report[m]["estimate_s"])
     print(f"faster: {best}; 1-min load average now: {os.getloadavg()[0]:.2f}")
@@ -495,26 +582,26 @@ def probe(settings: Dict[str, Setting], schedule: Schedule, output: Path, iters:
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true",
-                        help=f"{TINY_SCHEDULE.iters} iterations on synthetic_shapes_tiny, 1 seed")
+                        help=f"{TINY_SCHEDULE.iters} iterations on the tiny datasets, 1 seed")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
-    parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2 (--tiny: 0)")
-    parser.add_argument("--ab-balanced", nargs="+", type=parse_weight_pair, default=[(1.0, 1.0)],
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS),
+                        help=f"default: {' '.join(FINAL_ARMS)} (the final table)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2 3 4 (--tiny: 0)")
+    parser.add_argument("--ab-balanced", nargs="+", type=parse_weight_pair, default=[],
                         metavar="POS:BBOX",
-                        help="one balanced arm of the A/B per pair: POS_WEIGHT and "
-                        "LOSS_BBOX_WEIGHT of both heads (default 1:1, the design's defaults; "
-                        "the CPU demo's: 3:0.25)")
-    parser.add_argument("--sweep", nargs="*", type=float,
-                        help="POS_WEIGHT values on the severe setting (default: 1 2 3 5; "
-                        "--tiny: 1 2); none: no sweep")
-    parser.add_argument("--sweep-seed", type=int, default=0)
+                        help="more arms: the design's normalization with POS_WEIGHT and "
+                        "LOSS_BBOX_WEIGHT of both heads, e.g. 1:1 or 3:0.25")
     parser.add_argument("--iters", type=int, help=f"default {SCHEDULE.iters}")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     parser.add_argument("--threads-per-job", type=int, default=1, help="default 1")
     parser.add_argument("--output-dir", type=Path,
                         help="run folders (default output/quality_ab, --tiny: ..._tiny)")
+    parser.add_argument("--name", default=NAME,
+                        help=f"name of the results files and BENCHMARKS.md section ({NAME})")
     common.add_output_arguments(parser, NAME)
+    parser.add_argument("--list", action="store_true", help="print settings and arms, then stop")
     parser.add_argument("--probe", action="store_true",
-                        help="only time 2 short runs both ways and estimate the A/B")
+                        help="only time 2 short runs both ways and estimate the plan")
     parser.add_argument("--probe-iters", type=int, default=50)
     parser.add_argument("--probe-modes", nargs="+", default=["1x2", "2x1"],
                         help="JOBSxTHREADS pairs the probe compares (default: 1x2 2x1)")
@@ -522,41 +609,64 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _list(study: Study) -> None:
+    for name, s in study.settings.items():
+        extra = " ".join(f"{k} {v}" for k, v in s.overrides)
+        print(f"setting {name}: train {s.train}, test {s.test}, {s.image_side} px, "
+              f"{s.num_classes} classes" + (f", from {s.pretrain}" if s.pretrain else "")
+              + (f", {extra}" if extra else ""))
+    for name, arm in study.arms.items():
+        print(f"arm {name} ({arm.heads} heads): {arm.label}: {arm.about}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
-    settings = TINY_SETTINGS if args.tiny else SETTINGS
+    arms = dict(ARMS)
+    names = list(args.arms or FINAL_ARMS)
+    for pos, bbox in args.ab_balanced:
+        name, arm = quality_arms.weight_pair_arm(pos, bbox)
+        arms[name] = arm
+        names.append(name)
+    names = list(dict.fromkeys(names))
     schedule = TINY_SCHEDULE if args.tiny else SCHEDULE
     if args.iters:
         schedule = replace(schedule, iters=args.iters)
-    seeds = args.seeds or ([0] if args.tiny else [0, 1, 2])
-    sweep = args.sweep if args.sweep is not None else ([1.0, 2.0] if args.tiny else
-                                                       [1.0, 2.0, 3.0, 5.0])
     output = (args.output_dir or common.REPO / "output" / (NAME + ("_tiny" if args.tiny else "")))
-    output = output.resolve()
-    ab, swept = plan_runs(args.settings, seeds, args.ab_balanced, sweep, args.sweep_seed)
-    runs = list(dict.fromkeys(ab + swept))  # the sweep's A/B-weight run is the A/B's run
+    study = Study(
+        settings=TINY_SETTINGS if args.tiny else SETTINGS,
+        arms=arms,
+        pretrains=quality_arms.TINY_PRETRAINS if args.tiny else PRETRAINS,
+        schedule=schedule,
+        output=output.resolve(),
+    )
+    seeds = args.seeds or ([0] if args.tiny else [0, 1, 2, 3, 4])
+    runs = plan_runs(args.settings, names, seeds)
 
+    if args.list:
+        _list(study)
+        return {}
     if args.probe:
         modes = [tuple(int(x) for x in m.split("x")) for m in args.probe_modes]
-        return probe(settings, schedule, output, args.probe_iters, len(runs), modes)
+        return probe(study, args.probe_iters, len(runs), modes)
     if args.dry_run:
         for run in runs:
-            print(shlex.join(command(run, settings[run.setting], schedule, output / run.name)))
+            print(shlex.join(run_command(study, run, study.output / run.name)))
         return {}
 
-    results = execute(runs, settings, schedule, output, args.jobs, args.threads_per_job)
-    body, notes = render(ab, swept, results, settings, schedule, args.threads_per_job, args.jobs)
+    results = execute_study(study, runs, args.jobs, args.threads_per_job)
+    body, notes = render(study, runs, results, args.threads_per_job, args.jobs)
     details = f"<details><summary>Every run</summary>\n\n{per_run_table(results)}\n\n</details>"
     print("\n" + body + "\n\n" + "\n".join(f"- {n}" for n in notes))
     results_dir = args.results_dir or (None if args.tiny else common.RESULTS_DIR)
     if results_dir is not None:
-        name = NAME + ("_tiny" if args.tiny else "")
+        name = args.name + ("_tiny" if args.tiny else "")
         data = {"tiny": args.tiny, "schedule": asdict(schedule),
-                "settings": {k: asdict(settings[k]) for k in args.settings},
+                "settings": {k: asdict(study.settings[k]) for k in args.settings},
+                "arms": {k: asdict(arms[k]) for k in names},
                 "jobs": args.jobs, "threads_per_job": args.threads_per_job,
                 "runs": results}
         markdown = common.write_results(
-            name, "Quality A/B: balanced vs stock heads on synthetic shapes (quality_ab.py)",
+            name, f"Quality A/B on synthetic shapes (quality_ab.py, {args.name})",
             body + "\n\n" + details, data, common.command_line(__file__, argv), results_dir, notes)
         if args.update_md:
             common.update_benchmarks_md(name, markdown)

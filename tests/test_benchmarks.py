@@ -164,42 +164,62 @@ def test_bench_losses_writes_markdown_and_json(one_thread, tmp_path):
 
 def test_quality_ab_tiny_runs_tabulates_and_resumes(one_thread, datasets_root, tmp_path, capsys):
     quality_ab = _load("quality_ab")
-    argv = ["--tiny", "--settings", "severe", "--ab-balanced", "1:1", "3:0.25",
+    argv = ["--tiny", "--settings", "severe", "many", "finetune",
+            "--arms", "stock", "samples_adaptive", "--ab-balanced", "3:0.25",
             "--output-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")]
     results = quality_ab.main(argv)
-    # The A/B's three arms and the sweep (POS_WEIGHT 1 is the A/B's 1:1 run, not run twice).
-    assert set(results) == {"severe_stock_s0", "severe_balanced_w1_s0",
-                            "severe_balanced_w3_b0.25_s0", "severe_balanced_w2_s0"}
+    assert set(results) == {f"{s}_{a}_s0" for s in ("severe", "many", "finetune")
+                            for a in ("stock", "samples_adaptive", "balanced_w3_b0.25")}
     for r in results.values():
         assert r["status"] == "ok" and r["evaluated"], r
         assert r["health_checks"] and r["lowest_dets_per_image"] is not None
+        assert r["start_dets_per_image"] is not None  # HEALTH.CHECK_AT_START
         assert all(not math.isnan(r[k]) for k in quality_ab.AP_KEYS)
+        assert set(r["grad_shares"]) == set(quality_ab.LOSS_NAMES)
+        assert sum(r["grad_shares"].values()) == pytest.approx(1.0, abs=1e-3)
 
     def config(run):
         return (tmp_path / "runs" / run / "config.yaml").read_text()
 
-    assert "ROI_CLS_POS_WEIGHT: 2.0" in config("severe_balanced_w2_s0")
-    assert "RPN_CLS_POS_WEIGHT: 2.0" in config("severe_balanced_w2_s0")
-    # 1:1 overrides the demo config's regression weights 0.25; 3:0.25 keeps them.
-    assert "RPN_LOSS_BBOX_WEIGHT: 1.0" in config("severe_balanced_w1_s0")
-    assert "ROI_LOSS_BBOX_WEIGHT: 1.0" in config("severe_balanced_w1_s0")
-    assert "ROI_LOSS_BBOX_WEIGHT: 0.25" in config("severe_balanced_w3_b0.25_s0")
+    # Every balanced arm sets every key it depends on, whatever the config file says.
+    assert "ROI_CLS_POS_WEIGHT: 3.0" in config("severe_balanced_w3_b0.25_s0")
+    assert "RPN_LOSS_BBOX_WEIGHT: 0.25" in config("severe_balanced_w3_b0.25_s0")
+    assert "REG_NORMALIZER: positives" in config("severe_balanced_w3_b0.25_s0")
+    adaptive = config("severe_samples_adaptive_s0")
+    assert "REG_NORMALIZER: samples" in adaptive and "ADAPTIVE_POS_WEIGHT: true" in adaptive
+    assert "RPN_CLS_POS_WEIGHT: 1.0" in adaptive and "ROI_LOSS_BBOX_WEIGHT: 1.0" in adaptive
     assert "FILTER_EMPTY_ANNOTATIONS: false" in config("severe_stock_s0")
+    assert "NUM_CLASSES: 20" in config("many_stock_s0")
+    # The fine-tune starts from the pretraining run, trained once, with 2 new classes.
+    pretrain = tmp_path / "runs" / "pretrain_mild_stock_4it_s0" / "model_final.pth"
+    assert pretrain.is_file()
+    finetune = config("finetune_stock_s0")
+    assert f"WEIGHTS: {pretrain}" in finetune and "NUM_CLASSES: 2" in finetune
     text = (tmp_path / "results" / "quality_ab_tiny.md").read_text()
     assert "| severe | stock | 1 |" in text
-    assert "| severe | balanced POS 1, BBOX 1 | 1 |" in text
-    assert "| severe | balanced POS 3, BBOX 0.25 | 1 |" in text
-    assert "severe: bbox AP of balanced POS 3, BBOX 0.25 minus stock, paired by seed" in text
+    assert "| finetune | samples + adaptive | 1 |" in text
+    assert "| many | balanced POS 3, BBOX 0.25 | 1 |" in text
+    assert "bbox AP differences paired by seed" in text
+    assert "| setting | arm | loss_rpn_cls | loss_rpn_loc | loss_cls | loss_box_reg | loss_mask |" in (
+        text)
     # The tiny val set's first 4 images (the check images) hold these objects.
     val = json.loads((datasets_root / "synthetic_shapes_tiny_val" / "annotations.json").read_text())
     first = sorted(image["id"] for image in val["images"])[:4]
     objects = sum(a["image_id"] in first for a in val["annotations"]) / 4
-    assert f"The check images hold {objects:.2f} (severe) ground-truth objects per image" in text
-    assert "| 2 | 0 | 1 |" in text  # the sweep's row for POS_WEIGHT 2
+    assert f"The check images hold {objects:.2f} (severe)" in text
     capsys.readouterr()
 
     again = quality_ab.main(argv)  # every result is reused: no training
-    assert "4 of 4 runs already done; 0 to run" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 of 1 runs already done; 0 to run" in out and "9 of 9 runs already done" in out
     assert {k: v["bbox/AP"] for k, v in again.items()} == {
         k: v["bbox/AP"] for k, v in results.items()
     }
+
+
+def test_quality_ab_reuse_needs_the_same_resolved_config():
+    quality_ab = _load("quality_ab")
+    stored = {"MODEL.BALANCED_LOSS.EPS": 1e-6, "SOLVER.MAX_ITER": 800}
+    assert quality_ab.same_config(stored, {**stored, "HEALTH.NEW_KEY": True})  # a key added
+    assert not quality_ab.same_config(stored, {**stored, "SOLVER.MAX_ITER": 900})
+    assert not quality_ab.same_config(stored, {"SOLVER.MAX_ITER": 800})  # a key removed
