@@ -298,6 +298,7 @@ class _Job:
     run_dir: Path
     cmd: List[str]
     spec: dict
+    after: Optional[str] = None  # the job whose model this one starts from
     proc: Optional[subprocess.Popen] = None
     log: Optional[object] = None
     began: float = 0.0
@@ -311,29 +312,45 @@ class _Job:
                                      stderr=subprocess.STDOUT)
 
 
-def execute(jobs_todo: List[Tuple[str, Path, List[str]]], schedule: Schedule, jobs: int,
-            threads: int) -> Dict[str, dict]:
-    """Run (or reuse) every (name, folder, command), ``jobs`` at a time; {name: result}."""
+def execute(jobs_todo: List[Tuple[str, Path, List[str], Optional[str]]], schedule: Schedule,
+            jobs: int, threads: int) -> Dict[str, dict]:
+    """
+    Run (or reuse) every (name, folder, command, name of the job it must wait for or None),
+    ``jobs`` at a time, in order except that a job waits for its predecessor; {name: result}.
+    """
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONUNBUFFERED="1")
     results: Dict[str, dict] = {}
     todo: List[_Job] = []
-    for name, run_dir, cmd in jobs_todo:
+    for name, run_dir, cmd, after in jobs_todo:
         spec = _spec(cmd, threads)
         done = load_result(run_dir, spec, schedule)
         if done is not None:
             results[name] = done
         else:
-            todo.append(_Job(name, run_dir, cmd, spec))
+            todo.append(_Job(name, run_dir, cmd, spec, after))
     print(f"{len(results)} of {len(jobs_todo)} runs already done; {len(todo)} to run, {jobs} at "
           f"a time, {threads} thread(s) each", flush=True)
     running: List[_Job] = []
     start, finished = time.perf_counter(), 0
+
+    def ready(job: _Job) -> bool:
+        return job.after is None or results.get(job.after, {}).get("status") == "ok"
+
     try:
         while todo or running:
-            while todo and len(running) < jobs:
-                running.append(todo.pop(0))
-                running[-1].start(env)
+            for job in [j for j in todo if j.after and results.get(j.after, {}).get("status",
+                                                                                      "ok") != "ok"]:
+                todo.remove(job)  # what it starts from failed
+                results[job.name] = {"name": job.name, "status": f"skipped: {job.after} failed",
+                                     "seconds": 0.0}
+            while len(running) < jobs and any(ready(j) for j in todo):
+                job = next(j for j in todo if ready(j))
+                todo.remove(job)
+                running.append(job)
+                job.start(env)
+            if not running:
+                break  # left: jobs waiting for ones that cannot finish
             time.sleep(0.2)
             for job in [j for j in running if j.proc.poll() is not None]:
                 job.log.close()
@@ -357,15 +374,24 @@ def execute(jobs_todo: List[Tuple[str, Path, List[str]]], schedule: Schedule, jo
 
 
 def execute_study(study: Study, runs: List[Run], jobs: int, threads: int) -> Dict[str, dict]:
-    """The pretraining runs the fine-tune settings need, then the runs."""
+    """The pretraining runs the fine-tune settings need first, then the runs (those that start
+    from a pretraining run wait for it; the others go on meanwhile). Returns the runs' results."""
     needed = sorted({study.settings[r.setting].pretrain for r in runs} - {None})
-    pre = execute([(study.pretrains[k].name, pretrain_dir(study, k), pretrain_command(study, k))
-                   for k in needed], study.schedule, jobs, threads)
-    failed = [n for n, r in pre.items() if r["status"] != "ok"]
-    if failed:
-        raise RuntimeError(f"pretraining failed: {', '.join(failed)}; see their stdout.log")
-    return execute([(r.name, study.output / r.name, run_command(study, r, study.output / r.name))
-                    for r in runs], study.schedule, jobs, threads)
+    todo = [(study.pretrains[k].name, pretrain_dir(study, k), pretrain_command(study, k), None)
+            for k in needed]
+    for r in runs:
+        key = study.settings[r.setting].pretrain
+        todo.append((r.name, study.output / r.name, run_command(study, r, study.output / r.name),
+                     study.pretrains[key].name if key else None))
+    # The runs without a predecessor first, so that no core waits while a pretraining runs.
+    todo.sort(key=lambda job: job[3] is not None)
+    results = execute(todo, study.schedule, jobs, threads)
+    for key in needed:
+        pre = results.pop(study.pretrains[key].name)
+        if pre["status"] != "ok":
+            print(f"pretraining {pre['name']} failed: the runs that start from it were skipped",
+                  file=sys.stderr)
+    return results
 
 
 # -- tables --
@@ -552,8 +578,8 @@ def probe(study: Study, iters: int, planned_runs: int,
         folder = study.output / f"probe_j{jobs}_t{threads}"
         shutil.rmtree(folder, ignore_errors=True)  # always measured anew
         probe_study = replace(study, schedule=short, output=folder)
-        todo = [(r.name, folder / r.name, run_command(probe_study, r, folder / r.name) + no_eval)
-                for r in runs]
+        todo = [(r.name, folder / r.name,
+                 run_command(probe_study, r, folder / r.name) + no_eval, None) for r in runs]
         start = time.perf_counter()
         results = execute(todo, short, jobs, threads)
         wall = time.perf_counter() - start
