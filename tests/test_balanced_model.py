@@ -1,6 +1,7 @@
 """A GeneralizedRCNN with the balanced heads (tiny ResNet-18-FPN, CPU): same initial weights as
-stock heads for one seed, a few training steps with decreasing loss, and inference identical to
-stock heads with the same weights."""
+stock heads for one seed, a few training steps with decreasing loss, inference identical to
+stock heads with the same weights, stock's losses with REG_NORMALIZER "samples" and weights 1,
+and running counts that survive a checkpoint."""
 
 import copy
 
@@ -37,7 +38,7 @@ LOGGED = [
 ]
 
 
-def _cfg(balanced: bool):
+def _cfg(balanced: bool, **balanced_loss):
     cfg = get_cfg()
     add_balanced_rcnn_config(cfg)
     cfg.MODEL.DEVICE = "cpu"
@@ -71,14 +72,16 @@ def _cfg(balanced: bool):
         cfg.MODEL.ROI_MASK_HEAD.NAME = "BalancedMaskRCNNConvUpsampleHead"
         cfg.MODEL.BALANCED_LOSS.RPN_CLS_POS_WEIGHT = 2.0
         cfg.MODEL.BALANCED_LOSS.ROI_CLS_POS_WEIGHT = 2.0
+        for key, value in balanced_loss.items():
+            cfg.MODEL.BALANCED_LOSS[key] = value
     else:
         cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
     return cfg
 
 
-def _build(balanced: bool):
+def _build(balanced: bool, **balanced_loss):
     torch.manual_seed(0)
-    return build_model(_cfg(balanced))
+    return build_model(_cfg(balanced, **balanced_loss))
 
 
 def _batch():
@@ -173,3 +176,51 @@ def test_inference_equals_stock_heads_with_the_same_weights(trained):
         assert torch.equal(a.scores, b.scores)
         assert torch.equal(a.pred_classes, b.pred_classes)
         assert torch.equal(a.pred_masks, b.pred_masks)
+
+
+def _losses(model, batch):
+    with EventStorage():
+        torch.manual_seed(0)  # the same anchor and proposal sampling
+        return model(batch)
+
+
+def test_samples_normalizer_and_weights_one_give_stock_losses():
+    balanced = _build(True, REG_NORMALIZER="samples", RPN_CLS_POS_WEIGHT=1.0,
+                      ROI_CLS_POS_WEIGHT=1.0)
+    stock = _build(balanced=False)
+    batch = _batch()
+    ours, theirs = _losses(balanced, batch), _losses(stock, batch)
+    assert ours.keys() == theirs.keys()
+    for key in theirs:  # equal up to EPS in the divisors
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=0, msg=key)
+    # and so are the gradients on the shared backbone
+    def shared(model):
+        return [p for p in model.backbone.parameters() if p.requires_grad]
+
+    g_ours = torch.autograd.grad(sum(ours.values()), shared(balanced))
+    g_theirs = torch.autograd.grad(sum(theirs.values()), shared(stock))
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_running_counts_are_saved_and_resumed(tmp_path):
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    model = _build(True, NORMALIZER_MOMENTUM=0.9)
+    batch = _batch()
+    for _ in range(2):
+        _losses(model, batch)
+    names = ["proposal_generator.normalizer.running_counts",
+             "roi_heads.box_predictor.normalizer.running_counts",
+             "roi_heads.mask_head.normalizer.running_counts"]
+    state = model.state_dict()
+    assert all(name in state and (state[name] >= 0).all() for name in names)
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model")
+    resumed = _build(True, NORMALIZER_MOMENTUM=0.9)
+    assert all((resumed.state_dict()[name] == -1).all() for name in names)  # no batch yet
+    DetectionCheckpointer(resumed).load(str(tmp_path / "model.pth"))
+    for name in names:
+        assert torch.equal(resumed.state_dict()[name], state[name]), name
+    ours, theirs = _losses(resumed, batch), _losses(model, batch)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], msg=key)

@@ -310,10 +310,15 @@ def test_forced_collapse_stops_with_exit_code_and_message(repo_root, fault_env, 
 def test_healthy_run_of_the_same_length_is_not_flagged(repo_root, fault_env, tmp_path):
     max_iter = COLLAPSE_DETECTED_AT + 1
     result, log = _train(repo_root, fault_env, tmp_path, "SOLVER.MAX_ITER", str(max_iter),
-                         *HEALTH_OPTS)
+                         *HEALTH_OPTS, "HEALTH.CHECK_AT_START", "True")
     assert result.returncode == 0, log[-4000:]
     assert "Detection collapse" not in log
     assert "collapses reported: 0" in log
+    # The check before training is logged, not judged (its count is no "best" to fall from).
+    assert "Training health check before training: " in log
+    start = [m for m in _metrics(tmp_path) if "health/start_dets_per_image" in m]
+    assert len(start) == 1 and start[0]["iteration"] == 0
+    assert "detections per image at score >= 0.001: before training " in log
 
     # Every documented name is in metrics.json. detectron2 writes it every 20 iterations, with
     # the latest value of each scalar: here the last check's, whose running values (lowest,
@@ -328,6 +333,12 @@ def test_healthy_run_of_the_same_length_is_not_flagged(repo_root, fault_env, tmp
         assert name in checks[-1], name
     assert checks[-1]["health/num_collapses"] == 0
     assert checks[-1]["health/min_dets_per_image"] > 0
+    # Each loss term's gradient share on the backbone, measured in the step of every check.
+    for check in checks:
+        shares = {k: v for k, v in check.items() if k.startswith("health/grad_share/")}
+        assert set(shares) == {f"health/grad_share/{n}" for n in (
+            "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask")}
+        assert sum(shares.values()) == pytest.approx(1.0, abs=1e-4), check["iteration"]
     steps = [m for m in metrics if "total_loss" in m]
     for name in ("health/anchor_fg_share", "health/roi_fg_share", "health/grad_norm",
                  "health/loss_share/loss_cls", "health/loss_share/loss_box_reg",

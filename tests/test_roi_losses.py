@@ -392,3 +392,104 @@ def test_roi_heads_build_with_balanced_parts_and_stock_initial_weights():
     ours, theirs = heads.state_dict(), stock.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+# ---- the loss options ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("agnostic", [False, True])
+def test_samples_normalizer_equals_stock(event_storage, agnostic):
+    cfg = _cfg(REG_NORMALIZER="samples")
+    cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = agnostic
+    stock, balanced = _predictors(cfg)
+    proposals, predictions = _random_proposals(), _predictions(21, agnostic)
+    ours, theirs = balanced.losses(predictions, proposals), stock.losses(predictions, proposals)
+    for key in ("loss_cls", "loss_box_reg"):  # both divided by R (+ EPS)
+        torch.testing.assert_close(ours[key], theirs[key] * 21 / (21 + EPS), rtol=1e-6, atol=0)
+    grads_ours = torch.autograd.grad(sum(ours.values()), predictions)
+    grads_stock = torch.autograd.grad(sum(theirs.values()), predictions)
+    for g_o, g_s in zip(grads_ours, grads_stock):
+        torch.testing.assert_close(g_o, g_s * 21 / (21 + EPS))
+    assert flush_tensor_scalars(event_storage)["roi_head/box_normalizer"] == pytest.approx(21 + EPS)
+
+
+def test_adaptive_pos_weight_fills_the_positive_fraction(event_storage):
+    proposals, predictions = _random_proposals(), _predictions(21)
+    num_fg = _fg_count(proposals)
+    adaptive = BalancedFastRCNNOutputLayers(_cfg(ADAPTIVE_POS_WEIGHT=True), BOX_FEATURES)
+    assert adaptive.positive_fraction == 0.25  # MODEL.ROI_HEADS.POSITIVE_FRACTION
+    losses = adaptive.losses(predictions, proposals)
+    weight = max(1.0, (21 - num_fg) / num_fg / 3)  # f / (1 - f) = 1/3
+    assert flush_tensor_scalars(event_storage)["roi_head/pos_weight"] == pytest.approx(weight)
+    fixed = BalancedFastRCNNOutputLayers(_cfg(ROI_CLS_POS_WEIGHT=weight), BOX_FEATURES)
+    torch.testing.assert_close(losses["loss_cls"], fixed.losses(predictions, proposals)["loss_cls"])
+
+    # One foreground proposal among 21: it carries a quarter of the classification weight.
+    one_fg = _random_proposals()
+    for p in one_fg:
+        p.gt_classes = torch.full_like(p.gt_classes, K)
+    one_fg[0].gt_classes[0] = 1
+    adaptive.losses(predictions, one_fg)
+    assert flush_tensor_scalars(event_storage)["roi_head/pos_weight"] == pytest.approx(20 / 3)
+
+
+def test_running_counts_of_the_box_and_mask_heads(event_storage):
+    predictor = BalancedFastRCNNOutputLayers(_cfg(NORMALIZER_MOMENTUM=0.5), BOX_FEATURES)
+    proposals, predictions = _random_proposals(), _predictions(21)
+    num_fg = _fg_count(proposals)
+    predictor.losses(predictions, proposals)
+    no_fg = _random_proposals(with_gt=(False, False))
+    predictor.losses(predictions, no_fg)
+    scalars = flush_tensor_scalars(event_storage)
+    assert scalars["roi_head/box_normalizer"] == pytest.approx(max(num_fg / 2, 1) + EPS)
+    torch.testing.assert_close(predictor.normalizer.running_counts,
+                               torch.tensor([21.0, num_fg / 2]))
+
+    cfg = _cfg(NORMALIZER_MOMENTUM=0.5)
+    cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 1
+    cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 8
+    stock, head = _mask_heads(cfg)
+    features = torch.randn(5, 8, 7, 7)
+    first = head(features, _mask_instances())["loss_mask"]
+    torch.testing.assert_close(first, stock(features, _mask_instances())["loss_mask"] * 5 / (5 + EPS))
+    head(features[:1], _mask_instances(num_per_image=(1, 0)))
+    torch.testing.assert_close(head.normalizer.running_counts, torch.tensor([3.0]))  # (5 + 1) / 2
+    assert "normalizer.running_counts" in head.state_dict()
+    # The normalizer is no layer of the head's nn.Sequential: inference is stock's.
+    head.eval()
+    stock.eval()
+    inst = Instances(IMAGE_SIZE)
+    inst.pred_classes = torch.tensor([0, 2])
+    inst_stock = Instances(IMAGE_SIZE)
+    inst_stock.pred_classes = torch.tensor([0, 2])
+    assert torch.equal(head(features[:2], [inst])[0].pred_masks,
+                       stock(features[:2], [inst_stock])[0].pred_masks)
+
+
+def test_prior_prob_sets_the_class_biases_of_the_built_heads():
+    cfg = _roi_heads_cfg()
+    cfg.MODEL.BALANCED_LOSS.PRIOR_PROB = 0.01
+    torch.manual_seed(0)
+    heads = build_roi_heads(cfg, _FEATURE_SHAPES)
+    bias = heads.box_predictor.cls_score.bias
+    expected = torch.tensor([math.log(0.01 / K)] * K + [math.log(0.99)])
+    torch.testing.assert_close(bias, expected)
+    # With zero features the softmax starts at 1% foreground, spread over the K classes.
+    torch.testing.assert_close(torch.softmax(bias, 0), torch.tensor([0.01 / K] * K + [0.99]))
+    torch.manual_seed(0)
+    plain = build_roi_heads(_roi_heads_cfg(), _FEATURE_SHAPES).state_dict()
+    for name, value in heads.state_dict().items():
+        if name != "box_predictor.cls_score.bias":
+            assert torch.equal(value, plain[name]), name
+
+
+def test_running_counts_are_the_only_state_the_stock_heads_lack():
+    cfg = _roi_heads_cfg()
+    cfg.MODEL.BALANCED_LOSS.NORMALIZER_MOMENTUM = 0.9
+    heads = build_roi_heads(cfg, _FEATURE_SHAPES)
+    stock = build_roi_heads(
+        _roi_heads_cfg("StandardROIHeads", "MaskRCNNConvUpsampleHead"), _FEATURE_SHAPES
+    )
+    extra = set(heads.state_dict()) - set(stock.state_dict())
+    assert extra == {"box_predictor.normalizer.running_counts",
+                     "mask_head.normalizer.running_counts"}

@@ -38,9 +38,10 @@ ROI_CLASSES = [[0, 1, 2, 0, 3, 3], [3, 3, 1, 3]]
 NUM_MASKS = [3, 0]
 
 
-def _cfg():
+def _cfg(momentum=0.0):
     cfg = get_cfg()
     add_balanced_rcnn_config(cfg)
+    cfg.MODEL.BALANCED_LOSS.NORMALIZER_MOMENTUM = momentum
     cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3"]
     cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[8], [16]]
     cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 8
@@ -54,9 +55,9 @@ def _cfg():
 class _ToyHeads(nn.Module):
     """Tiny predictors feeding the three balanced losses."""
 
-    def __init__(self):
+    def __init__(self, momentum=0.0):
         super().__init__()
-        cfg = _cfg()
+        cfg = _cfg(momentum)
         torch.manual_seed(0)
         self.objectness = nn.Linear(D, 1)
         self.anchor_deltas = nn.Linear(D, 4)
@@ -84,14 +85,19 @@ class _ToyHeads(nn.Module):
         return losses
 
 
-def _worker_batch(rank):
-    """The data of one worker: one image, different counts on each worker."""
+def _worker_batch(rank, empty=False):
+    """The data of one worker: one image, different counts on each worker (``empty``: all of
+    its anchors and proposals negative, no mask)."""
     g = torch.Generator().manual_seed(100 + rank)
     all_anchors = torch.cat(ANCHORS)
     labels = torch.tensor(RPN_LABELS[rank])
+    if empty:
+        labels = torch.where(labels == 1, 0, labels)
     matched = all_anchors + torch.rand(len(all_anchors), 4, generator=g)
 
     classes = torch.tensor(ROI_CLASSES[rank])
+    if empty:
+        classes = torch.full_like(classes, K)
     proposals = Instances(IMAGE_SIZE)
     xy = torch.rand(len(classes), 2, generator=g) * 16
     proposals.proposal_boxes = Boxes(
@@ -102,7 +108,7 @@ def _worker_batch(rank):
     )
     proposals.gt_classes = classes
 
-    n_masks = NUM_MASKS[rank]
+    n_masks = 0 if empty else NUM_MASKS[rank]
     masks = Instances(IMAGE_SIZE)
     masks.proposal_boxes = Boxes(torch.tensor([[2.0, 2.0, 20.0, 24.0]]).repeat(n_masks, 1))
     masks.gt_classes = torch.arange(n_masks) % K
@@ -149,7 +155,18 @@ def _worker(rank, port, out_dir):
             losses = model(_worker_batch(rank))
             sum(losses.values()).backward()  # DDP averages the gradients over the workers
             scalars = flush_tensor_scalars()
-        torch.save({"scalars": scalars, "grads": _grads(model.module)}, f"{out_dir}/rank{rank}.pt")
+        # Running counts: two steps, the second worker's batch without any foreground.
+        smoothed = _ToyHeads(momentum=0.5)
+        with EventStorage():
+            smoothed(_worker_batch(rank))
+            smoothed(_worker_batch(rank, empty=rank == 1))
+        running = {
+            "rpn": smoothed._rpn[0].normalizer.running_counts,
+            "box": smoothed.box_predictor.normalizer.running_counts,
+            "mask": smoothed.mask_head.normalizer.running_counts,
+        }
+        torch.save({"scalars": scalars, "grads": _grads(model.module), "running": running},
+                   f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -195,3 +212,18 @@ def test_ddp_gradient_equals_one_process_on_the_concatenated_batch(worker_result
         assert result["grads"].keys() == expected.keys()
         for name, grad in expected.items():
             torch.testing.assert_close(result["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_running_counts_agree_over_workers(worker_results):
+    # Step 1: the means of the workers' counts. Step 2: worker 1 has no foreground, so the means
+    # are RPN P + Q = 7.5, P = 1.5 (3 and 0), ROI R = 5, F = 2 (4 and 0), masks 1.5 (3 and 0);
+    # with momentum 0.5 the running counts are the averages of the two steps.
+    expected = {
+        "rpn": [7.5, (2.0 + 1.5) / 2, 8.0],  # the third count: B x N = 8 x 1 on each worker
+        "box": [5.0, (2.5 + 2.0) / 2],
+        "mask": [1.5],
+    }
+    for rank, result in enumerate(worker_results):
+        for head, values in expected.items():
+            torch.testing.assert_close(result["running"][head], torch.tensor(values),
+                                       msg=f"{head} on worker {rank}")
