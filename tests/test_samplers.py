@@ -41,8 +41,9 @@ def test_repeat_factors_by_hand():
     # Crowd-only images count as empty, as detectron2's FILTER_EMPTY_ANNOTATIONS does.
     factors = object_share_repeat_factors(_dicts(1, 2, num_crowd_only=1), 0.25)
     torch.testing.assert_close(factors, torch.tensor([1.0, 1.0, 1.0, 1.0]))
-    # Only images with objects: nothing to rebalance.
+    # Only images with objects, or already at least the share: nothing to rebalance.
     torch.testing.assert_close(object_share_repeat_factors(_dicts(3, 0), 0.5), torch.ones(3))
+    torch.testing.assert_close(object_share_repeat_factors(_dicts(9, 1), 0.5), torch.ones(10))
 
 
 def test_sampled_share_and_determinism():
@@ -82,6 +83,13 @@ def test_no_image_with_objects_is_refused():
         build_object_share_sampler(_cfg(), _dicts(0, 3, num_crowd_only=1))
 
 
+def test_a_share_already_reached_is_logged(caplog):
+    with caplog.at_level(logging.INFO, logger="balanced_rcnn.data.samplers"):
+        build_object_share_sampler(_cfg(0.5), _dicts(9, 1))
+    assert ("9 of 10 training images hold objects (90.0%), at least "
+            "DATALOADER.OBJECT_IMAGE_SHARE 0.5: sampled as they are") in caplog.text
+
+
 def test_other_samplers_are_left_to_detectron2():
     assert build_object_share_sampler(_cfg(sampler="TrainingSampler"), _dicts(2, 8)) is None
 
@@ -93,12 +101,13 @@ def test_training_loader_uses_it(tmp_path, monkeypatch, caplog, tiny_cfg):
     cfg = tiny_cfg
     cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
     cfg.DATALOADER.SAMPLER_TRAIN = OBJECT_SHARE_SAMPLER
-    cfg.DATALOADER.OBJECT_IMAGE_SHARE = 0.25
+    cfg.DATALOADER.OBJECT_IMAGE_SHARE = 0.9
+    cfg.SOLVER.IMS_PER_BATCH = 4
     with caplog.at_level(logging.INFO, logger="balanced_rcnn.data.samplers"):
         loader = build_train_loader(cfg)
     # synthetic_shapes_tiny_train: 16 images, 4 of them empty.
-    assert "12 of 16 training images hold objects (75.0%); sampled at 25%" in caplog.text
-    batches = list(itertools.islice(iter(loader), 40))
+    assert "12 of 16 training images hold objects (75.0%); sampled at 90%" in caplog.text
+    batches = list(itertools.islice(iter(loader), 50))
     images = [image for batch in batches for image in batch]
     share = sum(len(image["instances"]) > 0 for image in images) / len(images)
-    assert 0.1 < share < 0.4  # the dataset's own: 0.75
+    assert 0.82 < share < 0.97  # the dataset's own: 0.75

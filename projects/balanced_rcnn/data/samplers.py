@@ -1,7 +1,8 @@
 """
 Image rebalancing for "few images hold objects": DATALOADER.SAMPLER_TRAIN
-"ObjectShareTrainingSampler" samples the images that hold objects at the share
-DATALOADER.OBJECT_IMAGE_SHARE of all sampled images, whatever their share of the dataset.
+"ObjectShareTrainingSampler" samples the images that hold objects at (at least) the share
+DATALOADER.OBJECT_IMAGE_SHARE of all sampled images, however few the dataset has. A dataset
+whose share is already as high is sampled as detectron2's TrainingSampler would.
 
 detectron2's RepeatFactorTrainingSampler repeats an image by its rarest category (LVIS): it
 rebalances classes, and raises the share of object-holding images only as a side effect, by an
@@ -14,7 +15,8 @@ world-size-th index of one shared stream) and stochastic-rounds the factors the 
     r_obj   = s * N / n_obj              (s = OBJECT_IMAGE_SHARE)
     r_empty = (1 - s) * N / n_empty
 
-An epoch then holds N images in expectation, s * N of them with objects.
+An epoch then holds N images in expectation, s * N of them with objects. When n_obj / N >= s
+every factor is 1.
 """
 
 import logging
@@ -39,7 +41,8 @@ def _holds_objects(record: Dict) -> bool:
 def object_share_repeat_factors(dataset_dicts: List[Dict], share: float) -> torch.Tensor:
     """
     (N,) float32 repeat factors (module docstring) that make the images with objects ``share``
-    of the sampled images in expectation. A dataset whose images all hold objects gets 1s.
+    of the sampled images in expectation. A dataset where they already make at least that share
+    gets 1s.
 
     Raises:
         ValueError: ``share`` outside (0, 1], or no image with an object.
@@ -54,7 +57,7 @@ def object_share_repeat_factors(dataset_dicts: List[Dict], share: float) -> torc
             "annotation, so there is nothing to sample at DATALOADER.OBJECT_IMAGE_SHARE"
         )
     num_empty = num_images - num_obj
-    if num_empty == 0:
+    if num_obj >= share * num_images:
         return torch.ones(num_images)
     r_obj = share * num_images / num_obj
     r_empty = (1.0 - share) * num_images / num_empty
@@ -71,10 +74,12 @@ def build_object_share_sampler(cfg: CfgNode, dataset_dicts: List[Dict]) -> Optio
     factors = object_share_repeat_factors(dataset_dicts, share)
     holds = torch.tensor([_holds_objects(r) for r in dataset_dicts])
     num_obj = int(holds.sum())
-    logger.info(
-        f"{OBJECT_SHARE_SAMPLER}: {num_obj} of {len(dataset_dicts)} training images hold objects "
-        f"({100 * num_obj / len(dataset_dicts):.1f}%); sampled at {100 * share:.0f}%: repeat "
-        f"factor {factors[holds][0]:.2f} for them"
-        + (f", {factors[~holds][0]:.2f} for the others" if num_obj < len(dataset_dicts) else "")
-    )
+    found = (f"{OBJECT_SHARE_SAMPLER}: {num_obj} of {len(dataset_dicts)} training images hold "
+             f"objects ({100 * num_obj / len(dataset_dicts):.1f}%)")
+    if bool((factors == 1).all()):
+        logger.info(f"{found}, at least DATALOADER.OBJECT_IMAGE_SHARE {share:g}: sampled as they "
+                    "are")
+    else:
+        logger.info(f"{found}; sampled at {100 * share:.0f}%: repeat factor "
+                    f"{factors[holds][0]:.2f} for them, {factors[~holds][0]:.2f} for the others")
     return RepeatFactorTrainingSampler(factors, seed=cfg.SEED if cfg.SEED >= 0 else None)
