@@ -21,6 +21,22 @@ FULL_CONFIGS = {
     "swin_s_balanced.yaml": (96, [2, 2, 18, 2], [3, 6, 12, 24], 0.2, "balanced"),
     "swin_b_balanced.yaml": (128, [2, 2, 18, 2], [4, 8, 16, 32], 0.3, "balanced"),
     "swin_stock.yaml": (96, [2, 2, 6, 2], [3, 6, 12, 24], 0.2, "stock"),
+    "swin_balanced_design.yaml": (96, [2, 2, 6, 2], [3, 6, 12, 24], 0.2, "balanced"),
+}
+# The original design's values (configs/swin_balanced_design.yaml and its CPU twin).
+DESIGN = {
+    "MODEL.BALANCED_LOSS.RPN_CLS_POS_WEIGHT": 2.0,
+    "MODEL.BALANCED_LOSS.ROI_CLS_POS_WEIGHT": 2.0,
+    "MODEL.BALANCED_LOSS.RPN_LOSS_CLS_WEIGHT": 1.0,
+    "MODEL.BALANCED_LOSS.RPN_LOSS_BBOX_WEIGHT": 1.0,
+    "MODEL.BALANCED_LOSS.ROI_LOSS_CLS_WEIGHT": 1.0,
+    "MODEL.BALANCED_LOSS.ROI_LOSS_BBOX_WEIGHT": 1.0,
+    "MODEL.BALANCED_LOSS.ROI_LOSS_MASK_WEIGHT": 1.0,
+    "MODEL.BALANCED_LOSS.REG_NORMALIZER": "positives",
+    "MODEL.BALANCED_LOSS.NORMALIZER_MOMENTUM": 0.0,
+    "MODEL.BALANCED_LOSS.ADAPTIVE_POS_WEIGHT": False,
+    "MODEL.BALANCED_LOSS.PRIOR_PROB": 0.0,
+    "DATALOADER.SAMPLER_TRAIN": "TrainingSampler",
 }
 HEAD_NAMES = {
     "balanced": ("BalancedRPN", "BalancedROIHeads", "BalancedMaskRCNNConvUpsampleHead"),
@@ -73,6 +89,21 @@ def test_stock_differs_from_balanced_only_in_the_heads(load_project_config):
         ),
         "OUTPUT_DIR": ("output/swin_balanced", "output/swin_stock"),
     }
+
+
+@pytest.mark.parametrize(
+    "design, shipped",
+    [("swin_balanced_design.yaml", "swin_balanced.yaml"),
+     ("quick_schedules/swin_tiny_balanced_design_demo.yaml",
+      "quick_schedules/swin_tiny_balanced_demo.yaml")],
+)
+def test_design_config_is_the_design_exactly(load_project_config, design, shipped):
+    ours = _flatten(load_project_config(design))
+    assert {k: ours[k] for k in DESIGN} == DESIGN
+    # Everything else is the shipped config's: the design differs in its loss options only.
+    base = _flatten(load_project_config(shipped))
+    differing = {k for k in ours if ours[k] != base[k]} - {"OUTPUT_DIR"}
+    assert differing <= set(DESIGN)
 
 
 @pytest.mark.parametrize(
