@@ -15,6 +15,8 @@ True detectron2 drops them and the imbalance under test disappears):
   128 / 128 and 500 / 200), so that the sampled foreground share is several times smaller;
 - many: synthetic_shapes_many_* (20 classes = 5 shapes x 4 colours with Zipf frequencies,
   85% empty training images, objects 8-20 px);
+- sparse: synthetic_shapes_novel_* from random init (95% empty training images, 2 classes,
+  0.8 / 0.2, objects 8-20 px): the fine-tune's data without the pretraining;
 - finetune: a detector trained on mild (the stock CPU demo: 1500 iterations, seed 0, trained
   once and reused) fine-tuned on synthetic_shapes_novel_* (2 classes it has never seen, star
   and hexagon, 0.8 / 0.2; 95% empty training images; objects 8-20 px): its class layers are
@@ -68,6 +70,8 @@ SETTINGS: Dict[str, Setting] = {
                              overrides=COCO_SAMPLING),
     "many": Setting("synthetic_shapes_many_train", "synthetic_shapes_many_val", 128,
                     num_classes=20),
+    "sparse": Setting("synthetic_shapes_novel_train", "synthetic_shapes_novel_val", 128,
+                      num_classes=2),
     "finetune": Setting("synthetic_shapes_novel_train", "synthetic_shapes_novel_val", 128,
                         num_classes=2, pretrain="mild_stock"),
 }
@@ -79,6 +83,8 @@ TINY_SETTINGS: Dict[str, Setting] = {
     "coco_sampling": Setting(*_TINY, 64, overrides=COCO_SAMPLING),
     "many": Setting("synthetic_shapes_tiny_many_train", "synthetic_shapes_tiny_many_val", 64,
                     num_classes=20),
+    "sparse": Setting("synthetic_shapes_tiny_novel_train", "synthetic_shapes_tiny_novel_val", 64,
+                      num_classes=2),
     "finetune": Setting("synthetic_shapes_tiny_novel_train", "synthetic_shapes_tiny_novel_val",
                         64, num_classes=2, pretrain="mild_stock"),
 }
@@ -143,30 +149,47 @@ class Arm:
     about: str = ""
 
 
-def _balanced(label: str, about: str, sampler: Overrides = (), **kw) -> Arm:
-    return Arm("balanced", balanced_overrides(**kw) + sampler, label, about)
+def _balanced(label: str, about: str, **kw) -> Arm:
+    return Arm("balanced", balanced_overrides(**kw), label, about)
 
 
-ARMS: Dict[str, Arm] = {
+# The loss variants; "samples" + weights 1 is stock's loss, so each samples_* arm is one change
+# against stock, and each positives_* arm one change against the design's defaults.
+_LOSSES: Dict[str, Arm] = {
     "stock": Arm("stock", (), "stock", "detectron2's RPN and StandardROIHeads"),
-    "stock_rfs": Arm("stock", RFS, "stock + RFS", "stock with RepeatFactorTrainingSampler t=1"),
-    "stock_share": Arm("stock", SHARE, "stock + share 0.5",
-                       "stock with ObjectShareTrainingSampler 0.5"),
-    "design_defaults": _balanced("design defaults", "balanced heads, every weight 1"),
-    "design": _balanced("design (POS 2)", "the design for severe imbalance: POS 2", pos=2),
-    "demo_weights": _balanced("POS 3, BBOX 0.25", "the former CPU demo weights", pos=3,
-                              bbox=0.25),
-    # One change each against stock (REG_NORMALIZER "samples" + weights 1 is stock's loss):
-    "samples_pos3": _balanced("samples + POS 3", "stock + foreground weight 3",
-                              pos=3, REG_NORMALIZER="samples"),
-    "samples_adaptive": _balanced("samples + adaptive", "stock + ADAPTIVE_POS_WEIGHT",
-                                  REG_NORMALIZER="samples", ADAPTIVE_POS_WEIGHT=True),
-    "samples_prior": _balanced("samples + prior 0.01", "stock + PRIOR_PROB 0.01",
-                               REG_NORMALIZER="samples", PRIOR_PROB=0.01),
-    # One change against design_defaults:
-    "positives_ema": _balanced("positives + EMA 0.9", "design defaults + NORMALIZER_MOMENTUM 0.9",
+    "design_defaults": _balanced("design defaults", "balanced heads: regression by the "
+                                 "positive counts, every weight 1"),
+    "design": _balanced("design (POS 2)", "the design for severe imbalance: design defaults "
+                        "with both POS weights 2", pos=2),
+    "demo_weights": _balanced("POS 3, BBOX 0.25", "the former CPU demo weights: design defaults "
+                              "with POS 3 and regression weights 0.25", pos=3, bbox=0.25),
+    "positives_ema": _balanced("positives + EMA 0.9", "design defaults + NORMALIZER_MOMENTUM 0.9 "
+                               "(detectron2's RetinaNet/FCOS _ema_update)",
                                NORMALIZER_MOMENTUM=0.9),
+    "samples_pos3": _balanced("samples + POS 3", "stock + foreground weight 3 in both heads",
+                              pos=3, REG_NORMALIZER="samples"),
+    "samples_adaptive": _balanced("samples + adaptive", "stock + ADAPTIVE_POS_WEIGHT (HED's "
+                                  "class-balancing weight)", REG_NORMALIZER="samples",
+                                  ADAPTIVE_POS_WEIGHT=True),
+    "samples_adaptive_ema": _balanced("samples + adaptive + EMA 0.9", "samples + adaptive with "
+                                      "running counts (NORMALIZER_MOMENTUM 0.9)",
+                                      REG_NORMALIZER="samples", ADAPTIVE_POS_WEIGHT=True,
+                                      NORMALIZER_MOMENTUM=0.9),
+    "samples_prior": _balanced("samples + prior 0.01", "stock + PRIOR_PROB 0.01 (Focal Loss's "
+                               "prior; Sampling-Free's bias init)", REG_NORMALIZER="samples",
+                               PRIOR_PROB=0.01),
 }
+_SAMPLERS = {
+    "rfs": (RFS, "RFS", "detectron2's RepeatFactorTrainingSampler, t = 1 (LVIS, Gupta et al. 2019)"),
+    "share": (SHARE, "share 0.5", "ObjectShareTrainingSampler, OBJECT_IMAGE_SHARE 0.5"),
+}
+
+# Every loss variant alone ("<loss>") and with each sampler ("<loss>_<sampler>").
+ARMS: Dict[str, Arm] = dict(_LOSSES)
+for _loss, _arm in _LOSSES.items():
+    for _key, (_sampler, _name, _about) in _SAMPLERS.items():
+        ARMS[f"{_loss}_{_key}"] = Arm(_arm.heads, _arm.overrides + _sampler,
+                                      f"{_arm.label} + {_name}", f"{_arm.about}; {_about}")
 
 
 def weight_pair_arm(pos: float, bbox: float) -> Tuple[str, Arm]:
