@@ -196,6 +196,15 @@ def measure_config(
                 with loss_path_counted(model, device) as counts:
                     train_step(heads)()
                 syncs[heads] = counts
+            peak_mb = {}
+            if device.type == "cuda":  # one step each, from the same weights and sampling
+                for heads in models:
+                    restore(heads)
+                    torch.cuda.synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                    train_step(heads)()
+                    torch.cuda.synchronize(device)
+                    peak_mb[heads] = torch.cuda.max_memory_allocated(device) / 2**20
 
         images = [{k: x[k] for k in ("image", "height", "width")} for x in batch]
         for heads, model in models.items():
@@ -222,6 +231,7 @@ def measure_config(
         "inference_equal": all(eq for eq, _ in compared),
         "detections_compared": sum(n for _, n in compared),
         "loss_path_syncs": {h: {k: dict(v) for k, v in c.items()} for h, c in syncs.items()},
+        "peak_memory_mb": peak_mb,  # CUDA only: torch.cuda.max_memory_allocated of a step
     }
 
 

@@ -72,6 +72,9 @@ def _add_solver_config(cfg: CN) -> None:
     cfg.SOLVER.NO_WEIGHT_DECAY_KEYS = ["relative_position_bias_table", "absolute_pos_embed"]
     # AdamW's (beta1, beta2).
     cfg.SOLVER.BETAS = (0.9, 0.999)
+    # With SOLVER.AMP.ENABLED: autocast dtype of detectron2's AMPTrainer, "float16" (its
+    # default, with a GradScaler) or "bfloat16" (no overflow to guard; the scaler stays harmless).
+    cfg.SOLVER.AMP.PRECISION = "float16"
     # SOLVER.CLIP_GRADIENTS.CLIP_TYPE also accepts "full_model": one L2 clip of the total norm
     # over all parameters (torch.nn.utils.clip_grad_norm_) with max norm CLIP_VALUE.
 

@@ -36,7 +36,16 @@ from .optimizer import build_optimizer
 from .signals import CheckpointOnSignal
 from .watchdog import PeerWatchdogHook
 
-__all__ = ["Trainer"]
+__all__ = ["AMP_PRECISIONS", "Trainer", "amp_precision"]
+
+# SOLVER.AMP.PRECISION: the autocast dtype of detectron2's AMPTrainer.
+AMP_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def amp_precision(name: str) -> torch.dtype:
+    if name not in AMP_PRECISIONS:
+        raise ValueError(f"SOLVER.AMP.PRECISION must be one of {tuple(AMP_PRECISIONS)}, got {name!r}")
+    return AMP_PRECISIONS[name]
 
 
 class Trainer(DefaultTrainer):
@@ -44,7 +53,7 @@ class Trainer(DefaultTrainer):
     DefaultTrainer with the project's optimizer, gradient-norm hook and COCO evaluator.
 
     Configured by SOLVER.OPTIMIZER / BETAS / NO_WEIGHT_DECAY_KEYS, SOLVER.CLIP_GRADIENTS (incl.
-    CLIP_TYPE "full_model") and SOLVER.AMP.ENABLED. Logs "optim/grad_norm" every step. With
+    CLIP_TYPE "full_model") and SOLVER.AMP.ENABLED / PRECISION. Logs "optim/grad_norm" every step. With
     HEALTH.ENABLED, runs the training-health monitor (engine/health.py).
     """
 
@@ -65,11 +74,13 @@ class Trainer(DefaultTrainer):
         model = create_ddp_model(model, broadcast_buffers=False, device_ids=device_ids)
         # With HEALTH.ENABLED, a non-finite loss term or gradient norm stops every worker before
         # the optimizer step, naming the term (engine/nonfinite.py).
-        if cfg.HEALTH.ENABLED:
-            inner = GuardedAMPTrainer if cfg.SOLVER.AMP.ENABLED else GuardedSimpleTrainer
+        if cfg.SOLVER.AMP.ENABLED:
+            inner = GuardedAMPTrainer if cfg.HEALTH.ENABLED else AMPTrainer
+            self._trainer = inner(model, data_loader, optimizer,
+                                  precision=amp_precision(cfg.SOLVER.AMP.PRECISION))
         else:
-            inner = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-        self._trainer = inner(model, data_loader, optimizer)
+            inner = GuardedSimpleTrainer if cfg.HEALTH.ENABLED else SimpleTrainer
+            self._trainer = inner(model, data_loader, optimizer)
         # Added: detectron2 calls after_backward only on the hooks of this inner trainer, and
         # after_backward is where gradients are complete (DDP-averaged) but not yet applied.
         self._trainer.register_hooks(self.build_inner_hooks(cfg))
