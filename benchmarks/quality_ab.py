@@ -189,9 +189,28 @@ def resolved_config(cmd: List[str]) -> Dict[str, object]:
     return json.loads(json.dumps(flat))  # tuples as lists, as read back from result.json
 
 
+def _unused_keys(config: Dict[str, object]) -> List[str]:
+    """Key prefixes that nothing reads in this config: the balanced heads' options with stock
+    heads, a sampler's options with another sampler."""
+    unused = []
+    heads = (config.get("MODEL.PROPOSAL_GENERATOR.NAME"), config.get("MODEL.ROI_HEADS.NAME"),
+             config.get("MODEL.ROI_MASK_HEAD.NAME"))
+    if not any(str(h).startswith("Balanced") for h in heads):
+        unused.append("MODEL.BALANCED_LOSS.")
+    sampler = config.get("DATALOADER.SAMPLER_TRAIN")
+    if sampler != "ObjectShareTrainingSampler":
+        unused.append("DATALOADER.OBJECT_IMAGE_SHARE")
+    if sampler != "RepeatFactorTrainingSampler":
+        unused += ["DATALOADER.REPEAT_THRESHOLD", "DATALOADER.REPEAT_SQRT"]
+    return unused
+
+
 def same_config(stored: Dict[str, object], current: Dict[str, object]) -> bool:
-    """Every key of the stored run has the same value now; keys added since are ignored."""
-    return all(k in current and current[k] == v for k, v in stored.items())
+    """Every key of the stored run that the run reads has the same value now; keys added since,
+    and keys nothing reads (the balanced heads' options in a stock run, say), are ignored."""
+    unused = tuple(_unused_keys(current))
+    return all(k.startswith(unused) or (k in current and current[k] == v)
+               for k, v in stored.items())
 
 
 def plan_runs(settings: Sequence[str], arms: Sequence[str], seeds: Sequence[int]) -> List[Run]:

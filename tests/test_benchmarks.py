@@ -219,7 +219,21 @@ def test_quality_ab_tiny_runs_tabulates_and_resumes(one_thread, datasets_root, t
 
 def test_quality_ab_reuse_needs_the_same_resolved_config():
     quality_ab = _load("quality_ab")
-    stored = {"MODEL.BALANCED_LOSS.EPS": 1e-6, "SOLVER.MAX_ITER": 800}
+    stored = {"HEALTH.PERIOD": 50, "SOLVER.MAX_ITER": 800}
     assert quality_ab.same_config(stored, {**stored, "HEALTH.NEW_KEY": True})  # a key added
     assert not quality_ab.same_config(stored, {**stored, "SOLVER.MAX_ITER": 900})
     assert not quality_ab.same_config(stored, {"SOLVER.MAX_ITER": 800})  # a key removed
+    # Keys nothing reads: the balanced heads' options with stock heads, a sampler's options with
+    # another sampler.
+    stock = {"MODEL.PROPOSAL_GENERATOR.NAME": "RPN", "MODEL.ROI_HEADS.NAME": "StandardROIHeads",
+             "MODEL.ROI_MASK_HEAD.NAME": "MaskRCNNConvUpsampleHead",
+             "DATALOADER.SAMPLER_TRAIN": "TrainingSampler", "DATALOADER.OBJECT_IMAGE_SHARE": 0.5,
+             "MODEL.BALANCED_LOSS.REG_NORMALIZER": "positives", "SOLVER.MAX_ITER": 800}
+    changed = {**stock, "MODEL.BALANCED_LOSS.REG_NORMALIZER": "samples",
+               "DATALOADER.OBJECT_IMAGE_SHARE": 0.7}
+    assert quality_ab.same_config(stock, changed)
+    balanced = {**stock, "MODEL.PROPOSAL_GENERATOR.NAME": "BalancedRPN"}
+    assert not quality_ab.same_config(balanced, {**changed, "MODEL.PROPOSAL_GENERATOR.NAME":
+                                                 "BalancedRPN"})
+    share = {**stock, "DATALOADER.SAMPLER_TRAIN": "ObjectShareTrainingSampler"}
+    assert not quality_ab.same_config(share, {**share, "DATALOADER.OBJECT_IMAGE_SHARE": 0.7})
