@@ -68,3 +68,26 @@ def test_hook_measures_only_when_asked_and_leaves_the_gradients_alone():
     assert sum(scalars.values()) == pytest.approx(1.0)
     for (name, a), b in zip(measured.named_parameters(), plain.parameters()):
         assert torch.equal(a.grad, b.grad), name
+
+
+def test_a_common_scale_leaves_the_shares_unchanged():
+    w = torch.tensor([2.0, 1.0], requires_grad=True)
+    losses = {"loss_a": 3 * w[0], "loss_b": 4 * w[1]}
+    plain = loss_gradient_shares(losses, [w])
+    scaled = loss_gradient_shares(losses, [w], scale=2.0 ** 16)  # GradScaler's initial scale
+    assert {k: v.item() for k, v in scaled.items()} == pytest.approx(
+        {k: v.item() for k, v in plain.items()})
+
+
+def test_reentrant_checkpointing_turns_the_measurement_off(caplog):
+    import logging
+
+    from balanced_rcnn.engine.health import TrainingHealthMonitor
+
+    model = _Toy()
+    assert TrainingHealthMonitor._grad_shares_possible(model)
+    model.backbone.use_checkpoint = True  # what detectron2's Swin stages carry
+    with caplog.at_level(logging.WARNING, logger="balanced_rcnn.engine.health"):
+        assert not TrainingHealthMonitor._grad_shares_possible(model)
+    assert "no health/grad_share/* scalars: the backbone uses activation checkpointing" in (
+        caplog.text)

@@ -109,3 +109,4 @@ def test_momentum_outside_zero_one_is_refused(momentum):
     with pytest.raises(ValueError, match=r"NORMALIZER_MOMENTUM must be in \[0, 1\), got "
                                          f"{momentum}"):
         CountNormalizer(2, eps=EPS, momentum=momentum)
+

@@ -328,10 +328,12 @@ def test_forward_trains_and_inference_is_stock(event_storage):
         ("MODEL.BALANCED_LOSS.NORMALIZER_MOMENTUM", 1.0,
          r"NORMALIZER_MOMENTUM must be in \[0, 1\), got 1.0"),
         ("MODEL.BALANCED_LOSS.PRIOR_PROB", 1.0, r"PRIOR_PROB must be in \[0, 1\)"),
+        ("MODEL.RPN.POSITIVE_FRACTION", 1.0,
+         r"ADAPTIVE_POS_WEIGHT needs MODEL.RPN.POSITIVE_FRACTION in \(0, 1\), got 1.0"),
     ],
 )
 def test_build_refuses(key, value, message):
-    cfg = _cfg()
+    cfg = _cfg(ADAPTIVE_POS_WEIGHT=key == "MODEL.RPN.POSITIVE_FRACTION")
     cfg.merge_from_list([key, value])
     with pytest.raises(ValueError, match=message):
         _build(cfg)

@@ -2,7 +2,8 @@
 Image rebalancing for "few images hold objects": DATALOADER.SAMPLER_TRAIN
 "ObjectShareTrainingSampler" samples the images that hold objects at (at least) the share
 DATALOADER.OBJECT_IMAGE_SHARE of all sampled images, however few the dataset has. A dataset
-whose share is already as high is sampled as detectron2's TrainingSampler would.
+whose share is already as high is not rebalanced (every factor 1: each epoch a random
+permutation, as detectron2's TrainingSampler draws, from another random stream).
 
 detectron2's RepeatFactorTrainingSampler repeats an image by its rarest category (LVIS): it
 rebalances classes, and raises the share of object-holding images only as a side effect, by an

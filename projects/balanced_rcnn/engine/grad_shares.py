@@ -8,6 +8,10 @@ takes one extra backward pass per term through the backbone, so it is done on ch
 (the health monitor's check period), from a forward hook on the model: the hook sees the loss
 dict with its graph before the trainer's backward. ``torch.autograd.grad`` returns the gradients
 without accumulating them into ``.grad`` (nor triggering DDP's reducer), so training is unchanged.
+Under float16 AMP the terms are multiplied by the GradScaler's scale first, as the real backward
+is, so that small terms do not underflow (the shares are ratios: the scale cancels). Reentrant
+activation checkpointing (detectron2's Swin with MODEL.SWIN.USE_CHECKPOINT) does not support
+``torch.autograd.grad``: the monitor then leaves the shares out, with a warning.
 
     health/grad_share/<loss>   ||d loss / d shared|| / sum over the terms of the same norm
 """
@@ -24,18 +28,19 @@ GRAD_SHARE_PREFIX = "health/grad_share/"
 
 
 def loss_gradient_shares(
-    losses: Dict[str, torch.Tensor], shared: List[torch.Tensor]
+    losses: Dict[str, torch.Tensor], shared: List[torch.Tensor], scale: float = 1.0
 ) -> Dict[str, torch.Tensor]:
     """
     {name: 0-dim tensor}: the L2 norm of each loss term's gradient on ``shared`` divided by the sum
     of these norms (all 0 when every norm is 0). The losses' graphs are kept for the real backward.
+    ``scale`` multiplies every term before differentiating (the GradScaler's, under AMP).
     """
     norms = {}
     for name, loss in losses.items():
         if not loss.requires_grad:
             norms[name] = torch.zeros((), device=loss.device)
             continue
-        grads = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(loss * scale, shared, retain_graph=True, allow_unused=True)
         grads = [g for g in grads if g is not None]
         norms[name] = (
             torch.nn.utils.get_total_norm(grads, 2.0) if grads else loss.new_zeros(())
@@ -51,9 +56,18 @@ class LossGradientShares:
     storage (exact values, no smoothing). ``remove()`` takes the hook off.
     """
 
-    def __init__(self, model: nn.Module, shared: nn.Module, measure_now: Callable[[], bool]):
+    def __init__(self, model: nn.Module, shared: nn.Module, measure_now: Callable[[], bool],
+                 loss_scale: Callable[[], float] = lambda: 1.0):
+        """
+        Args:
+            model: its training forward returns the loss dict.
+            shared: the module whose parameters every head's loss reaches (the backbone).
+            measure_now: whether this step is measured (asked after each training forward).
+            loss_scale: the factor for the terms before differentiating (AMP's loss scale).
+        """
         self._shared = [p for p in shared.parameters() if p.requires_grad]
         self._measure_now = measure_now
+        self._loss_scale = loss_scale
         self._handle = model.register_forward_hook(self._after_forward)
 
     def _after_forward(self, module: nn.Module, inputs, output) -> None:
@@ -64,7 +78,7 @@ class LossGradientShares:
         losses = {k: v for k, v in output.items() if k.startswith("loss")}
         if not losses:
             return
-        shares = loss_gradient_shares(losses, self._shared)
+        shares = loss_gradient_shares(losses, self._shared, self._loss_scale())
         names = list(shares)
         # Every check period only: one transfer for all terms.
         values = torch.stack([shares[n] for n in names]).cpu().tolist()

@@ -307,10 +307,11 @@ class TrainingHealthMonitor(HookBase):
             f"worker), collapse rule at score >= {self._main_threshold:g}."
         )
         model = self._unwrapped_model()
-        if hasattr(model, "backbone"):
+        if getattr(model, "backbone", None) is not None and self._grad_shares_possible(model):
             period = self._period
             self._grad_shares = LossGradientShares(
-                model, model.backbone, lambda: (self.trainer.iter + 1) % period == 0
+                model, model.backbone, lambda: (self.trainer.iter + 1) % period == 0,
+                self._loss_scale,
             )
         if self._check_at_start and self.trainer.iter == 0:
             self._check_start()
@@ -383,6 +384,25 @@ class TrainingHealthMonitor(HookBase):
             # No rescaling to the original image size nor mask pasting: counting needs scores.
             return model.inference(batch, do_postprocess=False)
         return [r["instances"] for r in model(batch)]
+
+    @staticmethod
+    def _grad_shares_possible(model: torch.nn.Module) -> bool:
+        # detectron2's Swin stages carry the flag (BasicLayer.use_checkpoint).
+        if any(getattr(m, "use_checkpoint", False) for m in model.backbone.modules()):
+            logger.warning(
+                "Training health: no health/grad_share/* scalars: the backbone uses activation "
+                "checkpointing (MODEL.SWIN.USE_CHECKPOINT), whose reentrant backward "
+                "torch.autograd.grad does not support"
+            )
+            return False
+        return True
+
+    def _loss_scale(self) -> float:
+        """The GradScaler's scale under AMP (once per check: its value waits for the device)."""
+        scaler = getattr(getattr(self.trainer, "_trainer", None), "grad_scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        return float(scaler.get_scale())
 
     def _unwrapped_model(self) -> torch.nn.Module:
         model = self.trainer.model

@@ -26,7 +26,8 @@ def _balanced_loss(cfg: CfgNode) -> CfgNode:
 
 
 def check_balanced_loss_keys(cfg: CfgNode, *weight_names: str) -> None:
-    """Weights MODEL.BALANCED_LOSS.<name> must be finite and >= 0, EPS finite and > 0."""
+    """Weights MODEL.BALANCED_LOSS.<name> must be finite and >= 0, EPS finite and > 0, and the
+    options within their ranges."""
     section = _balanced_loss(cfg)
     for name in weight_names:
         value = section[name]
@@ -40,6 +41,13 @@ def check_balanced_loss_keys(cfg: CfgNode, *weight_names: str) -> None:
     if not 0.0 <= section.NORMALIZER_MOMENTUM < 1.0:
         raise ValueError("MODEL.BALANCED_LOSS.NORMALIZER_MOMENTUM must be in [0, 1), got "
                          f"{section.NORMALIZER_MOMENTUM}")
+    if section.ADAPTIVE_POS_WEIGHT:
+        fractions = {"MODEL.RPN.POSITIVE_FRACTION": cfg.MODEL.RPN.POSITIVE_FRACTION,
+                     "MODEL.ROI_HEADS.POSITIVE_FRACTION": cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION}
+        for key, fraction in fractions.items():
+            if not 0.0 < fraction < 1.0:
+                raise ValueError(f"MODEL.BALANCED_LOSS.ADAPTIVE_POS_WEIGHT needs {key} in (0, 1), "
+                                 f"got {fraction}")
     if not 0.0 <= section.PRIOR_PROB < 1.0:
         raise ValueError("MODEL.BALANCED_LOSS.PRIOR_PROB must be in [0, 1) (0: detectron2's "
                          f"initialization), got {section.PRIOR_PROB}")

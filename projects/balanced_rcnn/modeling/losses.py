@@ -115,6 +115,7 @@ def adaptive_pos_weight(
     class-balancing weight of Xie & Tu (HED, ICCV 2015) with the sampler's target in place of 1/2.
     0-dim tensors in and out.
     """
+    assert 0.0 < positive_fraction < 1.0, positive_fraction  # checked at build time
     ratio = positive_fraction / (1.0 - positive_fraction)
     return (ratio * num_neg / num_pos.clamp(min=1.0)).clamp(min=min_weight)
 
@@ -286,10 +287,15 @@ def classification_loss(
     """
     # w_i as a class weight (pos_weight for classes < K, 1 for K): with reduction "sum" the
     # loss kernel computes sum_i w_{gt_i} CE_i itself.
-    pos_weight = torch.as_tensor(pos_weight, dtype=torch.float32, device=scores.device)
-    class_weight = torch.cat(
-        [pos_weight.reshape(1).expand(scores.shape[1] - 1), pos_weight.new_ones(1)]
-    )
+    if isinstance(pos_weight, torch.Tensor):
+        class_weight = torch.cat(
+            [pos_weight.reshape(1).expand(scores.shape[1] - 1), pos_weight.new_ones(1)]
+        )
+    else:
+        # Filled on the device: a tensor made from a Python number would be copied from the host,
+        # which waits for the device.
+        class_weight = scores.new_full((scores.shape[1],), pos_weight, dtype=torch.float32)
+        class_weight[-1] = 1.0
     total = F.cross_entropy(scores.float(), gt_classes, weight=class_weight, reduction="sum")
     return total / normalizer
 

@@ -15,7 +15,8 @@ Shape shorthand in this module:
 (REG_NORMALIZER picks the divisor; w_i = w_pos for foreground, 1 for background; counts,
 running averages and w_pos as in modeling/losses.py). The mask loss is
 BalancedMaskRCNNConvUpsampleHead's. Proposal sampling and inference are detectron2's; so are the
-losses with REG_NORMALIZER "samples" and weights 1 (up to EPS).
+losses with REG_NORMALIZER "samples" and weights 1 (up to EPS; with several workers and
+SYNC_NORMALIZERS, R is their mean where detectron2 divides by each worker's own).
 
 Scalars put into EventStorage every step (``balanced_rcnn.utils.events.put_tensor_scalars``):
 

@@ -19,7 +19,7 @@ With P positive and Q negative sampled anchors over the batch:
 (REG_NORMALIZER picks the second divisor; w_i = w_pos for positives, 1 for negatives; counts,
 running averages and w_pos as in modeling/losses.py). Labelling, sampling and inference are
 detectron2's; so is the loss with REG_NORMALIZER "samples", weights 1 and B anchors sampled in
-every image (up to EPS).
+every image (up to EPS; with several workers and SYNC_NORMALIZERS, P + Q is their mean).
 
 Scalars put into EventStorage every step (``balanced_rcnn.utils.events.put_tensor_scalars``):
 
