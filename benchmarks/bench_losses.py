@@ -267,7 +267,7 @@ def main(argv=None) -> Dict[Tuple[str, str], Tuple[float, float]]:
             print(f"{'flush':<15} {'':<8} {'-':>9} {flush_ms:>12.2f} {'-':>15}")
         ratio = balanced_ms / stock_ms
         print(f"{name:<15} {mode:<8} {stock_ms:>9.2f} {balanced_ms:>12.2f} {ratio:>15.2f}")
-    results_dir = args.results_dir or (None if args.tiny else common.RESULTS_DIR)
+    results_dir = common.results_dir(args, tiny=args.tiny)
     if results_dir is not None:
         write_results(results, flush_ms, inputs, args, argv, results_dir)
     return results

@@ -324,7 +324,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
 
     body, notes = render(results, device, threads)
     print(body + "\n\n" + "\n".join(f"- {n}" for n in notes))
-    results_dir = args.results_dir or (None if args.tiny else common.RESULTS_DIR)
+    results_dir = common.results_dir(args, tiny=args.tiny)
     if results_dir is not None:
         markdown = common.write_results(
             NAME, "Training step and inference: balanced vs stock heads (bench_step.py)", body,

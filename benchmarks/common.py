@@ -26,7 +26,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "benchmarks" / "results"
+RESULTS_DIR = REPO / "benchmarks" / "results"  # tracked: written with --update-md only
+OUTPUT_RESULTS_DIR = REPO / "output" / "benchmarks"  # git-ignored: the default
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
 # The Python-level ways of waiting for the device (as tests/conftest.py's refuse_host_sync).
@@ -115,10 +116,21 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 def add_output_arguments(parser, name: str) -> None:
     """The options every benchmark shares: where its tables go."""
     parser.add_argument("--results-dir", type=Path,
-                        help=f"write {name}.md/.json here (default: {RESULTS_DIR}; "
-                        "with --tiny: nowhere)")
+                        help=f"write {name}.md/.json here (default: output/benchmarks; with "
+                        "--update-md: benchmarks/results; with --tiny: nowhere)")
     parser.add_argument("--update-md", action="store_true",
-                        help="also replace this script's section of BENCHMARKS.md")
+                        help="write the tracked benchmarks/results/ files and replace this "
+                        "script's section of BENCHMARKS.md")
+
+
+def results_dir(args, tiny: bool = False) -> Optional[Path]:
+    """Where a script writes its .md/.json: --results-dir; else the tracked benchmarks/results/
+    with --update-md only; else output/benchmarks/ (git-ignored); nowhere for a tiny run."""
+    if args.results_dir is not None:
+        return args.results_dir
+    if args.update_md:
+        return RESULTS_DIR
+    return None if tiny else OUTPUT_RESULTS_DIR
 
 
 def write_results(

@@ -1,8 +1,8 @@
 """
 What only a GPU can show, in one run of about 8 minutes on one CUDA device:
 
-    bash benchmarks/gpu_check.sh                       # = make setup + this script
-    python benchmarks/gpu_check.py                     # on a CUDA machine
+    bash benchmarks/gpu_check.sh                       # = make setup + this script --update-md
+    python benchmarks/gpu_check.py                     # on a CUDA machine; output/benchmarks/
     python benchmarks/gpu_check.py --cpu-dry-run       # the same code paths on the CPU, tiny (tests)
 
 1. The losses alone on COCO-sized inputs (bench_losses.py --device cuda: 2 x 800x1333, 512 ROIs
@@ -20,8 +20,9 @@ What only a GPU can show, in one run of about 8 minutes on one CUDA device:
    skipped few steps (log2 of its scale's fall: it starts at 2^16 and does not grow within 2000
    steps), and the health monitor reported no collapse.
 
-Writes benchmarks/results/gpu_check.json and .md (device, torch and CUDA versions, commit) and
-replaces the GPU section of BENCHMARKS.md. With --cpu-dry-run: the tiny sizes of both
+Writes gpu_check.json and .md (device, torch and CUDA versions, commit) to output/benchmarks/, or
+with --update-md (as gpu_check.sh runs it) to benchmarks/results/, replacing the GPU section of
+BENCHMARKS.md. With --cpu-dry-run: the tiny sizes of both
 benchmarks, the instant-test config for 40 iterations without AMP (detectron2's AMPTrainer needs
 CUDA), Python-level synchronization counts, and results only where --results-dir says.
 """
@@ -190,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 for p in precisions]
     body, notes = render(device_name, torch.device(device), losses, step, runs)
     print("\n" + body)
-    results_dir = args.results_dir or (None if dry else common.RESULTS_DIR)
+    results_dir = common.results_dir(args, tiny=dry)
     data = {"device": device_name, "cuda": torch.version.cuda, "dry_run": dry,
             "losses_ms": [{"head": h, "pass": m, "stock": s, "balanced": b}
                           for (h, m), (s, b) in losses.items()],
@@ -198,7 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if results_dir is not None:
         markdown = common.write_results(NAME, "GPU check (gpu_check.py)", body, data,
                                         common.command_line(__file__, argv), results_dir, notes)
-        if args.update_md or not dry:
+        if args.update_md:
             common.update_benchmarks_md(NAME, markdown)
     if not all(r["healthy"] for r in runs):
         print("gpu_check: a training run was not healthy (table above)", file=sys.stderr)

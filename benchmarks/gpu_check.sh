@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 make setup
-.venv/bin/python benchmarks/gpu_check.py "$@"
+.venv/bin/python benchmarks/gpu_check.py --update-md "$@"

@@ -702,7 +702,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     body, notes = render(study, runs, results, args.threads_per_job, args.jobs)
     details = f"<details><summary>Every run</summary>\n\n{per_run_table(results)}\n\n</details>"
     print("\n" + body + "\n\n" + "\n".join(f"- {n}" for n in notes))
-    results_dir = args.results_dir or (None if args.tiny else common.RESULTS_DIR)
+    results_dir = common.results_dir(args, tiny=args.tiny)
     if results_dir is not None:
         name = args.name + ("_tiny" if args.tiny else "")
         data = {"tiny": args.tiny, "schedule": asdict(schedule),

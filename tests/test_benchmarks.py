@@ -237,3 +237,15 @@ def test_quality_ab_reuse_needs_the_same_resolved_config():
                                                  "BalancedRPN"})
     share = {**stock, "DATALOADER.SAMPLER_TRAIN": "ObjectShareTrainingSampler"}
     assert not quality_ab.same_config(share, {**share, "DATALOADER.OBJECT_IMAGE_SHARE": 0.7})
+
+
+def test_tracked_results_are_written_with_update_md_only(tmp_path):
+    common = _load("common")
+    args = type("Args", (), {"results_dir": None, "update_md": False})
+    assert common.results_dir(args) == common.OUTPUT_RESULTS_DIR  # git-ignored output/
+    assert common.results_dir(args, tiny=True) is None
+    args.update_md = True
+    assert common.results_dir(args) == common.RESULTS_DIR  # benchmarks/results, tracked
+    args.results_dir = tmp_path
+    assert common.results_dir(args) == tmp_path
+    assert "/output/" in (common.REPO / ".gitignore").read_text().split()
