@@ -212,7 +212,7 @@ def test_running_counts_are_saved_and_resumed(tmp_path):
         _losses(model, batch)
     names = ["proposal_generator.normalizer.running_counts",
              "roi_heads.box_predictor.normalizer.running_counts",
-             "roi_heads.mask_head.normalizer.running_counts"]
+             "roi_heads.mask_head.normalizer_running_counts"]
     state = model.state_dict()
     assert all(name in state and (state[name] >= 0).all() for name in names)
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model")

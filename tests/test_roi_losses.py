@@ -453,8 +453,8 @@ def test_running_counts_of_the_box_and_mask_heads(event_storage):
     first = head(features, _mask_instances())["loss_mask"]
     torch.testing.assert_close(first, stock(features, _mask_instances())["loss_mask"] * 5 / (5 + EPS))
     head(features[:1], _mask_instances(num_per_image=(1, 0)))
-    torch.testing.assert_close(head.normalizer.running_counts, torch.tensor([3.0]))  # (5 + 1) / 2
-    assert "normalizer.running_counts" in head.state_dict()
+    torch.testing.assert_close(head.normalizer_running_counts, torch.tensor([3.0]))  # (5 + 1) / 2
+    assert "normalizer_running_counts" in head.state_dict()
     # The normalizer is no layer of the head's nn.Sequential: inference is stock's.
     head.eval()
     stock.eval()
@@ -492,4 +492,4 @@ def test_running_counts_are_the_only_state_the_stock_heads_lack():
     )
     extra = set(heads.state_dict()) - set(stock.state_dict())
     assert extra == {"box_predictor.normalizer.running_counts",
-                     "mask_head.normalizer.running_counts"}
+                     "mask_head.normalizer_running_counts"}

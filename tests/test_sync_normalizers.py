@@ -163,7 +163,7 @@ def _worker(rank, port, out_dir):
         running = {
             "rpn": smoothed._rpn[0].normalizer.running_counts,
             "box": smoothed.box_predictor.normalizer.running_counts,
-            "mask": smoothed.mask_head.normalizer.running_counts,
+            "mask": smoothed.mask_head.normalizer_running_counts,
         }
         torch.save({"scalars": scalars, "grads": _grads(model.module), "running": running},
                    f"{out_dir}/rank{rank}.pt")

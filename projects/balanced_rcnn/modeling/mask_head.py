@@ -32,12 +32,11 @@ from detectron2.modeling.roi_heads.mask_head import (
     mask_rcnn_inference,
 )
 from detectron2.structures import Instances
-from detectron2.utils.events import get_event_storage
 
-from ..utils.events import put_tensor_scalars
+from ..utils.events import current_storage, put_tensor_scalars
 from .checks import balanced_loss_kwargs, check_balanced_loss_keys
 from .losses import mask_loss
-from .normalizer import CountNormalizer
+from .normalizer import check_momentum, normalize_counts, unset_running_counts
 
 __all__ = ["BalancedMaskRCNNConvUpsampleHead", "balanced_mask_rcnn_loss"]
 
@@ -92,8 +91,8 @@ def _log_mask_stats(logits: torch.Tensor, gt_masks: torch.Tensor, normalizer: to
 
 def _visualize(logits: torch.Tensor, gt_masks: torch.Tensor, vis_period: int):
     """detectron2's mask_rcnn_loss visualization, every ``vis_period`` iterations."""
-    storage = get_event_storage()
-    if vis_period > 0 and storage.iter % vis_period == 0:
+    storage = current_storage() if vis_period > 0 else None
+    if storage is not None and storage.iter % vis_period == 0:
         vis_masks = torch.cat([logits.sigmoid(), gt_masks.to(torch.float32)], axis=2)
         name = "Left: mask prediction;   Right: mask GT"
         for idx, vis_mask in enumerate(vis_masks):
@@ -107,7 +106,8 @@ def balanced_mask_rcnn_loss(
     *,
     eps: float = 1e-6,
     sync_normalizers: bool = True,
-    normalizer: Optional[CountNormalizer] = None,
+    normalizer_momentum: float = 0.0,
+    running_counts: Optional[torch.Tensor] = None,
     vis_period: int = 0,
 ) -> torch.Tensor:
     """
@@ -117,15 +117,14 @@ def balanced_mask_rcnn_loss(
         pred_mask_logits: (F, C, M, M) mask logits of the foreground proposals.
         instances: N Instances with ``proposal_boxes``, ``gt_classes``, ``gt_masks``, in 1:1
             correspondence with ``pred_mask_logits``.
-        eps, sync_normalizers: of the per-batch normalizer used when ``normalizer`` is None.
-        normalizer: the head's :class:`CountNormalizer` of the foreground count.
+        eps, sync_normalizers, normalizer_momentum, running_counts: the normalizer's settings
+            and, with a momentum, its (1,) running count (modeling/normalizer.py).
         vis_period: put predicted and gt masks into EventStorage every that many iterations.
     """
     logits, gt_masks = _mask_targets(pred_mask_logits, instances)
     num_fg = torch.full((1,), logits.shape[0], dtype=torch.float32, device=logits.device)
-    if normalizer is None:
-        normalizer = CountNormalizer(1, eps=eps, sync=sync_normalizers)
-    normalizer = normalizer(num_fg)[1][0]
+    normalizer = normalize_counts(num_fg, eps=eps, sync=sync_normalizers,
+                                  momentum=normalizer_momentum, running=running_counts)[1][0]
     _log_mask_stats(logits, gt_masks, normalizer)
     _visualize(logits, gt_masks, vis_period)
     return mask_loss(logits, gt_masks, normalizer)
@@ -154,9 +153,14 @@ class BalancedMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
                 ``loss_weight`` multiplies the loss.
         """
         super().__init__(input_shape, **kwargs)
-        self.normalizer = CountNormalizer(
-            1, eps=eps, sync=sync_normalizers, momentum=normalizer_momentum
-        )
+        check_momentum(normalizer_momentum)
+        self.eps = eps
+        self.sync_normalizers = sync_normalizers
+        self.normalizer_momentum = normalizer_momentum
+        if normalizer_momentum > 0:
+            # A buffer of the head, not a submodule: the head is an nn.Sequential whose every
+            # child is a layer (what TorchScript and detectron2's layers() rely on).
+            self.register_buffer("normalizer_running_counts", unset_running_counts(1))
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -167,14 +171,6 @@ class BalancedMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
         kwargs = balanced_loss_kwargs(cfg)
         ret.update({k: kwargs[k] for k in ("eps", "sync_normalizers", "normalizer_momentum")})
         return ret
-
-    def layers(self, x):
-        # The head is an nn.Sequential of its layers; the normalizer is a child module for its
-        # buffer (the running counts), not a layer.
-        for name, layer in self.named_children():
-            if name != "normalizer":
-                x = layer(x)
-        return x
 
     def forward(self, x, instances: List[Instances]):
         """
@@ -189,7 +185,13 @@ class BalancedMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
         x = self.layers(x)
         if self.training:
             loss = balanced_mask_rcnn_loss(
-                x, instances, normalizer=self.normalizer, vis_period=self.vis_period
+                x,
+                instances,
+                eps=self.eps,
+                sync_normalizers=self.sync_normalizers,
+                normalizer_momentum=self.normalizer_momentum,
+                running_counts=getattr(self, "normalizer_running_counts", None),
+                vis_period=self.vis_period,
             )
             return {"loss_mask": loss * self.loss_weight}
         mask_rcnn_inference(x, instances)

@@ -1,17 +1,57 @@
 """
-CountNormalizer: one head's sample counts -> the loss normalizers, with the optional mean over
-workers and running average that modeling/losses.py defines (its module docstring holds the
-formulas). Every balanced head owns one, so the three heads share this plumbing.
+One head's sample counts -> the loss normalizers, with the optional mean over workers and running
+average that modeling/losses.py defines (its module docstring holds the formulas):
+:func:`normalize_counts`, and :class:`CountNormalizer`, the module that holds its running counts.
+The RPN and the box predictor own a CountNormalizer; the mask head, an nn.Sequential of its
+layers that must stay one for TorchScript, keeps the buffer itself and calls the function.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
 from .losses import ema_counts, worker_mean_counts
 
-__all__ = ["CountNormalizer"]
+__all__ = ["CountNormalizer", "normalize_counts"]
+
+
+def normalize_counts(
+    counts: torch.Tensor,
+    *,
+    eps: float,
+    sync: bool = True,
+    momentum: float = 0.0,
+    running: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Args:
+        counts: (C,) this worker's counts of the batch (any dtype).
+        eps, sync, momentum: MODEL.BALANCED_LOSS.EPS, SYNC_NORMALIZERS, NORMALIZER_MOMENTUM.
+        running: with ``momentum > 0``, the (C,) running counts (-1: no batch yet), updated in
+            place.
+
+    Returns:
+        (C,) float32 counts after averaging over workers and time, and (C,) normalizers
+        ``max(count, 1) + eps``; both detached from autograd.
+    """
+    counts = worker_mean_counts(counts, sync)
+    if momentum > 0:
+        counts = ema_counts(running, counts, momentum)
+        running.copy_(counts)
+    return counts, counts.clamp(min=1.0) + eps
+
+
+def unset_running_counts(num_counts: int) -> torch.Tensor:
+    """The initial running counts: -1, which ema_counts reads as "no batch yet"."""
+    return torch.full((num_counts,), -1.0)
+
+
+def check_momentum(momentum: float) -> None:
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(
+            f"MODEL.BALANCED_LOSS.NORMALIZER_MOMENTUM must be in [0, 1), got {momentum}"
+        )
 
 
 class CountNormalizer(nn.Module):
@@ -37,30 +77,19 @@ class CountNormalizer(nn.Module):
             momentum: in [0, 1), of the running average (MODEL.BALANCED_LOSS.NORMALIZER_MOMENTUM).
         """
         super().__init__()
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(
-                f"MODEL.BALANCED_LOSS.NORMALIZER_MOMENTUM must be in [0, 1), got {momentum}"
-            )
+        check_momentum(momentum)
         self.eps = eps
         self.sync = sync
         self.momentum = momentum
         if momentum > 0:
-            self.register_buffer("running_counts", torch.full((num_counts,), -1.0))
+            self.register_buffer("running_counts", unset_running_counts(num_counts))
 
+    @torch.jit.unused  # training only: TorchScript compiles inference, which never calls it
     def forward(self, counts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """
-        Args:
-            counts: (C,) this worker's counts of the batch (any dtype).
-
-        Returns:
-            (C,) float32 counts after averaging over workers and time, and (C,) normalizers
-            ``max(count, 1) + eps``; both detached from autograd.
-        """
-        counts = worker_mean_counts(counts, self.sync)
-        if self.momentum > 0:
-            counts = ema_counts(self.running_counts, counts, self.momentum)
-            self.running_counts.copy_(counts)
-        return counts, counts.clamp(min=1.0) + self.eps
+        """:func:`normalize_counts` with this module's settings and running counts."""
+        running = self.running_counts if self.momentum > 0 else None
+        return normalize_counts(counts, eps=self.eps, sync=self.sync, momentum=self.momentum,
+                                running=running)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, sync={self.sync}, momentum={self.momentum}"

@@ -289,6 +289,13 @@ class BalancedROIHeads(StandardROIHeads):
     MODEL.MASK_ON the mask head must be :class:`BalancedMaskRCNNConvUpsampleHead` (or a subclass).
     """
 
+    # detectron2's scripting marks these constant on StandardROIHeads (torchscript_patch.py),
+    # so that TorchScript leaves out the branches of disabled heads. Class annotations are not
+    # inherited on Python >= 3.10: without these, scripting compiles the keypoint branch and
+    # fails on the missing keypoint_pooler.
+    mask_on: torch.jit.Final[bool]
+    keypoint_on: torch.jit.Final[bool]
+
     @classmethod
     def from_config(cls, cfg, input_shape):
         # Refused before anything is built: _init_box_head builds the stock predictor first,

@@ -22,9 +22,21 @@ def _pending(storage: EventStorage) -> Dict[str, torch.Tensor]:
     return pending
 
 
+def current_storage() -> Optional[EventStorage]:
+    """The EventStorage in use, or None outside one (a loss called in a test or an analysis)."""
+    try:
+        return get_event_storage()
+    except AssertionError:  # detectron2's way of saying there is none
+        return None
+
+
 def put_tensor_scalars(**scalars: torch.Tensor) -> None:
-    """Record 0-dim tensors under their names for the current iteration (no synchronization)."""
-    pending = _pending(get_event_storage())
+    """Record 0-dim tensors under their names for the current iteration (no synchronization);
+    outside an EventStorage, nothing (as detectron2's losses log nothing without one)."""
+    storage = current_storage()
+    if storage is None:
+        return
+    pending = _pending(storage)
     for name, value in scalars.items():
         pending[name] = value.detach().reshape(())
 
