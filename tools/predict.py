@@ -7,6 +7,13 @@ Usage:
   python tools/predict.py --config-file output/run/config.yaml \\
       --weights output/run/model_final.pth --input path/to/images --output output/predictions \\
       [--coco-json annotations.json] [--confidence-threshold 0.5] [KEY VALUE ...]
+  python tools/predict.py --config-file output/run/config.yaml --exported output/export/model.onnx \\
+      --input path/to/images --output output/predictions_onnx      # or model.ts (TorchScript)
+
+With --exported, the file made by tools/export_model.py runs (TorchScript, or ONNX through
+onnxruntime) with the config's test-time resize and detectron2's postprocessing, and gives the
+same outputs; the config's SCORE_THRESH_TEST was fixed at export time (--confidence-threshold
+then filters what the file returns).
 
 Writes into --output:
   coco_instances_results.json  [{image_id, category_id, bbox [x, y, w, h], score,
@@ -29,6 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import torch
 from balanced_rcnn import add_balanced_rcnn_config, register_datasets_from_config
+from balanced_rcnn.deploy import ExportedPredictor
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, Metadata, MetadataCatalog
 from detectron2.data.detection_utils import read_image
@@ -60,6 +68,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "config's first DATASETS.TEST, else DATASETS.TRAIN)")
     parser.add_argument("--confidence-threshold", type=float, default=None,
                         help="minimum score kept (default: the config's SCORE_THRESH_TEST)")
+    parser.add_argument("--exported", type=Path, default=None,
+                        help="run this model.ts / model.onnx of tools/export_model.py instead of "
+                             "the checkpoint")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides as KEY VALUE pairs")
     return parser.parse_args(argv)
@@ -75,10 +86,19 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
     if args.weights is not None:
         cfg.MODEL.WEIGHTS = str(args.weights)
     weights = cfg.MODEL.WEIGHTS
+    if args.exported is not None:
+        if args.weights is not None:
+            raise ValueError("--weights and --exported exclude each other: the exported file "
+                             "holds its weights")
+        if not args.exported.is_file():
+            raise FileNotFoundError(f"exported model not found: {args.exported} (--exported)")
+        if args.exported.suffix not in (".ts", ".onnx"):
+            raise ValueError(f"--exported {args.exported}: expected a .ts (TorchScript) or .onnx "
+                             "file from tools/export_model.py")
     # DetectionCheckpointer silently keeps a random init when the file is missing: check first.
-    if not weights:
+    elif not weights:
         raise ValueError("no checkpoint given: pass --weights or set MODEL.WEIGHTS")
-    if "://" not in weights and not Path(weights).is_file():
+    elif "://" not in weights and not Path(weights).is_file():
         source = "--weights" if args.weights is not None else "MODEL.WEIGHTS"
         raise FileNotFoundError(f"checkpoint not found: {weights} ({source})")
     if args.confidence_threshold is not None:
@@ -161,9 +181,11 @@ def _vis_name(name: str, taken: set) -> str:
 
 
 def predict(cfg: CfgNode, images: List[Tuple[Path, str]], image_ids: List[int],
-            metadata: Metadata, output: Path) -> Tuple[List[Dict], List[Dict]]:
-    """Run the model on every image and draw it; return the COCO results and image entries."""
-    predictor = DefaultPredictor(cfg)
+            metadata: Metadata, output: Path, exported: Optional[Path] = None,
+            threshold: Optional[float] = None) -> Tuple[List[Dict], List[Dict]]:
+    """Run the model (or the ``exported`` file) on every image and draw it; return the COCO
+    results and image entries."""
+    predictor = DefaultPredictor(cfg) if exported is None else ExportedPredictor(cfg, exported)
     results: List[Dict] = []
     entries: List[Dict] = []
     taken: set = set()
@@ -175,6 +197,8 @@ def predict(cfg: CfgNode, images: List[Tuple[Path, str]], image_ids: List[int],
         h, w = image.shape[:2]
         entries.append({"id": image_id, "file_name": name, "height": h, "width": w})
         instances = predictor(image)["instances"].to("cpu")
+        if exported is not None and threshold is not None:
+            instances = instances[instances.scores >= threshold]
         results.extend(instances_to_coco_json(instances, image_id))
         scale = max(1.0, _MIN_DRAWN_SIDE / max(h, w))
         vis = Visualizer(image[:, :, ::-1], metadata, scale=scale, instance_mode=ColorMode.IMAGE)
@@ -199,7 +223,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         else:
             image_ids = list(range(1, len(images) + 1))
         args.output.mkdir(parents=True, exist_ok=True)
-        results, entries = predict(cfg, images, image_ids, metadata, args.output)
+        results, entries = predict(cfg, images, image_ids, metadata, args.output, args.exported,
+                                   args.confidence_threshold)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"predict: error: {e}")
     if args.coco_json is None:
