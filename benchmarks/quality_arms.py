@@ -23,7 +23,7 @@ True detectron2 drops them and the imbalance under test disappears):
   re-initialized for the new classes, everything else starts trained.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Optional, Tuple
 
 __all__ = ["ARMS", "Arm", "PRETRAINS", "Pretrain", "SETTINGS", "TINY_SETTINGS", "Setting",
@@ -157,6 +157,8 @@ def _balanced(label: str, about: str, **kw) -> Arm:
 # against stock, and each positives_* arm one change against the design's defaults.
 _LOSSES: Dict[str, Arm] = {
     "stock": Arm("stock", (), "stock", "detectron2's RPN and StandardROIHeads"),
+    "samples": _balanced("samples", "balanced heads with stock's normalization and every weight "
+                         "1: stock's loss (up to EPS)", REG_NORMALIZER="samples"),
     "design_defaults": _balanced("design defaults", "balanced heads: regression by the "
                                  "positive counts, every weight 1"),
     "design": _balanced("design (POS 2)", "the design for severe imbalance: design defaults "
@@ -184,8 +186,10 @@ _SAMPLERS = {
     "share": (SHARE, "share 0.5", "ObjectShareTrainingSampler, OBJECT_IMAGE_SHARE 0.5"),
 }
 
-# Every loss variant alone ("<loss>") and with each sampler ("<loss>_<sampler>").
-ARMS: Dict[str, Arm] = dict(_LOSSES)
+# Every loss variant alone ("<loss>", with detectron2's TrainingSampler whatever the config file
+# says) and with each sampler ("<loss>_<sampler>").
+PLAIN: Overrides = (("DATALOADER.SAMPLER_TRAIN", "TrainingSampler"),)
+ARMS: Dict[str, Arm] = {k: replace(a, overrides=PLAIN + a.overrides) for k, a in _LOSSES.items()}
 for _loss, _arm in _LOSSES.items():
     for _key, (_sampler, _name, _about) in _SAMPLERS.items():
         ARMS[f"{_loss}_{_key}"] = Arm(_arm.heads, _arm.overrides + _sampler,
