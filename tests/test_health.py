@@ -28,6 +28,7 @@ from balanced_rcnn.engine import (
     TrainingHealthMonitor,
 )
 from balanced_rcnn.engine.grad_norm import GRAD_NORM_SCALAR
+from balanced_rcnn.engine.health import count_collapses, is_collapsed_check, objects_per_image
 from balanced_rcnn.engine.nonfinite import _non_finite_report, write_metrics
 from balanced_rcnn.utils.events import put_tensor_scalars
 from detectron2.engine import hooks
@@ -113,6 +114,27 @@ def test_fraction_rule_and_stop_action(event_storage):
     assert monitor.state_dict()["num_collapses"] == 1
 
 
+def test_reference_is_capped_at_the_objects_of_the_check_images(event_storage):
+    # Check images holding 0.5 objects each: after a burst of 31 false positives per image, 1.4
+    # is still 3x the objects (healthy); 0.01 is below 0.1 x 0.5 (collapsed).
+    healthy = [0.0, 31.0, 1.4, 1.5, 1.6]
+    lost = [0.0, 31.0, 0.01, 0.01, 0.01]
+    for series, collapses in ((healthy, 0), (lost, 1)):
+        monitor = _monitor(event_storage)
+        monitor._objects_per_image = 0.5
+        _run_checks(monitor, event_storage, series)
+        assert monitor.state_dict()["num_collapses"] == collapses
+        checks = [(10 * k + 9, d) for k, d in enumerate(series)]
+        assert count_collapses(checks, warmup_iters=20, fraction=0.1, patience=2,
+                               objects=0.5) == collapses
+    # Without ground truth on the check images, the best count alone is the reference.
+    checks = [(10 * k + 9, d) for k, d in enumerate(healthy)]
+    assert count_collapses(checks, warmup_iters=20, fraction=0.1, patience=2, objects=0.0) == 1
+    assert is_collapsed_check(0.0, None, 0.5, 0.1) and not is_collapsed_check(0.2, None, 0.5, 0.1)
+    assert is_collapsed_check(0.04, 31.0, 0.5, 0.1) and not is_collapsed_check(0.05, 31.0, 0.5, 0.1)
+    assert objects_per_image([{"annotations": [{}, {"iscrowd": 1}]}, {"annotations": []}]) == 0.5
+
+
 def test_monitor_state_survives_a_resume(event_storage):
     monitor = _monitor(event_storage)
     _run_checks(monitor, event_storage, [0.0, 20.0, 0.0])
@@ -134,6 +156,33 @@ def test_monitor_state_survives_a_resume(event_storage):
 def test_invalid_settings_name_the_key(event_storage, key, value, message):
     with pytest.raises(ValueError, match=message):
         _monitor(event_storage, **{key: value})
+
+
+def test_check_images_can_be_taken_among_the_images_with_objects(event_storage):
+    from detectron2.data import DatasetCatalog
+
+    def record(i, annotations):
+        return {"image_id": i, "annotations": annotations}
+
+    box = {"bbox": [0, 0, 4, 4], "category_id": 0}
+    records = [record(0, []), record(1, [box]), record(2, [{**box, "iscrowd": 1}]),
+               record(3, []), record(4, [box, {**box, "iscrowd": 1}]), record(5, [box])]
+    DatasetCatalog.register("health_object_images", lambda: records)
+    DatasetCatalog.register("health_no_object_images", lambda: [record(0, []), records[2]])
+    try:
+        every = _monitor(event_storage, dataset_name="health_object_images", num_images=2)
+        assert [r["image_id"] for r in every._check_records()] == [0, 1]
+        objects = _monitor(event_storage, dataset_name="health_object_images", num_images=2,
+                           object_images_only=True)
+        assert [r["image_id"] for r in objects._check_records()] == [1, 4]  # crowd-only: none
+        none = _monitor(event_storage, dataset_name="health_no_object_images",
+                        object_images_only=True)
+        with pytest.raises(ValueError, match="HEALTH.OBJECT_IMAGES_ONLY: dataset "
+                           "'health_no_object_images' .* has no image with a non-crowd"):
+            none._check_records()
+    finally:
+        DatasetCatalog.remove("health_object_images")
+        DatasetCatalog.remove("health_no_object_images")
 
 
 # -- the non-finite stop, on hand-made loss dicts --

@@ -102,13 +102,17 @@ def _add_health_config(cfg: CN) -> None:
     cfg.HEALTH.SCORE_THRESHOLDS = (0.05, 0.3, 0.5)  # detections per image are counted at each
     # Score of the collapse rule; 0.05 is detectron2's SCORE_THRESH_TEST (what COCO AP sees).
     cfg.HEALTH.MAIN_THRESHOLD = 0.05
-    # A check is collapsed when detections per image are 0 or below this x the best earlier one.
+    # A check is collapsed when detections per image are 0 or below this x the best earlier one,
+    # capped at the ground-truth objects per check image (engine/health.py, is_collapsed_check).
     cfg.HEALTH.COLLAPSE_FRACTION = 0.05
     cfg.HEALTH.PATIENCE = 3  # K: consecutive collapsed checks that make a collapse
     cfg.HEALTH.WARMUP_ITERS = 100  # checks before this many iterations are logged, not judged
     cfg.HEALTH.ACTION = "warn"  # on a collapse: "warn", or "stop" (checkpoint, exit code 3)
     # Also check once before the first step (logged, not judged): where fine-tuning starts from.
     cfg.HEALTH.CHECK_AT_START = False
+    # Take the check images only among the images that hold an object (a non-crowd annotation):
+    # on a mostly empty val set the first NUM_IMAGES say little about lost detections.
+    cfg.HEALTH.OBJECT_IMAGES_ONLY = False
 
 
 def _add_reliability_config(cfg: CN) -> None:

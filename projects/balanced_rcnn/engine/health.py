@@ -15,8 +15,11 @@ while training, configured by the HEALTH keys (config.py).
 - at every check period, measures the gradient share of each loss term on the backbone
   (engine/grad_shares.py);
 - reports a *collapse*: detections per image at HEALTH.MAIN_THRESHOLD are zero, or below
-  HEALTH.COLLAPSE_FRACTION x the best value of the earlier checks, in HEALTH.PATIENCE consecutive
-  checks made after HEALTH.WARMUP_ITERS completed iterations. It warns loudly; with
+  HEALTH.COLLAPSE_FRACTION x the reference, in HEALTH.PATIENCE consecutive checks made after
+  HEALTH.WARMUP_ITERS completed iterations (:func:`is_collapsed_check`). The reference is the best
+  value of the earlier checks, capped at the ground-truth objects per check image when they have
+  any: a burst of false positives early in training (tens per image) must not turn a later,
+  healthy count (more detections than objects) into a "collapse". It warns loudly; with
   HEALTH.ACTION "stop" it also saves ``model_collapse_<iter>.pth`` and stops training with
   :class:`DetectionCollapseError` (train_net.py exits with :data:`EXIT_COLLAPSE`);
 - logs a summary at the end of training.
@@ -75,7 +78,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, Iterator, List, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -97,6 +100,10 @@ __all__ = [
     "NonFiniteTrainingError",
     "TrainingHealthError",
     "TrainingHealthMonitor",
+    "check_records",
+    "count_collapses",
+    "is_collapsed_check",
+    "objects_per_image",
     "save_checkpoint_and_synchronize",
 ]
 
@@ -141,6 +148,53 @@ def save_checkpoint_and_synchronize(
     return os.path.join(checkpointer.save_dir, f"{name}.pth")
 
 
+def check_records(records: Sequence[Dict[str, Any]], num_images: int,
+                  object_images_only: bool = False) -> List[Dict[str, Any]]:
+    """The check images among a dataset's records: the first ``num_images``, of those holding a
+    non-crowd annotation with ``object_images_only``."""
+    if object_images_only:
+        records = [r for r in records
+                   if any(not a.get("iscrowd", 0) for a in r.get("annotations", ()))]
+    return list(records[:num_images])
+
+
+def objects_per_image(records: Sequence[Dict[str, Any]]) -> float:
+    """Non-crowd ground-truth objects per record (0 for no records or records without
+    annotations, e.g. an unlabelled check set)."""
+    objects = sum(not a.get("iscrowd", 0) for r in records for a in r.get("annotations", ()))
+    return objects / len(records) if records else 0.0
+
+
+def is_collapsed_check(dets: float, best: Optional[float], objects: float,
+                       fraction: float) -> bool:
+    """
+    The collapse rule for one judged check: no detection at all, or fewer than ``fraction`` x the
+    reference, i.e. the best earlier judged count ``best`` (None: this is the first) capped at the
+    ground-truth ``objects`` per check image when there are any.
+    """
+    if dets == 0:
+        return True
+    if best is None:
+        return False
+    reference = min(best, objects) if objects > 0 else best
+    return dets < fraction * reference
+
+
+def count_collapses(checks: Sequence[Tuple[int, float]], *, warmup_iters: int, fraction: float,
+                    patience: int, objects: float) -> int:
+    """The collapses the monitor reports for these (iteration, detections per image) checks:
+    streaks of ``patience`` collapsed judged checks (:func:`is_collapsed_check`)."""
+    best, streak, collapses = None, 0, 0
+    for iteration, dets in checks:
+        if iteration + 1 < warmup_iters:
+            continue
+        collapsed = is_collapsed_check(dets, best, objects, fraction)
+        best = dets if best is None else max(best, dets)
+        streak = streak + 1 if collapsed else 0
+        collapses += streak == patience
+    return collapses
+
+
 def _threshold_name(threshold: float) -> str:
     return f"health/dets_per_image@{threshold:g}"
 
@@ -181,6 +235,7 @@ class TrainingHealthMonitor(HookBase):
         warmup_iters: int,
         action: str,
         check_at_start: bool = False,
+        object_images_only: bool = False,
     ):
         """
         Args:
@@ -199,6 +254,8 @@ class TrainingHealthMonitor(HookBase):
             action: "warn" or "stop" (save a checkpoint, raise DetectionCollapseError).
             check_at_start: count detections once before the first step of a run that starts
                 at iteration 0 (logged only).
+            object_images_only: the check images are the first ``num_images`` records that
+                hold a non-crowd annotation.
         """
         if action not in ACTIONS:
             raise ValueError(f"HEALTH.ACTION must be one of {ACTIONS}, got {action!r}")
@@ -230,6 +287,8 @@ class TrainingHealthMonitor(HookBase):
         self._warmup_iters = warmup_iters
         self._action = action
         self._check_at_start = check_at_start
+        self._object_images_only = object_images_only
+        self._objects_per_image = 0.0  # ground truth on the check images (set before training)
         self._grad_shares = None
         self._inputs: List[Dict[str, Any]] = []  # this worker's share of the check images
         self._num_check_images = 0  # on all workers together
@@ -267,6 +326,7 @@ class TrainingHealthMonitor(HookBase):
             warmup_iters=health.WARMUP_ITERS,
             action=health.ACTION,
             check_at_start=health.CHECK_AT_START,
+            object_images_only=health.OBJECT_IMAGES_ONLY,
         )
 
     # -- state, saved in checkpoints through the trainer's state_dict (a resumed run continues
@@ -297,14 +357,16 @@ class TrainingHealthMonitor(HookBase):
         if not self._period:
             return
         # Loaded and mapped once: a check then costs only the forward passes.
-        records = DatasetCatalog.get(self._dataset_name)[: self._num_images]
+        records = self._check_records()
         rank, world_size = comm.get_rank(), comm.get_world_size()
         self._inputs = [self._mapper(copy.deepcopy(r)) for r in records[rank::world_size]]
         self._num_check_images = len(records)
+        self._objects_per_image = objects_per_image(records)
         logger.info(
             f"Training health: a detection check every {self._period} iterations on "
             f"{len(records)} images of {self._dataset_name} ({len(self._inputs)} on this "
-            f"worker), collapse rule at score >= {self._main_threshold:g}."
+            f"worker; {self._objects_per_image:.2f} objects per image), collapse rule at score "
+            f">= {self._main_threshold:g}."
         )
         model = self._unwrapped_model()
         if getattr(model, "backbone", None) is not None and self._grad_shares_possible(model):
@@ -315,6 +377,16 @@ class TrainingHealthMonitor(HookBase):
             )
         if self._check_at_start and self.trainer.iter == 0:
             self._check_start()
+
+    def _check_records(self) -> List[Dict[str, Any]]:
+        records = check_records(DatasetCatalog.get(self._dataset_name), self._num_images,
+                                self._object_images_only)
+        if self._object_images_only and not records:
+            raise ValueError(
+                f"HEALTH.OBJECT_IMAGES_ONLY: dataset '{self._dataset_name}' (HEALTH.DATASET or "
+                "DATASETS.TEST[0]) has no image with a non-crowd annotation to check on"
+            )
+        return records
 
     def after_step(self) -> None:
         if comm.is_main_process():
@@ -462,9 +534,8 @@ class TrainingHealthMonitor(HookBase):
         collapsed = False
         if iteration + 1 >= self._warmup_iters:
             best = state["best"]
-            collapsed = dets == 0 or (
-                best is not None and dets < self._collapse_fraction * best[0]
-            )
+            collapsed = is_collapsed_check(dets, None if best is None else best[0],
+                                           self._objects_per_image, self._collapse_fraction)
             if best is None or dets > best[0]:
                 state["best"] = (dets, iteration)
             state["streak"] = state["streak"] + 1 if collapsed else 0
@@ -497,11 +568,13 @@ class TrainingHealthMonitor(HookBase):
     def _report_collapse(self, iteration: int, dets: float) -> None:
         state = self._state
         best = state["best"]
-        reason = (
-            f"below {self._collapse_fraction:g} x the best, {best[0]:.2f} at iteration {best[1]}"
-            if dets > 0
-            else "none at all"
-        )
+        reason = "none at all"
+        if dets > 0:  # then there was a best earlier check
+            objects = self._objects_per_image
+            capped = (f", capped at the {objects:.2f} objects per check image"
+                      if 0 < objects < best[0] else "")
+            reason = (f"below {self._collapse_fraction:g} x the best, {best[0]:.2f} at iteration "
+                      f"{best[1]}{capped}")
         message = (
             f"Detection collapse at iteration {iteration}: {dets:.2f} detections per image at "
             f"score >= {self._main_threshold:g} on {self._num_check_images} images of "
