@@ -26,8 +26,9 @@ COCOEvaluator reports as NaN, counts as 0), and the health monitor's detection c
 (engine/health.py, every HEALTH.PERIOD iterations on the first HEALTH.NUM_IMAGES val images, and
 once before training): detections per image at HEALTH.MAIN_THRESHOLD before training, the
 lowest after HEALTH.WARMUP_ITERS, the value at the last check, how many of those checks found no
-detection, *collapsed* = the monitor reported a collapse (HEALTH.PATIENCE consecutive checks at 0
-or far below their best), and the gradient share of each loss term on the backbone at the checks
+detection, *collapsed* = the monitor's collapse rule (HEALTH.PATIENCE consecutive checks at 0 or
+below HEALTH.COLLAPSE_FRACTION x the best earlier one, capped at the objects per check image;
+engine/health.py, count_collapses) applied to the logged checks, and the gradient share of each loss term on the backbone at the checks
 (health/grad_share/*, engine/grad_shares.py). Results are parsed from metrics.json anew each time,
 also for reused runs.
 """
@@ -44,6 +45,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -55,7 +57,8 @@ from quality_arms import ARMS, PRETRAINS, SETTINGS, TINY_SETTINGS, Arm, Setting 
 from balanced_rcnn import add_balanced_rcnn_config
 from balanced_rcnn.data import BUILTIN_SYNTHETIC
 from balanced_rcnn.engine.grad_shares import GRAD_SHARE_PREFIX
-from balanced_rcnn.engine.health import EXIT_COLLAPSE, EXIT_NON_FINITE
+from balanced_rcnn.engine.health import (EXIT_COLLAPSE, EXIT_NON_FINITE, check_records,
+                                         count_collapses, objects_per_image)
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 
@@ -238,8 +241,27 @@ def read_metrics(metrics_json: Path) -> List[dict]:
     return [json.loads(line) for line in metrics_json.read_text().splitlines() if line.strip()]
 
 
-def parse_metrics(records: List[dict], health_warmup: int) -> dict:
-    """The final AP and the health checks of one run (see the module docstring)."""
+@lru_cache(maxsize=None)
+def _check_objects(dataset: str, num_images: int, object_images_only: bool) -> float:
+    return objects_per_image(check_records(DatasetCatalog.get(dataset), num_images,
+                                           object_images_only))
+
+
+def collapse_rule(config: Dict[str, object]) -> dict:
+    """The health monitor's collapse rule as a run's resolved config sets it, with the
+    ground-truth objects per check image."""
+    dataset = config.get("HEALTH.DATASET") or (config.get("DATASETS.TEST") or [""])[0]
+    objects = _check_objects(dataset, int(config["HEALTH.NUM_IMAGES"]),
+                             bool(config.get("HEALTH.OBJECT_IMAGES_ONLY", False))) if dataset else 0.0
+    return {"warmup_iters": int(config["HEALTH.WARMUP_ITERS"]),
+            "fraction": float(config["HEALTH.COLLAPSE_FRACTION"]),
+            "patience": int(config["HEALTH.PATIENCE"]), "objects": objects}
+
+
+def parse_metrics(records: List[dict], health_warmup: int, rule: Optional[dict] = None) -> dict:
+    """The final AP and the health checks of one run (see the module docstring). ``rule``
+    (:func:`collapse_rule`): judge the logged checks by the monitor's rule as it is now; None:
+    the collapses the monitor reported while training."""
     final = next((r for r in reversed(records) if "bbox/AP" in r), {})
     ap = {}
     for key in AP_KEYS:
@@ -248,7 +270,8 @@ def parse_metrics(records: List[dict], health_warmup: int) -> dict:
     checks = [(r["iteration"], r[DETS_SCALAR]) for r in records if DETS_SCALAR in r]
     # The monitor judges a check made at `iteration` when iteration + 1 >= its warm-up.
     judged = [d for it, d in checks if it + 1 >= health_warmup]
-    collapses = max((r.get(COLLAPSES_SCALAR, 0) for r in records), default=0)
+    logged = max((r.get(COLLAPSES_SCALAR, 0) for r in records), default=0)
+    collapses = logged if rule is None else count_collapses(checks, **rule)
     start = next((r[START_SCALAR] for r in records if START_SCALAR in r), None)
     shares: Dict[str, List[float]] = {}
     for r in records:
@@ -265,7 +288,7 @@ def parse_metrics(records: List[dict], health_warmup: int) -> dict:
         "start_dets_per_image": start,
         "lowest_dets_per_image": min(judged) if judged else None,
         "last_dets_per_image": checks[-1][1] if checks else None,
-        "monitor_collapses": int(collapses),
+        "monitor_collapses": int(logged),  # as reported while training
         "collapsed": collapses > 0,
         # Mean over the checks of each term's gradient share on the backbone.
         "grad_shares": {k: statistics.mean(v) for k, v in shares.items()},
@@ -288,7 +311,7 @@ def load_result(run_dir: Path, spec: dict, schedule: Schedule) -> Optional[dict]
                                                                    spec["config"]):
         return None
     return {**result, **parse_metrics(read_metrics(run_dir / "metrics.json"),
-                                      schedule.health_warmup)}
+                                      schedule.health_warmup, collapse_rule(spec["config"]))}
 
 
 def finish(name: str, run_dir: Path, spec: dict, returncode: int, seconds: float,
@@ -299,7 +322,8 @@ def finish(name: str, run_dir: Path, spec: dict, returncode: int, seconds: float
     metrics = run_dir / "metrics.json"
     parsed = {}
     if metrics.exists():
-        parsed = parse_metrics(read_metrics(metrics), schedule.health_warmup)
+        parsed = parse_metrics(read_metrics(metrics), schedule.health_warmup,
+                               collapse_rule(spec["config"]))
     result = {"name": name, "status": status, "seconds": seconds, "commit": common.git_commit(),
               "spec": spec, **parsed}
     if status == "ok":  # only finished runs are reused; others run again next time
@@ -334,10 +358,11 @@ class _Job:
 
 
 def execute(jobs_todo: List[Tuple[str, Path, List[str], Optional[str]]], schedule: Schedule,
-            jobs: int, threads: int) -> Dict[str, dict]:
+            jobs: int, threads: int, reuse_only: bool = False) -> Dict[str, dict]:
     """
     Run (or reuse) every (name, folder, command, name of the job it must wait for or None),
     ``jobs`` at a time, in order except that a job waits for its predecessor; {name: result}.
+    With ``reuse_only`` nothing is trained: the runs without a result are reported as not run.
     """
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONUNBUFFERED="1")
@@ -350,6 +375,13 @@ def execute(jobs_todo: List[Tuple[str, Path, List[str], Optional[str]]], schedul
             results[name] = done
         else:
             todo.append(_Job(name, run_dir, cmd, spec, after))
+    if reuse_only:
+        for job in todo:
+            results[job.name] = {"name": job.name, "status": "not run (--reuse-only)",
+                                 "seconds": 0.0}
+        print(f"{len(jobs_todo) - len(todo)} of {len(jobs_todo)} runs done; --reuse-only: "
+              f"{len(todo)} not run", flush=True)
+        return results
     print(f"{len(results)} of {len(jobs_todo)} runs already done; {len(todo)} to run, {jobs} at "
           f"a time, {threads} thread(s) each", flush=True)
     running: List[_Job] = []
@@ -394,7 +426,8 @@ def execute(jobs_todo: List[Tuple[str, Path, List[str], Optional[str]]], schedul
     return results
 
 
-def execute_study(study: Study, runs: List[Run], jobs: int, threads: int) -> Dict[str, dict]:
+def execute_study(study: Study, runs: List[Run], jobs: int, threads: int,
+                  reuse_only: bool = False) -> Dict[str, dict]:
     """The pretraining runs the fine-tune settings need first, then the runs (those that start
     from a pretraining run wait for it; the others go on meanwhile). Returns the runs' results."""
     needed = sorted({study.settings[r.setting].pretrain for r in runs} - {None})
@@ -406,7 +439,7 @@ def execute_study(study: Study, runs: List[Run], jobs: int, threads: int) -> Dic
                      study.pretrains[key].name if key else None))
     # The runs without a predecessor first, so that no core waits while a pretraining runs.
     todo.sort(key=lambda job: job[3] is not None)
-    results = execute(todo, study.schedule, jobs, threads)
+    results = execute(todo, study.schedule, jobs, threads, reuse_only)
     for key in needed:
         pre = results.pop(study.pretrains[key].name)
         if pre["status"] != "ok":
@@ -451,10 +484,12 @@ def _start(results: List[dict]) -> str:
 
 def _group_row(label: List[str], group: List[dict]) -> List[str]:
     ok = [r for r in group if r["status"] == "ok"]
-    failed = len(group) - len(ok)
+    not_run = sum(1 for r in group if r["status"].startswith("not run"))
+    failed = len(group) - len(ok) - not_run
     cells = [_mean_std([r[k] for r in ok]) for k in AP_KEYS]
     collapsed = sum(1 for r in ok if r["collapsed"])
-    runs = f"{len(ok)}" + (f" (+{failed} failed)" if failed else "")
+    runs = (f"{len(ok)}" + (f" (+{failed} failed)" if failed else "")
+            + (f" (+{not_run} not run)" if not_run else ""))
     last = " / ".join(_dets(r.get("last_dets_per_image")) for r in ok) or "-"
     zeros = f"{sum(r['zero_checks'] for r in ok)}/{sum(r['judged_checks'] for r in ok)}"
     return [*label, runs, *cells, _start(ok), _lowest(ok), last, zeros,
@@ -532,9 +567,11 @@ def render(study: Study, runs: List[Run], results: Dict[str, dict], threads: int
         f"after iteration {schedule.health_warmup} (every {schedule.health_period} iterations on "
         f"the first {schedule.health_images} val images) and over the seeds; last dets/img: at "
         f"the last check, per seed; checks at 0: checks after the warm-up that found no "
-        f"detection, all seeds together; collapsed: runs in which the health monitor reported a "
-        f"collapse (HEALTH.PATIENCE 3 consecutive checks at 0 or below 5% of the best earlier "
-        f"check). The check images hold " + ", ".join(
+        f"detection, all seeds together; collapsed: runs with a collapse by the health monitor's "
+        f"rule (HEALTH.PATIENCE 3 consecutive checks at 0 or below 5% of the best earlier check, "
+        f"capped at the objects per check image), applied to the logged checks; the per-run table "
+        f"also gives what the monitor reported while training, where it differs. The check images "
+        f"hold " + ", ".join(
             f"{objects_per_check_image(study.settings[s], schedule):.2f} ({s})" for s in settings
         ) + " ground-truth objects per image.",
         f"Schedule: {schedule.iters} iterations, batch {schedule.batch}, AdamW lr 8e-4 with "
@@ -545,12 +582,20 @@ def render(study: Study, runs: List[Run], results: Dict[str, dict], threads: int
     return body, notes
 
 
+def _collapsed(result: dict) -> str:
+    verdict = "yes" if result.get("collapsed") else "no"
+    logged = result.get("monitor_collapses")
+    if logged is not None and (logged > 0) != bool(result.get("collapsed")):
+        verdict += f" (reported while training: {'yes' if logged else 'no'})"
+    return verdict
+
+
 def per_run_table(results: Dict[str, dict]) -> str:
     rows = [[name, r["status"], *(f"{r.get(k, 0):.1f}" for k in AP_KEYS),
              _dets(r.get("start_dets_per_image")), _dets(r.get("lowest_dets_per_image")),
              _dets(r.get("last_dets_per_image")),
              f"{r.get('zero_checks', 0)}/{r.get('judged_checks', 0)}",
-             "yes" if r.get("collapsed") else "no", f"{r['seconds'] / 60:.1f}"]
+             _collapsed(r), f"{r['seconds'] / 60:.1f}"]
             for name, r in results.items()]
     return common.markdown_table(
         ["run", "status", *AP_KEYS, "dets/img before", "lowest dets/img", "last dets/img",
@@ -653,6 +698,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--probe-modes", nargs="+", default=["1x2", "2x1"],
                         help="JOBSxTHREADS pairs the probe compares (default: 1x2 2x1)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--reuse-only", action="store_true",
+                        help="train nothing: tabulate the finished runs, list the others as not run")
     return parser.parse_args(argv)
 
 
@@ -700,7 +747,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             print(shlex.join(run_command(study, run, study.output / run.name)))
         return {}
 
-    results = execute_study(study, runs, args.jobs, args.threads_per_job)
+    results = execute_study(study, runs, args.jobs, args.threads_per_job, args.reuse_only)
     body, notes = render(study, runs, results, args.threads_per_job, args.jobs)
     details = f"<details><summary>Every run</summary>\n\n{per_run_table(results)}\n\n</details>"
     print("\n" + body + "\n\n" + "\n".join(f"- {n}" for n in notes))
@@ -717,7 +764,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             body + "\n\n" + details, data, common.command_line(__file__, argv), results_dir, notes)
         if args.update_md:
             common.update_benchmarks_md(name, markdown)
-    failed = [n for n, r in results.items() if r["status"] != "ok"]
+    failed = [n for n, r in results.items()
+              if r["status"] != "ok" and not r["status"].startswith("not run")]
     if failed:
         print(f"{len(failed)} run(s) did not finish: {', '.join(failed)}", file=sys.stderr)
     return results

@@ -215,6 +215,13 @@ def test_quality_ab_tiny_runs_tabulates_and_resumes(one_thread, datasets_root, t
     assert {k: v["bbox/AP"] for k, v in again.items()} == {
         k: v["bbox/AP"] for k, v in results.items()
     }
+    # --reuse-only trains nothing: seed 1 was never run.
+    partial = quality_ab.main(argv + ["--seeds", "0", "1", "--reuse-only"])
+    out = capsys.readouterr().out
+    assert "10 of 19 runs done; --reuse-only: 9 not run" in out
+    assert partial["severe_stock_s1"]["status"] == "not run (--reuse-only)"
+    assert partial["severe_stock_s0"]["bbox/AP"] == results["severe_stock_s0"]["bbox/AP"]
+    assert not (tmp_path / "runs" / "severe_stock_s1").exists()
 
 
 def test_quality_ab_reuse_needs_the_same_resolved_config():
