@@ -76,7 +76,7 @@ def _flatten(cfg, prefix=""):
     return out
 
 
-def test_stock_differs_from_balanced_only_in_the_heads(load_project_config):
+def test_stock_differs_from_balanced_only_in_the_heads_and_sampler(load_project_config):
     balanced = _flatten(load_project_config("swin_balanced.yaml"))
     stock = _flatten(load_project_config("swin_stock.yaml"))
     differing = {k: (balanced[k], stock[k]) for k in balanced if balanced[k] != stock[k]}
@@ -87,8 +87,27 @@ def test_stock_differs_from_balanced_only_in_the_heads(load_project_config):
             "BalancedMaskRCNNConvUpsampleHead",
             "MaskRCNNConvUpsampleHead",
         ),
+        "DATALOADER.SAMPLER_TRAIN": ("ObjectShareTrainingSampler", "TrainingSampler"),
         "OUTPUT_DIR": ("output/swin_balanced", "output/swin_stock"),
     }
+
+
+# What ships (README, Results): stock's losses through the balanced heads, half the sampled images
+# holding objects.
+SHIPPED = {**DESIGN, **{f"MODEL.BALANCED_LOSS.{k}_POS_WEIGHT": 1.0 for k in ("RPN_CLS", "ROI_CLS")},
+           "MODEL.BALANCED_LOSS.REG_NORMALIZER": "samples",
+           "DATALOADER.SAMPLER_TRAIN": "ObjectShareTrainingSampler",
+           "DATALOADER.OBJECT_IMAGE_SHARE": 0.5}
+
+
+@pytest.mark.parametrize("name", ["swin_balanced.yaml", "swin_balanced_3x.yaml",
+                                  "swin_s_balanced.yaml", "swin_b_balanced.yaml",
+                                  "quick_schedules/swin_tiny_balanced_demo.yaml",
+                                  "my_data/imbalanced_coco.yaml"])
+def test_shipped_configs_have_the_measured_configuration(load_project_config, name):
+    ours = _flatten(load_project_config(name))
+    assert {k: ours[k] for k in SHIPPED} == SHIPPED
+    assert ours["MODEL.ROI_HEADS.NAME"] == "BalancedROIHeads"
 
 
 @pytest.mark.parametrize(
