@@ -75,3 +75,19 @@ def refuse_host_sync(monkeypatch):
             yield
 
     return context
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_log_handlers():
+    """detectron2's setup_logger, called in-process by some tests, attaches handlers to the stream
+    pytest captured for that test; once that stream is closed, every later log record would print
+    a "Logging error" traceback into the next test's output. Drop those handlers."""
+    import logging
+
+    loggers = [logging.getLogger()] + [logging.getLogger(name)
+                                       for name in list(logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            if getattr(getattr(handler, "stream", None), "closed", False):
+                logger.removeHandler(handler)
+    yield
