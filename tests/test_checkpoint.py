@@ -124,9 +124,12 @@ def test_missing_model_weights_is_refused_before_anything_is_built(tiny_cfg, tmp
     with pytest.raises(FileNotFoundError, match=r"'nope.pth' does not exist \(relative to the "
                                                 r"current folder /"):
         check_weights_file(tiny_cfg, resume=False)
-    # Resuming from OUTPUT_DIR does not read MODEL.WEIGHTS.
+    # Resuming from OUTPUT_DIR does not read MODEL.WEIGHTS, but the checkpoint it names.
     (tmp_path / "last_checkpoint").write_text("model_0000003.pth")
-    check_weights_file(tiny_cfg, resume=True)
+    with pytest.raises(FileNotFoundError, match=r"^Checkpoint '.*model_0000003.pth' \(named by "
+                                                r".*last_checkpoint\) does not exist$"):
+        check_weights_file(tiny_cfg, resume=True)
+    (tmp_path / "last_checkpoint").unlink()
     # URLs are downloaded by detectron2; an empty MODEL.WEIGHTS is a random initialization.
     tiny_cfg.MODEL.WEIGHTS = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
     check_weights_file(tiny_cfg, resume=False)

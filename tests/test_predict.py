@@ -170,6 +170,10 @@ def test_bad_inputs_give_clear_errors(trained, tmp_path: Path):
         "pass the folder the json's file_names are relative to")
     assert _error(trained, tmp_path, "--input", images, "--dataset", "nope") == (
         "predict: error: unknown dataset 'nope' (--dataset)")
+    assert "does not fit the config's model: 6 tensors have another shape" in _error(
+        trained, tmp_path, "--input", images, "--weights", str(trained["weights"]),
+        "MODEL.ROI_HEADS.NUM_CLASSES", "9", "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
+        weights=False)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "bad.png").write_bytes(b"not a png")

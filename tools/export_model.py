@@ -44,7 +44,12 @@ from balanced_rcnn.deploy import (
     export,
     preprocess,
 )
-from detectron2.checkpoint import DetectionCheckpointer
+from balanced_rcnn.engine.checkpoint import (
+    AtomicCheckpointer,
+    CheckpointError,
+    CheckpointMismatchError,
+    check_checkpoint_fits,
+)
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
@@ -94,22 +99,12 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
 def load_model(cfg: CfgNode) -> torch.nn.Module:
     """The model with every parameter and buffer from the checkpoint, or an error listing what
     the checkpoint lacks or has in another shape (an export of random weights is no export)."""
+    try:
+        check_checkpoint_fits(cfg, resume=False, full_model=True)
+    except (CheckpointError, CheckpointMismatchError) as e:
+        raise ExportError(str(e)) from e
     model = Trainer.build_model(cfg).eval()
-    checkpoint = torch.load(cfg.MODEL.WEIGHTS, map_location="cpu", weights_only=False)
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise ExportError(f"{cfg.MODEL.WEIGHTS} is not a detectron2 checkpoint (no 'model' dict)")
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    shapes = [f"{k} {tuple(state[k].shape)} vs the model's {tuple(v.shape)}"
-              for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or shapes:
-        listed = (missing + shapes)[:5]
-        raise ExportError(
-            f"{cfg.MODEL.WEIGHTS} does not fit the config's model: {len(missing)} tensors "
-            f"missing, {len(shapes)} of another shape (e.g. {'; '.join(listed)}); export the "
-            "config the checkpoint was trained with (its OUTPUT_DIR/config.yaml)")
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    AtomicCheckpointer(model, require_full_model=True).load(cfg.MODEL.WEIGHTS)
     return model
 
 

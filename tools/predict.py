@@ -37,6 +37,11 @@ import cv2
 import torch
 from balanced_rcnn import add_balanced_rcnn_config, register_datasets_from_config
 from balanced_rcnn.deploy import ExportedPredictor
+from balanced_rcnn.engine.checkpoint import (
+    CheckpointError,
+    CheckpointMismatchError,
+    check_checkpoint_fits,
+)
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, Metadata, MetadataCatalog
 from detectron2.data.detection_utils import read_image
@@ -217,6 +222,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         cfg = setup_cfg(args)
         images = list_images(args.input)
         register_datasets_from_config(cfg)
+        if args.exported is None:
+            # DefaultPredictor's load keeps a random init of whatever does not fit; refuse that.
+            check_checkpoint_fits(cfg, resume=False, full_model=True)
         metadata = _metadata(cfg, args.dataset)
         if args.coco_json is not None:
             image_ids = image_ids_from_coco(images, args.coco_json)
@@ -225,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         args.output.mkdir(parents=True, exist_ok=True)
         results, entries = predict(cfg, images, image_ids, metadata, args.output, args.exported,
                                    args.confidence_threshold)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, CheckpointError, CheckpointMismatchError) as e:
         sys.exit(f"predict: error: {e}")
     if args.coco_json is None:
         (args.output / "image_ids.json").write_text(json.dumps({"images": entries}, indent=1))

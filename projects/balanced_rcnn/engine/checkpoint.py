@@ -15,7 +15,9 @@ Checkpoints that a kill cannot corrupt, and loads that name the file they cannot
   (MODEL.WEIGHTS or OUTPUT_DIR/last_checkpoint). fvcore would fail with an AssertionError after
   the model and the data loader are built, or inside a zip reader with no file name.
 
-:func:`check_weights_file` runs the "missing" check before anything is built.
+:func:`check_weights_file` runs these checks before anything is built, and with
+``require_full_model`` (evaluation, resume) refuses a checkpoint that does not hold the whole model
+(engine/checkpoint_fit.py).
 """
 
 import contextlib
@@ -32,7 +34,16 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.utils import comm
 
-__all__ = ["AtomicCheckpointer", "CheckpointError", "atomic_write", "check_weights_file"]
+from .checkpoint_fit import CheckpointMismatchError, check_checkpoint_fits, misfit_message
+
+__all__ = [
+    "AtomicCheckpointer",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "atomic_write",
+    "check_checkpoint_fits",
+    "check_weights_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +108,21 @@ def _check_zip_records(path: str) -> Optional[str]:
 class AtomicCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer with atomic saves and clear load errors (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, save_dir: str = "", **kwargs: Any):
+    def __init__(self, model: torch.nn.Module, save_dir: str = "", *,
+                 require_full_model: bool = False, **kwargs: Any):
+        """
+        Args:
+            require_full_model: refuse a checkpoint that lacks a model tensor or has one in
+                another shape (CheckpointMismatchError) instead of logging it and keeping the
+                model's initialization, which is right only for fine-tuning.
+            model, save_dir, kwargs: DetectionCheckpointer's.
+        """
         super().__init__(model, save_dir, **kwargs)
+        self.require_full_model = require_full_model
         self._debris_removed = False
         # Where the path being loaded came from, for error messages.
         self._source: Optional[str] = None
+        self._loading = ""  # the file being loaded, for error messages
 
     # ---- save ----
     def save(self, name: str, **kwargs: Any) -> None:
@@ -166,6 +187,21 @@ class AtomicCheckpointer(DetectionCheckpointer):
         return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
+        self._loading = filename
+        return self._read_checked(filename)
+
+    def _load_model(self, checkpoint: Any):
+        incompatible = super()._load_model(checkpoint)
+        if self.require_full_model:
+            problem = misfit_message(
+                self._loading, self._named_by(), incompatible.missing_keys,
+                incompatible.unexpected_keys, incompatible.incorrect_shapes,
+                num_model_tensors=len(self.model.state_dict()))
+            if problem:
+                raise CheckpointMismatchError(problem)
+        return incompatible
+
+    def _read_checked(self, filename: str) -> Dict[str, Any]:
         if zipfile.is_zipfile(filename):
             problem = _check_zip_records(filename)
         else:
@@ -203,24 +239,32 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
 def check_weights_file(cfg: CfgNode, *, resume: bool, eval_only: bool = False) -> None:
     """
-    Refuse, before the model and the data are built, a MODEL.WEIGHTS that will be loaded and does
-    not exist (or, for an evaluation, none at all: it would evaluate a random initialization).
-    Checked on the main worker only, as detectron2 allows a file that only the main worker has.
+    Refuse, before the model and the data are built, the checkpoint that will be loaded if it
+    does not exist, cannot be read or (evaluation, resume) does not hold the whole model; for an
+    evaluation, also no checkpoint at all (it would evaluate a random initialization). Checked on
+    the main worker only, as detectron2 allows a file that only the main worker has.
     """
-    if resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT)):
-        return  # resuming from OUTPUT_DIR: MODEL.WEIGHTS is not read
+    resuming = resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT))
     weights = cfg.MODEL.WEIGHTS
-    if not weights:
-        if eval_only:
-            raise ValueError(
-                "--eval-only needs trained weights: MODEL.WEIGHTS is empty (and no "
-                f"{LAST_CHECKPOINT} with --resume in OUTPUT_DIR '{cfg.OUTPUT_DIR}'), so a random "
-                "initialization would be evaluated. Set MODEL.WEIGHTS path/to/model_final.pth"
-            )
+    if not resuming:  # MODEL.WEIGHTS is loaded
+        if not weights:
+            if eval_only:
+                raise ValueError(
+                    "--eval-only needs trained weights: MODEL.WEIGHTS is empty (and no "
+                    f"{LAST_CHECKPOINT} with --resume in OUTPUT_DIR '{cfg.OUTPUT_DIR}'), so a "
+                    "random initialization would be evaluated. Set MODEL.WEIGHTS "
+                    "path/to/model_final.pth")
+            return
+        if not _is_local(weights):
+            return
+    if not comm.is_main_process():
         return
-    if not _is_local(weights) or not comm.is_main_process():
-        return
-    local = _strip_query(weights)
-    if not os.path.isfile(local):
-        where = "" if os.path.isabs(local) else f" (relative to the current folder {os.getcwd()})"
-        raise FileNotFoundError(f"MODEL.WEIGHTS '{weights}' does not exist{where}")
+    if not resuming:
+        local = _strip_query(weights)
+        if not os.path.isfile(local):
+            where = "" if os.path.isabs(local) else \
+                f" (relative to the current folder {os.getcwd()})"
+            raise FileNotFoundError(f"MODEL.WEIGHTS '{weights}' does not exist{where}")
+    # Fine-tuning from MODEL.WEIGHTS keeps detectron2's partial load (class layers of another
+    # dataset re-initialized, with a warning); an evaluation or a resumed run needs it all.
+    check_checkpoint_fits(cfg, resume, full_model=eval_only or resuming)

@@ -124,6 +124,9 @@ class Trainer(DefaultTrainer):
         return ret
 
     def resume_or_load(self, resume: bool = True) -> None:
+        # A resumed run continues this run's model: a checkpoint of another one is refused
+        # (fine-tuning from MODEL.WEIGHTS keeps detectron2's partial load).
+        self.checkpointer.require_full_model = resume and self.checkpointer.has_checkpoint()
         super().resume_or_load(resume=resume)
         # A run killed after the last periodic checkpoint (iteration MAX_ITER - 1) and before
         # model_final.pth was written: there is no iteration left to train, so the checkpointer
