@@ -91,3 +91,15 @@ def _no_stale_log_handlers():
             if getattr(getattr(handler, "stream", None), "closed", False):
                 logger.removeHandler(handler)
     yield
+
+
+@pytest.fixture
+def forget_bad_datasets():
+    """Datasets a test registers under names starting with "bad_" are removed afterwards."""
+    yield
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    for name in [n for n in DatasetCatalog.list() if n.startswith("bad_")]:
+        DatasetCatalog.remove(name)
+        if name in MetadataCatalog:
+            MetadataCatalog.remove(name)

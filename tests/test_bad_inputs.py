@@ -16,47 +16,42 @@ from typing import Dict, List
 import cv2
 import numpy as np
 import pytest
-from balanced_rcnn import add_balanced_rcnn_config, register_datasets_from_config
+from balanced_rcnn import register_datasets_from_config
 from balanced_rcnn.data.checks import load_train_dicts
 from balanced_rcnn.data.loader import build_train_loader
 from balanced_rcnn.data.mapper import SKIPPED_KEY, SkippingDatasetMapper, TooManySkippedImages
 from balanced_rcnn.engine.launch import collective_timeout
-from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
-SIZE = 32  # height and width of the test images
+from coco_builders import SIZE, annotation, coco_cfg, project_cfg, write_coco
+
+pytestmark = pytest.mark.usefixtures("forget_bad_datasets")
 
 
 # ---- config ------------------------------------------------------------------------------
 
 
-def _project_cfg():
-    cfg = get_cfg()
-    add_balanced_rcnn_config(cfg)
-    return cfg
-
-
 def test_unknown_config_key_is_named(tmp_path: Path):
     # yacs: an assertion for the command line, a KeyError for a file; both name the full key.
     with pytest.raises(AssertionError, match="^Non-existent key: SOLVER.BASE_LRR$"):
-        _project_cfg().merge_from_list(["SOLVER.BASE_LRR", "0.1"])
+        project_cfg().merge_from_list(["SOLVER.BASE_LRR", "0.1"])
     config = tmp_path / "typo.yaml"
     config.write_text("RELIABILITY:\n  PEER_TIMEOUT: 10.0\n")
     with pytest.raises(KeyError, match="Non-existent config key: RELIABILITY.PEER_TIMEOUT"):
-        _project_cfg().merge_from_file(str(config))
+        project_cfg().merge_from_file(str(config))
 
 
 def test_wrong_config_type_is_named():
     with pytest.raises(ValueError) as info:
-        _project_cfg().merge_from_list(["SOLVER.BASE_LR", "fast"])
+        project_cfg().merge_from_list(["SOLVER.BASE_LR", "fast"])
     assert str(info.value) == ("Type mismatch (<class 'float'> vs. <class 'str'>) with values "
                                "(0.001 vs. fast) for config key: SOLVER.BASE_LR")
     # yacs does not turn an int into a float: float keys need a decimal point.
     with pytest.raises(ValueError, match=r"\(<class 'float'> vs. <class 'int'>\) with values "
                                          r"\(60.0 vs. 5\) for config key: "
                                          "RELIABILITY.PEER_TIMEOUT_S"):
-        _project_cfg().merge_from_list(["RELIABILITY.PEER_TIMEOUT_S", "5"])
+        project_cfg().merge_from_list(["RELIABILITY.PEER_TIMEOUT_S", "5"])
 
 
 def test_negative_or_nan_loss_weight_is_refused_when_the_model_is_built(tiny_cfg, tmp_path):
@@ -75,12 +70,12 @@ def test_negative_or_nan_loss_weight_is_refused_when_the_model_is_built(tiny_cfg
 
 
 def test_reliability_keys_out_of_range_are_named(tmp_path: Path):
-    cfg = _project_cfg()
+    cfg = project_cfg()
     cfg.RELIABILITY.COLLECTIVE_TIMEOUT_MIN = 0.0
     with pytest.raises(ValueError, match="RELIABILITY.COLLECTIVE_TIMEOUT_MIN must be > 0, got 0.0"):
         collective_timeout(cfg)
-    json_file, image_root = _write_coco(tmp_path)
-    cfg = _coco_cfg("bad_policy", json_file, image_root)
+    json_file, image_root = write_coco(tmp_path)
+    cfg = coco_cfg("bad_policy", json_file, image_root)
     cfg.RELIABILITY.BAD_ANNOTATIONS = "drop"
     with pytest.raises(ValueError, match=r"RELIABILITY.BAD_ANNOTATIONS must be one of \('error', "
                                          r"'skip'\), got 'drop'"):
@@ -90,54 +85,10 @@ def test_reliability_keys_out_of_range_are_named(tmp_path: Path):
 # ---- datasets ----------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _forget_test_datasets():
-    """Datasets registered by a test are removed afterwards (names start with "bad_")."""
-    yield
-    for name in [n for n in DatasetCatalog.list() if n.startswith("bad_")]:
-        DatasetCatalog.remove(name)
-        if name in MetadataCatalog:
-            MetadataCatalog.remove(name)
-
-
-def _annotation(ann_id: int, image_id: int, x: int = 4, category_id: int = 3) -> Dict:
-    s = 12
-    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "iscrowd": 0,
-            "bbox": [x, x, s, s], "area": s * s,
-            "segmentation": [[x, x, x + s, x, x + s, x + s, x, x + s]]}
-
-
-def _write_coco(root: Path, num_images: int = 4, annotations: List[Dict] = None) -> tuple:
-    """``num_images`` noisy SIZE x SIZE PNGs (1.png, ...) with a square each, and their json."""
-    images_dir = root / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    images = []
-    for i in range(1, num_images + 1):
-        cv2.imwrite(str(images_dir / f"{i}.png"), rng.integers(0, 255, (SIZE, SIZE, 3), np.uint8))
-        images.append({"id": i, "file_name": f"{i}.png", "height": SIZE, "width": SIZE})
-    if annotations is None:
-        annotations = [_annotation(i, i) for i in range(1, num_images + 1)]
-    coco = {"images": images, "annotations": annotations,
-            "categories": [{"id": 3, "name": "dog"}, {"id": 7, "name": "cat"}]}
-    json_file = root / "instances.json"
-    json_file.write_text(json.dumps(coco))
-    return json_file, images_dir
-
-
-def _coco_cfg(name: str, json_file: Path, image_root: Path, tiny_cfg=None):
-    cfg = tiny_cfg if tiny_cfg is not None else _project_cfg()
-    cfg.DATASETS.REGISTER_COCO = [[name, str(json_file), str(image_root)]]
-    cfg.DATASETS.TRAIN = (name,)
-    cfg.DATASETS.TEST = ()
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
-    return cfg
-
-
 def _register_error(tmp_path: Path, annotations: List[Dict], name: str) -> str:
-    json_file, image_root = _write_coco(tmp_path, annotations=annotations)
+    json_file, image_root = write_coco(tmp_path, annotations=annotations)
     with pytest.raises(ValueError) as info:
-        register_datasets_from_config(_coco_cfg(name, json_file, image_root))
+        register_datasets_from_config(coco_cfg(name, json_file, image_root))
     return str(info.value)
 
 
@@ -152,17 +103,17 @@ def _register_error(tmp_path: Path, annotations: List[Dict], name: str) -> str:
 )
 def test_bad_annotation_geometry_is_named_or_skipped(tmp_path: Path, caplog, field, value,
                                                      culprit):
-    annotations = [_annotation(i, i) for i in range(1, 5)]
+    annotations = [annotation(i, i) for i in range(1, 5)]
     annotations[1][field] = value
-    json_file, image_root = _write_coco(tmp_path, annotations=annotations)
+    json_file, image_root = write_coco(tmp_path, annotations=annotations)
     with pytest.raises(ValueError) as info:
-        register_datasets_from_config(_coco_cfg("bad_geometry", json_file, image_root))
+        register_datasets_from_config(coco_cfg("bad_geometry", json_file, image_root))
     assert str(info.value) == (
         f"'{json_file}' has 1 annotations that cannot be trained on:\n"
         f"  annotation id 2 (image id 2, '2.png'): {culprit}\n"
         "Fix them, or set RELIABILITY.BAD_ANNOTATIONS skip to drop them (each is logged).")
 
-    cfg = _coco_cfg("bad_geometry_skip", json_file, image_root)
+    cfg = coco_cfg("bad_geometry_skip", json_file, image_root)
     cfg.RELIABILITY.BAD_ANNOTATIONS = "skip"
     with caplog.at_level(logging.WARNING):
         register_datasets_from_config(cfg)
@@ -172,7 +123,7 @@ def test_bad_annotation_geometry_is_named_or_skipped(tmp_path: Path, caplog, fie
 
 
 def test_category_id_missing_from_categories_is_named(tmp_path: Path):
-    annotations = [_annotation(1, 1), _annotation(2, 2, category_id=9)]
+    annotations = [annotation(1, 1), annotation(2, 2, category_id=9)]
     message = _register_error(tmp_path, annotations, "bad_category")
     assert message == (f"'{tmp_path / 'instances.json'}' has 1 invalid image or annotation "
                        "entries:\n  annotation id 2 (image id 2, '2.png'): category_id 9 is not "
@@ -180,15 +131,15 @@ def test_category_id_missing_from_categories_is_named(tmp_path: Path):
 
 
 def test_annotation_of_an_image_missing_from_images_is_named(tmp_path: Path):
-    annotations = [_annotation(1, 1), _annotation(2, 9)]
+    annotations = [annotation(1, 1), annotation(2, 9)]
     message = _register_error(tmp_path, annotations, "bad_image_ref")
     assert message.endswith("entries:\n  annotation id 2: image_id 9 is not in 'images'")
 
 
 def test_missing_image_files_are_skipped_and_counted_then_refused(tiny_cfg, tmp_path, caplog):
-    json_file, image_root = _write_coco(tmp_path)
+    json_file, image_root = write_coco(tmp_path)
     (image_root / "3.png").unlink()
-    cfg = _coco_cfg("bad_missing", json_file, image_root, tiny_cfg)
+    cfg = coco_cfg("bad_missing", json_file, image_root, tiny_cfg)
     cfg.RELIABILITY.MAX_SKIPPED_IMAGE_FRACTION = 0.25
     register_datasets_from_config(cfg)
     with caplog.at_level(logging.WARNING):
@@ -208,8 +159,8 @@ def test_missing_image_files_are_skipped_and_counted_then_refused(tiny_cfg, tmp_
 
 
 def test_dataset_left_empty_after_filtering_says_why(tiny_cfg, tmp_path: Path):
-    json_file, image_root = _write_coco(tmp_path, num_images=3, annotations=[])
-    cfg = _coco_cfg("bad_empty", json_file, image_root, tiny_cfg)
+    json_file, image_root = write_coco(tmp_path, num_images=3, annotations=[])
+    cfg = coco_cfg("bad_empty", json_file, image_root, tiny_cfg)
     cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
     register_datasets_from_config(cfg)
     with pytest.raises(ValueError) as info:
@@ -245,10 +196,10 @@ DAMAGE_IDS = ["unreadable", "truncated", "size-differs-from-json"]
 @pytest.mark.parametrize("damage, reason", DAMAGES, ids=DAMAGE_IDS)
 def test_unusable_image_is_skipped_logged_and_handed_on(tiny_cfg, tmp_path, caplog, damage,
                                                         reason):
-    json_file, image_root = _write_coco(tmp_path)
+    json_file, image_root = write_coco(tmp_path)
     bad = image_root / "2.png"
     damage(bad)
-    cfg = _coco_cfg("bad_read", json_file, image_root, tiny_cfg)
+    cfg = coco_cfg("bad_read", json_file, image_root, tiny_cfg)
     register_datasets_from_config(cfg)
     dicts = DatasetCatalog.get("bad_read")
     mapper = SkippingDatasetMapper(cfg, True, max_skipped=1)
@@ -266,9 +217,9 @@ def test_unusable_image_is_skipped_logged_and_handed_on(tiny_cfg, tmp_path, capl
 
 
 def test_training_loader_resamples_summarizes_and_stops_at_the_limit(tiny_cfg, tmp_path):
-    json_file, image_root = _write_coco(tmp_path)
+    json_file, image_root = write_coco(tmp_path)
     _truncated(image_root / "2.png")
-    cfg = _coco_cfg("bad_loader", json_file, image_root, tiny_cfg)
+    cfg = coco_cfg("bad_loader", json_file, image_root, tiny_cfg)
     cfg.DATALOADER.NUM_WORKERS = 1  # the skip record crosses a process boundary
     cfg.SOLVER.IMS_PER_BATCH = 2
     cfg.RELIABILITY.MAX_SKIPPED_IMAGE_FRACTION = 0.25

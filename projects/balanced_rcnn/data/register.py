@@ -12,7 +12,7 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import AbstractSet, Any, Dict, List, Sequence, Tuple
+from typing import AbstractSet, Any, Dict, List, Optional, Sequence, Tuple
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -31,8 +31,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _COCO_KEYS = ("images", "annotations", "categories")
-# name -> (json_file, image_root, bad-annotation policy) of every COCO dataset registered here.
-_REGISTERED: Dict[str, Tuple[str, str, str]] = {}
+# name -> (json_file, image_root, bad-annotation policy, mask format) of every COCO dataset
+# registered here, and the number of annotations it trains on.
+_REGISTERED: Dict[str, Tuple[str, str, str, Optional[str]]] = {}
+_NUM_ANNOTATIONS: Dict[str, int] = {}
 
 
 def read_coco_json(json_file: str) -> Dict[str, Any]:
@@ -86,17 +88,18 @@ def _load_coco(json_file: str, image_root: str, name: str, dropped: AbstractSet[
 
 
 def register_coco_dataset(name: str, json_file: str, image_root: str,
-                          key: str = "register_coco_dataset", bad_annotations: str = "error"
-                          ) -> None:
+                          key: str = "register_coco_dataset", bad_annotations: str = "error",
+                          mask_format: Optional[str] = None) -> None:
     """
     Register a COCO instances dataset whose class names come from its json, after checking the
     files, images and annotations. ``key`` names where the entry came from (a config key) in
-    error messages; ``bad_annotations`` is RELIABILITY.BAD_ANNOTATIONS (data/checks.py).
+    error messages; ``bad_annotations`` is RELIABILITY.BAD_ANNOTATIONS, ``mask_format``
+    INPUT.MASK_FORMAT with MODEL.MASK_ON, else None (data/checks.py).
     Idempotent for the same arguments; a name registered by other code is never replaced.
     """
     json_file, image_root = str(Path(json_file).resolve()), str(Path(image_root).resolve())
-    if name in DatasetCatalog and _REGISTERED.get(name) == (json_file, image_root,
-                                                             bad_annotations):
+    checked_as = (json_file, image_root, bad_annotations, mask_format)
+    if name in DatasetCatalog and _REGISTERED.get(name) == checked_as:
         return
     if name in DatasetCatalog and name not in _REGISTERED:
         builtin = " (a built-in synthetic dataset)" if name in BUILTIN_SYNTHETIC else ""
@@ -110,7 +113,8 @@ def register_coco_dataset(name: str, json_file: str, image_root: str,
                                 "does not exist or is not a folder")
     coco = read_coco_json(json_file)
     categories = sorted(coco["categories"], key=lambda c: c["id"])
-    dropped = frozenset(check_coco_annotations(coco, json_file, bad_annotations))
+    dropped = frozenset(check_coco_annotations(coco, json_file, bad_annotations, mask_format))
+    _NUM_ANNOTATIONS[name] = len(coco["annotations"]) - len(dropped)
     del coco  # the loader parses the json again when the dataset is used
     if name in _REGISTERED:  # same name, new paths: replace this module's own registration
         if name in DatasetCatalog:
@@ -128,7 +132,7 @@ def register_coco_dataset(name: str, json_file: str, image_root: str,
         thing_classes=[c["name"] for c in categories],
         thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(categories)},
     )
-    _REGISTERED[name] = (json_file, image_root, bad_annotations)
+    _REGISTERED[name] = checked_as
     logger.info(f"Registered COCO dataset '{name}': {len(categories)} classes from {json_file}")
 
 
@@ -176,7 +180,14 @@ def register_datasets_from_config(cfg: CfgNode) -> None:
             raise ValueError(f"{key}: dataset name '{name}' is already used by {seen[name]}")
         seen[name] = key
         register_coco_dataset(*entry, key=key,
-                              bad_annotations=cfg.RELIABILITY.BAD_ANNOTATIONS)
+                              bad_annotations=cfg.RELIABILITY.BAD_ANNOTATIONS,
+                              mask_format=cfg.INPUT.MASK_FORMAT if cfg.MODEL.MASK_ON else None)
+    for name in cfg.DATASETS.TRAIN:
+        if _NUM_ANNOTATIONS.get(name) == 0:
+            logger.warning(
+                f"DATASETS.TRAIN: dataset '{name}' ({_REGISTERED[name][0]}) has no annotation at "
+                "all: the model can only learn to detect nothing. Check that the json is the "
+                "one with your labels.")
     splits = [("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST)]
     for key, names in splits:
         _check_names(names, key)

@@ -1,0 +1,59 @@
+"""Small COCO instances datasets on disk for the bad-input tests: SIZE x SIZE noisy PNGs with one
+square object each, their json, and a project config that registers and trains on them."""
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import cv2
+import numpy as np
+from balanced_rcnn import add_balanced_rcnn_config
+from detectron2.config import CfgNode, get_cfg
+
+SIZE = 32  # height and width of the test images
+CATEGORIES = [{"id": 3, "name": "dog"}, {"id": 7, "name": "cat"}]
+
+
+def annotation(ann_id: int, image_id: int, x: int = 4, category_id: int = 3) -> Dict:
+    """A 12 x 12 square at (x, x), with its polygon."""
+    s = 12
+    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "iscrowd": 0,
+            "bbox": [x, x, s, s], "area": s * s,
+            "segmentation": [[x, x, x + s, x, x + s, x + s, x, x + s]]}
+
+
+def write_coco(root: Path, num_images: int = 4, annotations: Optional[List[Dict]] = None,
+               images: Optional[List[Dict]] = None) -> Tuple[Path, Path]:
+    """``num_images`` images 1.png, ... with a square each (or ``annotations``) and their json
+    (or ``images`` as its 'images' list); returns (json file, image folder)."""
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(1, num_images + 1):
+        cv2.imwrite(str(images_dir / f"{i}.png"), rng.integers(0, 255, (SIZE, SIZE, 3), np.uint8))
+        entries.append({"id": i, "file_name": f"{i}.png", "height": SIZE, "width": SIZE})
+    if annotations is None:
+        annotations = [annotation(i, i) for i in range(1, num_images + 1)]
+    coco = {"images": entries if images is None else images, "annotations": annotations,
+            "categories": CATEGORIES}
+    json_file = root / "instances.json"
+    json_file.write_text(json.dumps(coco))
+    return json_file, images_dir
+
+
+def project_cfg() -> CfgNode:
+    cfg = get_cfg()
+    add_balanced_rcnn_config(cfg)
+    return cfg
+
+
+def coco_cfg(name: str, json_file: Path, image_root: Path, base: Optional[CfgNode] = None
+             ) -> CfgNode:
+    """``base`` (default: detectron2's defaults and the project's keys) training on the json."""
+    cfg = base if base is not None else project_cfg()
+    cfg.DATASETS.REGISTER_COCO = [[name, str(json_file), str(image_root)]]
+    cfg.DATASETS.TRAIN = (name,)
+    cfg.DATASETS.TEST = ()
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
+    return cfg

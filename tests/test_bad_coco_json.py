@@ -1,0 +1,111 @@
+"""COCO json problems that detectron2 drops silently or meets only when the image is sampled:
+refused (or skipped with RELIABILITY.BAD_ANNOTATIONS skip) at registration, naming the json, the
+annotation id, the image id and file."""
+
+import logging
+from pathlib import Path
+
+import pytest
+from balanced_rcnn import register_datasets_from_config
+from detectron2.data import DatasetCatalog
+
+from coco_builders import SIZE, annotation, coco_cfg, write_coco
+
+pytestmark = pytest.mark.usefixtures("forget_bad_datasets")
+
+
+def _refusal(cfg) -> str:
+    with pytest.raises(ValueError) as info:
+        register_datasets_from_config(cfg)
+    return str(info.value)
+
+
+def test_duplicate_image_ids_are_named_with_their_files(tmp_path: Path):
+    images = [{"id": i, "file_name": f"{i}.png", "height": SIZE, "width": SIZE} for i in (1, 2, 3)]
+    images[2]["id"] = 2  # 3.png reuses 2.png's id: detectron2 would load one of them
+    json_file, root = write_coco(tmp_path, num_images=3, images=images,
+                                 annotations=[annotation(1, 1), annotation(2, 2)])
+    assert _refusal(coco_cfg("bad_dup_images", json_file, root)) == (
+        f"'{json_file}' has 1 invalid image or annotation entries:\n"
+        "  image id 2 is used by 2 images ('2.png', '3.png'); detectron2 would keep only one")
+
+
+def test_duplicate_annotation_ids_are_named(tmp_path: Path):
+    json_file, root = write_coco(tmp_path, annotations=[annotation(1, 1), annotation(1, 3)])
+    assert _refusal(coco_cfg("bad_dup_anns", json_file, root)) == (
+        f"'{json_file}' has 1 invalid image or annotation entries:\n"
+        "  annotation id 1 is used by 2 annotations (of image ids 1, 3)")
+
+
+def test_rle_of_a_non_crowd_object_under_polygon_masks_names_the_fix(tmp_path: Path):
+    annotations = [annotation(1, 1), annotation(2, 2)]
+    annotations[1]["segmentation"] = {"size": [SIZE, SIZE], "counts": "PPYo0"}
+    json_file, root = write_coco(tmp_path, annotations=annotations)
+    cfg = coco_cfg("bad_rle", json_file, root)
+    cfg.MODEL.MASK_ON = True
+    assert _refusal(cfg).endswith(
+        "annotation id 2 (image id 2, '2.png'): its segmentation is an RLE mask, which "
+        "INPUT.MASK_FORMAT polygon cannot use for a non-crowd object; set INPUT.MASK_FORMAT "
+        "bitmask")
+    cfg = coco_cfg("bad_rle_bitmask", json_file, root)
+    cfg.MODEL.MASK_ON, cfg.INPUT.MASK_FORMAT = True, "bitmask"
+    register_datasets_from_config(cfg)  # what bitmask is for
+    cfg = coco_cfg("bad_rle_boxes_only", json_file, root)
+    register_datasets_from_config(cfg)  # MODEL.MASK_ON False: no mask is read
+
+
+@pytest.mark.parametrize("case", ["no-key", "empty"])
+def test_missing_segmentation_under_mask_on_is_refused_or_skipped(tmp_path, caplog, case):
+    annotations = [annotation(i, i) for i in (1, 2, 3)]
+    if case == "no-key":
+        del annotations[1]["segmentation"]
+        shown = "None"
+    else:
+        annotations[1]["segmentation"] = []
+        shown = "[]"
+    json_file, root = write_coco(tmp_path, num_images=3, annotations=annotations)
+    cfg = coco_cfg("bad_no_segm", json_file, root)
+    cfg.MODEL.MASK_ON = True
+    culprit = ("annotation id 2 (image id 2, '2.png'): has no segmentation, which MODEL.MASK_ON "
+               f"needs for every non-crowd object (segmentation: {shown})")
+    assert _refusal(cfg) == (f"'{json_file}' has 1 annotations that cannot be trained on:\n  "
+                             f"{culprit}\nFix them, or set RELIABILITY.BAD_ANNOTATIONS skip to "
+                             "drop them (each is logged).")
+    cfg = coco_cfg("bad_no_segm_skip", json_file, root)
+    cfg.MODEL.MASK_ON, cfg.RELIABILITY.BAD_ANNOTATIONS = True, "skip"
+    with caplog.at_level(logging.WARNING):
+        register_datasets_from_config(cfg)
+    assert culprit in caplog.text
+    dicts = DatasetCatalog.get("bad_no_segm_skip")
+    assert [len(d["annotations"]) for d in dicts] == [1, 0, 1]
+
+
+def test_box_outside_its_image_is_refused_or_skipped(tmp_path: Path, caplog):
+    annotations = [annotation(1, 1), annotation(2, 2, x=SIZE + 5), annotation(3, 3, x=SIZE - 4)]
+    json_file, root = write_coco(tmp_path, num_images=3, annotations=annotations)
+    culprit = (f"annotation id 2 (image id 2, '2.png'): bbox [37, 37, 12, 12] lies outside its "
+               f"{SIZE}x{SIZE} image (zero area after clipping)")
+    message = _refusal(coco_cfg("bad_outside", json_file, root))
+    assert f"has 1 annotations that cannot be trained on:\n  {culprit}\n" in message
+    # Annotation 3 sticks out by 8 pixels: clipped by detectron2, kept.
+    cfg = coco_cfg("bad_outside_skip", json_file, root)
+    cfg.RELIABILITY.BAD_ANNOTATIONS = "skip"
+    with caplog.at_level(logging.WARNING):
+        register_datasets_from_config(cfg)
+    assert culprit in caplog.text
+    assert [[a["bbox"] for a in d["annotations"]] for d in DatasetCatalog.get(
+        "bad_outside_skip")] == [[[4, 4, 12, 12]], [], [[28, 28, 12, 12]]]
+
+
+def test_training_set_without_any_annotation_is_warned_about(tmp_path: Path, caplog):
+    json_file, root = write_coco(tmp_path, annotations=[])
+    with caplog.at_level(logging.WARNING):
+        register_datasets_from_config(coco_cfg("bad_unlabelled", json_file, root))
+    assert (f"DATASETS.TRAIN: dataset 'bad_unlabelled' ({json_file}) has no annotation at all: "
+            "the model can only learn to detect nothing.") in caplog.text
+    caplog.clear()
+    cfg = coco_cfg("bad_unlabelled_test", json_file, root)
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), ("bad_unlabelled_test",)
+    with caplog.at_level(logging.WARNING):
+        register_datasets_from_config(cfg)
+    assert "no annotation at all" not in caplog.text  # a test set may be unlabelled
