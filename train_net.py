@@ -29,7 +29,8 @@ from detectron2.utils.logger import setup_logger
 from balanced_rcnn import Trainer, add_balanced_rcnn_config
 from balanced_rcnn.data import register_datasets_from_config
 from balanced_rcnn.engine.checkpoint import AtomicCheckpointer, check_weights_file
-from balanced_rcnn.engine.health import TrainingHealthError
+from balanced_rcnn.config_checks import check_config_choices
+from balanced_rcnn.engine.health import TrainingHealthError, check_health_images
 from balanced_rcnn.engine.launch import collective_timeout, launch
 
 
@@ -44,6 +45,8 @@ def load_config(args) -> CfgNode:
 
 def setup(args) -> CfgNode:
     cfg = load_config(args)
+    # Every key with a fixed set of values, before anything is written or built.
+    check_config_choices(cfg)
     default_setup(cfg, args)
     # The project's own loggers (balanced_rcnn.*: dataset generation, the health monitor) write to
     # the console and to OUTPUT_DIR/log.txt like detectron2's.
@@ -52,9 +55,11 @@ def setup(args) -> CfgNode:
     # It lives here, not at import time, because launch() starts fresh worker processes whose
     # catalogs are empty: every worker runs setup().
     register_datasets_from_config(cfg)
-    # Before anything is built: detectron2 would fail on a missing file only after building the
-    # model and the data loader, and evaluate random weights when none are given.
+    # Before anything is built: detectron2 would fail on a missing or unfit checkpoint only after
+    # building the model and the data loader, and evaluate random weights when none are given.
     check_weights_file(cfg, resume=args.resume, eval_only=args.eval_only)
+    if not args.eval_only and comm.is_main_process():
+        check_health_images(cfg)  # the monitor would read them after the model is built
     return cfg
 
 

@@ -184,13 +184,22 @@ def _other_size(path: Path) -> None:
     cv2.imwrite(str(path), np.zeros((SIZE, SIZE + 8, 3), np.uint8))
 
 
+def _sixteen_bit(path: Path) -> None:
+    # A 16-bit grey PNG with values up to 4000: detectron2 would read it as all white.
+    cv2.imwrite(str(path), np.full((SIZE, SIZE), 4000, np.uint16))
+
+
 DAMAGES = [
     (_unreadable, "UnidentifiedImageError: cannot identify image file"),
     (_truncated, "OSError: image file is truncated"),
     (_other_size, "SizeMismatchError: Mismatched image shape for image {file}, got (40, 32), "
                   "expect (32, 32)."),
+    (_sixteen_bit, "UnsupportedImageError: it is a 16-bit image (PIL mode I;16), which "
+                   "detectron2 reads as 8 bits per channel by clipping every value above 255 (a "
+                   "16-bit photo becomes all white); convert it to 8 bits first, scaling its "
+                   "range to 0-255"),
 ]
-DAMAGE_IDS = ["unreadable", "truncated", "size-differs-from-json"]
+DAMAGE_IDS = ["unreadable", "truncated", "size-differs-from-json", "16-bit"]
 
 
 @pytest.mark.parametrize("damage, reason", DAMAGES, ids=DAMAGE_IDS)

@@ -36,6 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import torch
 from balanced_rcnn import add_balanced_rcnn_config, register_datasets_from_config
+from balanced_rcnn.config_checks import check_config_choices
 from balanced_rcnn.deploy import ExportedPredictor
 from balanced_rcnn.engine.checkpoint import (
     CheckpointError,
@@ -113,6 +114,7 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
         logger.warning("CUDA is not available: running on the CPU")
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
+    check_config_choices(cfg)
     return cfg
 
 

@@ -4,12 +4,13 @@ of them is an error.
 
 An image file can be missing (deleted after the up-front check of data/checks.py), unreadable
 (not an image, zero bytes), truncated (a copy that did not finish: PIL raises "image file is
-truncated") or of another size than its json entry (often EXIF rotation: detectron2 applies the
-EXIF orientation, the json was written from the stored pixels). detectron2's DatasetMapper raises
+truncated"), of another size than its json entry (often EXIF rotation: detectron2 applies the
+EXIF orientation, the json was written from the stored pixels) or of a pixel type that
+detectron2 would misread (16-bit, float: data/images.py). detectron2's DatasetMapper raises
 on each of these, and training dies hours in for one file among millions.
 
 :class:`SkippingDatasetMapper` catches exactly these errors (OSError, PIL's SyntaxError for a
-broken PNG, SizeMismatchError), logs the file and the reason, remembers the file so that it is
+broken PNG, SizeMismatchError, UnsupportedImageError), logs the file and the reason, remembers the file so that it is
 not read again, and returns None, on which detectron2's MapDataset draws another image. The
 record of the skip travels to the main process inside the next dataset dict this mapper returns
 (under :data:`SKIPPED_KEY`), which works across DataLoader worker processes;
@@ -31,6 +32,8 @@ from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data.detection_utils import SizeMismatchError
 
+from .images import UnsupportedImageError, check_image_mode, size_mismatch_hint
+
 __all__ = [
     "SKIPPED_KEY",
     "SkipTrackingLoader",
@@ -44,7 +47,7 @@ logger = logging.getLogger(__name__)
 # Dataset-dict key that carries (file_name, reason) pairs from a mapper to the main process.
 SKIPPED_KEY = "skipped_images"
 # What reading an image raises when the file is at fault, not the code.
-_READ_ERRORS = (OSError, SyntaxError, SizeMismatchError)
+_READ_ERRORS = (OSError, SyntaxError, SizeMismatchError, UnsupportedImageError)
 _LISTED = 5  # files named in an error message
 
 
@@ -131,9 +134,12 @@ class SkippingDatasetMapper(DatasetMapper):
         if file_name in self._bad:
             return None  # known bad: draw another one without reading it again
         try:
+            check_image_mode(file_name)
             ret = super().__call__(dataset_dict)
         except _READ_ERRORS as e:
             reason = f"{type(e).__name__}: {e}"
+            if isinstance(e, SizeMismatchError):
+                reason += size_mismatch_hint(file_name)
             if not self.is_train:
                 raise ValueError(f"Cannot use image '{file_name}' (image id "
                                  f"{dataset_dict.get('image_id')}): {reason}") from e

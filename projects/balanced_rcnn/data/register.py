@@ -166,7 +166,8 @@ def _check_num_classes(cfg: CfgNode, names: Sequence[str], key: str) -> None:
 
 def register_datasets_from_config(cfg: CfgNode) -> None:
     """Register the synthetic and the configured COCO datasets, then check DATASETS.TRAIN/TEST
-    against the registry and the model's class count. Raises on the first problem found."""
+    and HEALTH.DATASET against the registry and the model's class count. Raises on the first
+    problem found."""
     register_builtin_synthetic(cfg.DATASETS.SYNTHETIC_ROOT or None)
     seen: Dict[str, str] = {}
     for i, entry in enumerate(cfg.DATASETS.REGISTER_COCO):
@@ -188,7 +189,8 @@ def register_datasets_from_config(cfg: CfgNode) -> None:
                 f"DATASETS.TRAIN: dataset '{name}' ({_REGISTERED[name][0]}) has no annotation at "
                 "all: the model can only learn to detect nothing. Check that the json is the "
                 "one with your labels.")
-    splits = [("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST)]
+    splits = [("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST),
+              ("HEALTH.DATASET", [cfg.HEALTH.DATASET] if cfg.HEALTH.DATASET else [])]
     for key, names in splits:
         _check_names(names, key)
         _check_num_classes(cfg, names, key)

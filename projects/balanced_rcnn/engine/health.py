@@ -83,13 +83,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog, DatasetMapper
+from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
 from detectron2.modeling import GeneralizedRCNN
 from detectron2.structures import Instances
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
+from ..data.mapper import SkippingDatasetMapper
 from .grad_norm import GRAD_NORM_SCALAR
 from .grad_shares import LossGradientShares
 
@@ -100,9 +101,12 @@ __all__ = [
     "NonFiniteTrainingError",
     "TrainingHealthError",
     "TrainingHealthMonitor",
+    "check_health_images",
     "check_records",
     "count_collapses",
+    "health_dataset",
     "is_collapsed_check",
+    "load_check_records",
     "objects_per_image",
     "save_checkpoint_and_synchronize",
 ]
@@ -132,6 +136,7 @@ class NonFiniteTrainingError(TrainingHealthError, FloatingPointError):
     """A loss term or the gradient norm is not finite (a FloatingPointError, as detectron2's)."""
 
     exit_code = EXIT_NON_FINITE
+    checkpoint_prefix = "model_nonfinite"  # the weights before the step are saved under it
 
 
 def save_checkpoint_and_synchronize(
@@ -156,6 +161,37 @@ def check_records(records: Sequence[Dict[str, Any]], num_images: int,
         records = [r for r in records
                    if any(not a.get("iscrowd", 0) for a in r.get("annotations", ()))]
     return list(records[:num_images])
+
+
+def load_check_records(dataset_name: str, num_images: int,
+                       object_images_only: bool = False) -> List[Dict[str, Any]]:
+    """:func:`check_records` of a registered dataset; an error if none is left."""
+    records = check_records(DatasetCatalog.get(dataset_name), num_images, object_images_only)
+    if object_images_only and not records:
+        raise ValueError(
+            f"HEALTH.OBJECT_IMAGES_ONLY: dataset '{dataset_name}' (HEALTH.DATASET or "
+            "DATASETS.TEST[0]) has no image with a non-crowd annotation to check on"
+        )
+    return records
+
+
+def health_dataset(cfg: CfgNode) -> str:
+    """The dataset of the detection checks: HEALTH.DATASET, else DATASETS.TEST[0], else ""."""
+    return cfg.HEALTH.DATASET or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
+
+
+def check_health_images(cfg: CfgNode) -> None:
+    """
+    Read the check images at set-up, through the evaluation mapper (which names an unusable
+    file): the monitor reads them again only once the model and the training data are built.
+    """
+    health = cfg.HEALTH
+    name = health_dataset(cfg)
+    if not (health.ENABLED and health.PERIOD > 0 and name):
+        return
+    mapper = SkippingDatasetMapper(cfg, False)
+    for record in load_check_records(name, health.NUM_IMAGES, health.OBJECT_IMAGES_ONLY):
+        mapper(copy.deepcopy(record))
 
 
 def objects_per_image(records: Sequence[Dict[str, Any]]) -> float:
@@ -299,7 +335,7 @@ class TrainingHealthMonitor(HookBase):
     @classmethod
     def from_config(cls, cfg: CfgNode) -> "TrainingHealthMonitor":
         health = cfg.HEALTH
-        dataset = health.DATASET or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
+        dataset = health_dataset(cfg)
         if not dataset and health.PERIOD > 0:
             logger.warning(
                 "Training health: no detection checks (HEALTH.DATASET is empty and DATASETS.TEST "
@@ -316,7 +352,7 @@ class TrainingHealthMonitor(HookBase):
             period=health.PERIOD,
             dataset_name=dataset,
             num_images=health.NUM_IMAGES,
-            mapper=DatasetMapper(cfg, is_train=False),
+            mapper=SkippingDatasetMapper(cfg, False),  # names an unusable image
             # Each worker's training batch fits in its memory with gradients, so it fits here.
             batch_size=cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size(),
             score_thresholds=health.SCORE_THRESHOLDS,
@@ -379,14 +415,7 @@ class TrainingHealthMonitor(HookBase):
             self._check_start()
 
     def _check_records(self) -> List[Dict[str, Any]]:
-        records = check_records(DatasetCatalog.get(self._dataset_name), self._num_images,
-                                self._object_images_only)
-        if self._object_images_only and not records:
-            raise ValueError(
-                f"HEALTH.OBJECT_IMAGES_ONLY: dataset '{self._dataset_name}' (HEALTH.DATASET or "
-                "DATASETS.TEST[0]) has no image with a non-crowd annotation to check on"
-            )
-        return records
+        return load_check_records(self._dataset_name, self._num_images, self._object_images_only)
 
     def after_step(self) -> None:
         if comm.is_main_process():

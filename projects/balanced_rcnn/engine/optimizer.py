@@ -16,11 +16,12 @@ from detectron2.config import CfgNode
 from detectron2.solver import get_default_optimizer_params
 from detectron2.solver.build import maybe_add_gradient_clipping
 
-__all__ = ["CLIP_TYPES", "FULL_MODEL_CLIP", "build_optimizer", "build_param_groups"]
+__all__ = ["CLIP_TYPES", "FULL_MODEL_CLIP", "OPTIMIZERS", "build_optimizer", "build_param_groups"]
 
 FULL_MODEL_CLIP = "full_model"
 # detectron2's per-parameter clip types plus the whole-model L2 clip.
 CLIP_TYPES = ("value", "norm", FULL_MODEL_CLIP)
+OPTIMIZERS = ("SGD", "AdamW")  # SOLVER.OPTIMIZER
 
 
 def build_param_groups(cfg: CfgNode, model: torch.nn.Module) -> List[Dict[str, Any]]:
@@ -59,7 +60,7 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
             weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         )
     else:
-        raise ValueError(f"SOLVER.OPTIMIZER must be 'SGD' or 'AdamW', got {name!r}")
+        raise ValueError(f"SOLVER.OPTIMIZER must be one of {OPTIMIZERS}, got {name!r}")
 
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.CLIP_TYPE not in CLIP_TYPES:

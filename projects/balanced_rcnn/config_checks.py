@@ -1,0 +1,111 @@
+"""
+Every config key with a fixed set of values, checked at set-up, before anything is built, whether
+or not this run reads it: a typo in a key that only a later stage reads (the evaluation, an
+unused head's loss options, a sampler) otherwise fails hours in, or never.
+
+:func:`check_config_choices` refuses the first key whose value is not one of its choices, naming
+the key, the value, the choices and the close matches. The project's choices are the tuples its
+modules use; detectron2's are the values its builders accept (as of detectron2 0.6) and the
+names in its registries.
+"""
+
+import difflib
+from typing import Dict, Iterable, Sequence
+
+from detectron2.config import CfgNode
+from detectron2.modeling import (
+    ANCHOR_GENERATOR_REGISTRY,
+    BACKBONE_REGISTRY,
+    META_ARCH_REGISTRY,
+    PROPOSAL_GENERATOR_REGISTRY,
+    ROI_BOX_HEAD_REGISTRY,
+    ROI_HEADS_REGISTRY,
+    ROI_MASK_HEAD_REGISTRY,
+    RPN_HEAD_REGISTRY,
+)
+
+from .data.checks import BAD_ANNOTATION_POLICIES
+from .data.samplers import OBJECT_SHARE_SAMPLER
+from .engine.health import ACTIONS
+from .engine.optimizer import CLIP_TYPES, OPTIMIZERS
+from .engine.trainer import AMP_PRECISIONS
+from .modeling.checks import check_balanced_loss_keys
+from .modeling.losses import BOX_REG_LOSS_TYPES
+
+__all__ = ["CHOICES", "check_config_choices"]
+
+_NORMS = ("", "BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
+_POOLERS = ("ROIAlign", "ROIAlignV2", "ROIPool", "ROIAlignRotated")
+
+CHOICES: Dict[str, Sequence[str]] = {
+    # The project's keys.
+    "SOLVER.OPTIMIZER": OPTIMIZERS,
+    "SOLVER.AMP.PRECISION": tuple(AMP_PRECISIONS),
+    "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": CLIP_TYPES,
+    "HEALTH.ACTION": ACTIONS,
+    "RELIABILITY.BAD_ANNOTATIONS": BAD_ANNOTATION_POLICIES,
+    # detectron2's keys (detectron2/data/build.py, solver/build.py, layers/batch_norm.py, ...).
+    "DATALOADER.SAMPLER_TRAIN": ("TrainingSampler", "RepeatFactorTrainingSampler",
+                                 "RandomSubsetTrainingSampler", OBJECT_SHARE_SAMPLER),
+    "SOLVER.LR_SCHEDULER_NAME": ("WarmupMultiStepLR", "WarmupCosineLR",
+                                 "WarmupStepWithFixedGammaLR"),
+    "SOLVER.WARMUP_METHOD": ("linear", "constant"),
+    "INPUT.MASK_FORMAT": ("polygon", "bitmask"),
+    "INPUT.RANDOM_FLIP": ("none", "horizontal", "vertical"),
+    "INPUT.CROP.TYPE": ("relative_range", "relative", "absolute", "absolute_range"),
+    "MODEL.RPN.BBOX_REG_LOSS_TYPE": BOX_REG_LOSS_TYPES,
+    "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE": BOX_REG_LOSS_TYPES,
+    "MODEL.ROI_BOX_HEAD.POOLER_TYPE": _POOLERS,
+    "MODEL.ROI_MASK_HEAD.POOLER_TYPE": _POOLERS,
+    "MODEL.FPN.FUSE_TYPE": ("sum", "avg"),
+    "MODEL.FPN.NORM": _NORMS,
+    "MODEL.RESNETS.NORM": _NORMS,
+    "MODEL.ROI_BOX_HEAD.NORM": _NORMS,
+    "MODEL.ROI_MASK_HEAD.NORM": _NORMS,
+}
+
+# Keys that name a registered class; read when the model is built.
+_REGISTRIES = {
+    "MODEL.META_ARCHITECTURE": META_ARCH_REGISTRY,
+    "MODEL.BACKBONE.NAME": BACKBONE_REGISTRY,
+    "MODEL.ANCHOR_GENERATOR.NAME": ANCHOR_GENERATOR_REGISTRY,
+    "MODEL.PROPOSAL_GENERATOR.NAME": PROPOSAL_GENERATOR_REGISTRY,
+    "MODEL.RPN.HEAD_NAME": RPN_HEAD_REGISTRY,
+    "MODEL.ROI_HEADS.NAME": ROI_HEADS_REGISTRY,
+    "MODEL.ROI_BOX_HEAD.NAME": ROI_BOX_HEAD_REGISTRY,
+    "MODEL.ROI_MASK_HEAD.NAME": ROI_MASK_HEAD_REGISTRY,
+}
+# Read only by detectron2's precomputed-proposals path, not a registry entry.
+_UNREGISTERED_NAMES = {"MODEL.PROPOSAL_GENERATOR.NAME": ("PrecomputedProposals",)}
+
+
+def _value(cfg: CfgNode, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _refuse(key: str, value: object, choices: Iterable[str]) -> None:
+    choices = sorted(choices, key=str.lower)
+    close = difflib.get_close_matches(str(value), choices, n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise ValueError(f"{key} must be one of {', '.join(map(repr, choices))}; got {value!r}."
+                     f"{hint}")
+
+
+def check_config_choices(cfg: CfgNode) -> None:
+    """Refuse the first key of :data:`CHOICES`, of the model registries or of
+    MODEL.BALANCED_LOSS whose value is not allowed (see the module docstring)."""
+    for key, choices in CHOICES.items():
+        value = _value(cfg, key)
+        if value not in choices:
+            _refuse(key, value, choices)
+    for key, registry in _REGISTRIES.items():
+        value = _value(cfg, key)
+        allowed = [name for name, _ in registry] + list(_UNREGISTERED_NAMES.get(key, ()))
+        if value not in allowed:
+            _refuse(key, value, allowed)
+    # The balanced heads check their section when they are built; a stock-heads run never
+    # builds them, and would carry a bad value into the next config copied from it.
+    check_balanced_loss_keys(cfg)
