@@ -113,6 +113,11 @@ def _add_health_config(cfg: CN) -> None:
     # Take the check images only among the images that hold an object (a non-crowd annotation):
     # on a mostly empty val set the first NUM_IMAGES say little about lost detections.
     cfg.HEALTH.OBJECT_IMAGES_ONLY = False
+    # Stop (exit code 4) on a loss that explodes while finite (engine/divergence.py): a total loss
+    # above LOSS_CEILING, or above LOSS_JUMP_FACTOR x the largest total of every earlier step of
+    # the run. 0 turns the ceiling / the jump rule off.
+    cfg.HEALTH.LOSS_CEILING = 1000.0
+    cfg.HEALTH.LOSS_JUMP_FACTOR = 100.0
 
 
 def _add_reliability_config(cfg: CN) -> None:

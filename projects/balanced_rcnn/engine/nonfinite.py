@@ -16,6 +16,8 @@ write, which runs after ``after_backward`` and before ``optimizer.step()``:
   step is not applied, so the weights are still those of the last finite step; the Trainer saves
   them before letting the error through.
 
+The same values feed the stop on a loss that explodes while finite (engine/divergence.py).
+
 Under AMP a non-finite gradient norm is a legitimate overflow step (the GradScaler skips it and
 lowers its scale), so only the losses are checked there. The metrics it writes are detectron2's:
 ``total_loss``, each ``loss_*`` averaged over workers, ``data_time`` (the slowest worker) and
@@ -32,6 +34,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 from ..utils.events import pending_tensor_scalar
+from .divergence import LossDivergenceRule
 from .grad_norm import GRAD_NORM_SCALAR
 from .health import NonFiniteTrainingError
 
@@ -60,14 +63,17 @@ def write_metrics(
     cur_iter: int,
     prefix: str = "",
     check_grad_norm: bool = True,
+    divergence: Optional[LossDivergenceRule] = None,
 ) -> None:
     """
     detectron2's ``SimpleTrainer.write_metrics`` plus the non-finite stop described in the module
-    docstring. Must be called by every worker at the same step (one collective).
+    docstring, and ``divergence``'s stop on a finite explosion (engine/divergence.py). Must be
+    called by every worker at the same step (one collective).
 
     Raises:
         NonFiniteTrainingError: on every worker, if any worker has a non-finite loss term or
             (with ``check_grad_norm``) the gradient norm is not finite.
+        LossExplosionError: on every worker, if the worker-averaged losses break ``divergence``.
     """
     names = list(loss_dict)
     tensors = [loss_dict[k].detach().to(torch.float32).reshape(()) for k in names]
@@ -90,17 +96,36 @@ def write_metrics(
             f"Non-finite training values at iteration {cur_iter}: {', '.join(bad)}. The "
             "optimizer step was not applied."
         )
+    # As detectron2: losses averaged over workers; the same values, so the same decision, on all.
+    means = {k: float(np.mean([w["losses"][k] for w in gathered])) for k in names}
+    if divergence is not None:
+        divergence.check(cur_iter, means)
     if comm.is_main_process():
-        # As detectron2: data_time of the slowest worker, losses averaged over workers.
         storage.put_scalar("data_time", max(w["data_time"] for w in gathered), cur_iter=cur_iter)
-        means = {k: float(np.mean([w["losses"][k] for w in gathered])) for k in names}
         storage.put_scalar(f"{prefix}total_loss", sum(means.values()), cur_iter=cur_iter)
         if len(means) > 1:
             storage.put_scalars(cur_iter=cur_iter, **means)
 
 
 class NonFiniteGuardMixin:
-    """Mixed into SimpleTrainer / AMPTrainer: their metric write becomes :func:`write_metrics`."""
+    """Mixed into SimpleTrainer / AMPTrainer: their metric write becomes :func:`write_metrics`,
+    with ``divergence`` (a LossDivergenceRule, or None) checked every step."""
+
+    def __init__(self, *args, divergence: Optional[LossDivergenceRule] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.divergence = divergence
+
+    # The divergence rule's reference travels in checkpoints (DefaultTrainer saves "_trainer").
+    def state_dict(self) -> dict:
+        ret = super().state_dict()
+        if self.divergence is not None:
+            ret["loss_divergence"] = self.divergence.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if self.divergence is not None and "loss_divergence" in state_dict:
+            self.divergence.load_state_dict(state_dict["loss_divergence"])
 
     def _write_metrics(
         self,
@@ -120,6 +145,7 @@ class NonFiniteGuardMixin:
                 iter,
                 prefix,
                 check_grad_norm=not isinstance(self, AMPTrainer),
+                divergence=self.divergence,
             )
 
 

@@ -29,6 +29,7 @@ from detectron2.utils.logger import setup_logger
 from ..data.loader import build_test_loader, build_train_loader
 from ..utils.events import flush_tensor_scalars
 from .checkpoint import AtomicCheckpointer
+from .divergence import LossDivergenceRule
 from .grad_norm import GradientNormHook
 from .health import NonFiniteTrainingError, TrainingHealthMonitor, save_checkpoint_and_synchronize
 from .nonfinite import GuardedAMPTrainer, GuardedSimpleTrainer
@@ -74,13 +75,15 @@ class Trainer(DefaultTrainer):
         model = create_ddp_model(model, broadcast_buffers=False, device_ids=device_ids)
         # With HEALTH.ENABLED, a non-finite loss term or gradient norm stops every worker before
         # the optimizer step, naming the term (engine/nonfinite.py).
+        # The same stop for a loss that explodes while finite (engine/divergence.py).
+        guard = {"divergence": LossDivergenceRule.from_config(cfg)} if cfg.HEALTH.ENABLED else {}
         if cfg.SOLVER.AMP.ENABLED:
             inner = GuardedAMPTrainer if cfg.HEALTH.ENABLED else AMPTrainer
             self._trainer = inner(model, data_loader, optimizer,
-                                  precision=amp_precision(cfg.SOLVER.AMP.PRECISION))
+                                  precision=amp_precision(cfg.SOLVER.AMP.PRECISION), **guard)
         else:
             inner = GuardedSimpleTrainer if cfg.HEALTH.ENABLED else SimpleTrainer
-            self._trainer = inner(model, data_loader, optimizer)
+            self._trainer = inner(model, data_loader, optimizer, **guard)
         # Added: detectron2 calls after_backward only on the hooks of this inner trainer, and
         # after_backward is where gradients are complete (DDP-averaged) but not yet applied.
         self._trainer.register_hooks(self.build_inner_hooks(cfg))
@@ -142,12 +145,12 @@ class Trainer(DefaultTrainer):
     def run_step(self) -> None:
         try:
             super().run_step()
-        except NonFiniteTrainingError:
+        except NonFiniteTrainingError as e:
             # Raised on every worker before optimizer.step(): the weights are those of the last
             # finite step, worth keeping to inspect or to resume from with other settings
             # (--resume then continues after this iteration, past its bad batch).
             path = save_checkpoint_and_synchronize(
-                self.checkpointer, f"model_nonfinite_{self.iter:07d}", self.iter
+                self.checkpointer, f"{e.checkpoint_prefix}_{self.iter:07d}", self.iter
             )
             logging.getLogger(__name__).error(f"Saved the weights before the step to {path}")
             raise
