@@ -1,0 +1,129 @@
+"""Checks that run at set-up, before the model is built: config keys with a fixed set of values,
+HEALTH.DATASET and the health check images; and the image files detectron2 would misread."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from balanced_rcnn import register_datasets_from_config
+from balanced_rcnn.config_checks import CHOICES, check_config_choices
+from balanced_rcnn.data.images import UnsupportedImageError, check_image_mode, size_mismatch_hint
+from balanced_rcnn.data.mapper import SkippingDatasetMapper
+from balanced_rcnn.engine.health import check_health_images
+from detectron2.data import DatasetCatalog
+from PIL import Image
+
+from coco_builders import SIZE, coco_cfg, write_coco
+
+pytestmark = pytest.mark.usefixtures("forget_bad_datasets")
+
+SHIPPED = sorted(str(p.relative_to(Path(__file__).resolve().parents[1] / "configs"))
+                 for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", SHIPPED)
+def test_every_shipped_config_passes(load_project_config, config):
+    check_config_choices(load_project_config(config))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    # Not read in this run (HEALTH.ENABLED False): refused all the same.
+    ("HEALTH.ACTION", "stpo", "HEALTH.ACTION must be one of 'stop', 'warn'; got 'stpo'. Did you "
+                              "mean 'stop'?"),
+    ("DATALOADER.SAMPLER_TRAIN", "ObjectShareSampler",
+     "DATALOADER.SAMPLER_TRAIN must be one of 'ObjectShareTrainingSampler', 'RandomSubsetTraining"
+     "Sampler', 'RepeatFactorTrainingSampler', 'TrainingSampler'; got 'ObjectShareSampler'. Did "
+     "you mean 'ObjectShareTrainingSampler'?"),
+    ("INPUT.RANDOM_FLIP", "horizontall", "INPUT.RANDOM_FLIP must be one of 'horizontal', 'none', "
+                                         "'vertical'; got 'horizontall'. Did you mean "
+                                         "'horizontal'?"),
+    ("MODEL.ROI_HEADS.NAME", "BalancedROIHead", "MODEL.ROI_HEADS.NAME must be one of "
+                                                "'BalancedROIHeads', "),
+    ("MODEL.FPN.NORM", "BNN", "MODEL.FPN.NORM must be one of '', 'BN', "),
+])
+def test_a_bad_choice_is_refused_with_close_matches(tiny_cfg, key, value, message):
+    tiny_cfg.HEALTH.ENABLED = False
+    tiny_cfg.merge_from_list([key, value])
+    with pytest.raises(ValueError) as info:
+        check_config_choices(tiny_cfg)
+    assert str(info.value).startswith(message)
+
+
+def test_balanced_loss_keys_are_checked_with_stock_heads(load_project_config):
+    cfg = load_project_config("swin_stock.yaml")
+    assert cfg.MODEL.ROI_HEADS.NAME == "StandardROIHeads"  # never reads MODEL.BALANCED_LOSS
+    cfg.MODEL.BALANCED_LOSS.REG_NORMALIZER = "sample"
+    with pytest.raises(ValueError, match="MODEL.BALANCED_LOSS.REG_NORMALIZER must be one of "
+                                         r"\('positives', 'samples'\), got 'sample'"):
+        check_config_choices(cfg)
+
+
+def test_choices_cover_the_project_keys():
+    assert {"SOLVER.OPTIMIZER", "SOLVER.AMP.PRECISION", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE",
+            "HEALTH.ACTION", "RELIABILITY.BAD_ANNOTATIONS"} <= set(CHOICES)
+
+
+def test_unknown_health_dataset_is_refused_at_registration(tmp_path):
+    json_file, root = write_coco(tmp_path)
+    cfg = coco_cfg("bad_health_train", json_file, root)
+    cfg.HEALTH.DATASET = "bad_health_trian"
+    with pytest.raises(ValueError, match="^HEALTH.DATASET: unknown dataset 'bad_health_trian'. "
+                                         "Did you mean: bad_health_train"):
+        register_datasets_from_config(cfg)
+
+
+def test_an_unusable_check_image_is_refused_at_set_up(tiny_cfg, tmp_path):
+    json_file, root = write_coco(tmp_path)
+    cv2.imwrite(str(root / "3.png"), np.full((SIZE, SIZE), 4000, np.uint16))
+    cfg = coco_cfg("bad_health_images", json_file, root, tiny_cfg)
+    cfg.DATASETS.TEST = ("bad_health_images",)
+    cfg.HEALTH.NUM_IMAGES = 4
+    register_datasets_from_config(cfg)
+    with pytest.raises(ValueError, match=rf"^Cannot use image '{root / '3.png'}' \(image id 3\): "
+                                         r"UnsupportedImageError: it is a 16-bit image"):
+        check_health_images(cfg)
+    cfg.HEALTH.NUM_IMAGES = 2  # the first two are fine
+    check_health_images(cfg)
+    cfg.HEALTH.NUM_IMAGES, cfg.HEALTH.PERIOD = 4, 0  # no checks: nothing is read
+    check_health_images(cfg)
+
+
+def test_float_and_32_bit_images_are_refused(tmp_path):
+    for mode, kind in (("F", "32-bit float"), ("I", "32-bit integer")):
+        path = tmp_path / f"{mode}.tif"
+        Image.new(mode, (8, 8)).save(path)
+        with pytest.raises(UnsupportedImageError, match=f"^it is a {kind} image \\(PIL mode "
+                                                        f"{mode}\\)"):
+            check_image_mode(str(path))
+
+
+def test_palette_grey_and_alpha_images_are_read_with_their_colors(tiny_cfg, tmp_path):
+    json_file, root = write_coco(tmp_path, num_images=3)
+    colors = np.zeros((SIZE, SIZE, 3), np.uint8)
+    colors[:, :, 0], colors[:, :, 2] = 200, 30  # RGB
+    Image.fromarray(colors).convert("P", palette=Image.ADAPTIVE).save(root / "1.png")
+    Image.fromarray(colors[:, :, 0]).save(root / "2.png")  # grey "L"
+    Image.fromarray(np.dstack([colors, np.full((SIZE, SIZE), 255, np.uint8)])).save(
+        root / "3.png")  # RGBA
+    cfg = coco_cfg("bad_palette", json_file, root, tiny_cfg)
+    register_datasets_from_config(cfg)
+    mapper = SkippingDatasetMapper(cfg, False)
+    images = [mapper(d)["image"].permute(1, 2, 0).numpy() for d in DatasetCatalog.get(
+        "bad_palette")]
+    rgb = [i if tiny_cfg.INPUT.FORMAT == "RGB" else i[..., ::-1] for i in images]
+    assert np.abs(rgb[0].astype(int) - [200, 0, 30]).max() <= 2  # palette: its colors
+    assert (rgb[1] == 200).all()  # grey: the same value in each channel
+    assert (rgb[2] == [200, 0, 30]).all()  # alpha dropped
+
+
+def test_size_mismatch_of_an_exif_rotated_photo_says_why(tmp_path):
+    path = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    Image.new("RGB", (40, 32)).save(path, exif=exif)
+    assert size_mismatch_hint(str(path)) == (
+        " Its EXIF orientation 6 rotates it by 90 degrees, which detectron2 applies; the json's "
+        "width and height must be those of the rotated image.")
+    Image.new("RGB", (40, 32)).save(tmp_path / "plain.jpg")
+    assert size_mismatch_hint(str(tmp_path / "plain.jpg")) == ""
