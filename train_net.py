@@ -32,6 +32,7 @@ from balanced_rcnn.engine.checkpoint import AtomicCheckpointer, check_weights_fi
 from balanced_rcnn.config_checks import check_config_choices
 from balanced_rcnn.engine.health import TrainingHealthError, check_health_images
 from balanced_rcnn.engine.launch import collective_timeout, launch
+from balanced_rcnn.engine.output_dir import claim_output_dir
 
 
 def load_config(args) -> CfgNode:
@@ -47,6 +48,10 @@ def setup(args) -> CfgNode:
     cfg = load_config(args)
     # Every key with a fixed set of values, before anything is written or built.
     check_config_choices(cfg)
+    if not args.eval_only and comm.is_main_process():
+        # Before default_setup writes config.yaml and log.txt into it.
+        claim_output_dir(cfg.OUTPUT_DIR, resume=args.resume,
+                         overwrite=cfg.RELIABILITY.OVERWRITE_OUTPUT)
     default_setup(cfg, args)
     # The project's own loggers (balanced_rcnn.*: dataset generation, the health monitor) write to
     # the console and to OUTPUT_DIR/log.txt like detectron2's.

@@ -70,7 +70,7 @@ def test_sgd_and_per_parameter_clipping_are_detectron2s(tiny_cfg):
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("OPTIMIZER", "Adam", "SOLVER.OPTIMIZER must be one of ('SGD', 'AdamW'), got 'Adam'"),
+        ("OPTIMIZER", "Adam", r"SOLVER.OPTIMIZER must be one of \('SGD', 'AdamW'\), got 'Adam'"),
         ("CLIP_GRADIENTS.CLIP_TYPE", "global", "CLIP_TYPE must be one of .*got 'global'"),
     ],
 )

@@ -136,6 +136,9 @@ def _add_reliability_config(cfg: CN) -> None:
     # DDP: timeout of every collective (detectron2's launch(timeout=...), default 30 min); it
     # bounds a wait on a peer that is alive but stuck. Keep it above the longest evaluation.
     cfg.RELIABILITY.COLLECTIVE_TIMEOUT_MIN = 30.0
+    # Training without --resume into an OUTPUT_DIR that holds checkpoints is refused; True
+    # deletes that run's checkpoints and metrics.json instead (engine/output_dir.py).
+    cfg.RELIABILITY.OVERWRITE_OUTPUT = False
 
 
 def add_balanced_rcnn_config(cfg: CN) -> None:

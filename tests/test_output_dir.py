@@ -1,0 +1,93 @@
+"""One training run per OUTPUT_DIR: a lock held for the whole run, taken over from a dead
+holder, and no fresh start into a folder that holds a run's checkpoints."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from balanced_rcnn.engine.output_dir import LOCK_FILE, OutputDirError, claim_output_dir
+
+from conftest import TINY_CONFIG
+
+# A process that takes the lock, says so, and waits for stdin to close.
+HOLDER = textwrap.dedent("""
+    import sys
+    from balanced_rcnn.engine.output_dir import claim_output_dir
+    claim_output_dir(sys.argv[1], resume=False, holder="process 4242 on host h")
+    print("locked", flush=True)
+    sys.stdin.read()
+""")
+
+
+def _hold(folder: Path) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_run_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(
+        tmp_path, caplog):
+    holder = _hold(tmp_path)
+    try:
+        with pytest.raises(OutputDirError) as info:
+            claim_output_dir(str(tmp_path), resume=True)
+        assert str(info.value) == (
+            f"OUTPUT_DIR '{tmp_path}' is in use by another training run (process 4242 on host h; "
+            f"lock file {tmp_path / LOCK_FILE}). Wait for it to end or stop it, or set another "
+            "OUTPUT_DIR.")
+    finally:
+        holder.kill()  # as the OOM killer would: no clean-up
+        holder.wait()
+    with caplog.at_level("INFO"):
+        claim_output_dir(str(tmp_path), resume=True)
+    assert "its holder (process 4242 on host h) is no longer running" in caplog.text
+    assert (tmp_path / LOCK_FILE).read_text().startswith(f"process {os.getpid()} on host ")
+
+
+def test_fresh_start_into_a_folder_with_checkpoints_is_refused_or_overwritten(tmp_path, caplog):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for name in ("model_0000004.pth", "model_final.pth", "metrics.json", "config.yaml"):
+        (folder / name).write_text("x")
+    (folder / "last_checkpoint").write_text("model_final.pth")
+    # Each claim below runs in a child process: this one would hold the lock after the first.
+    claim = ("import sys; from balanced_rcnn.engine.output_dir import claim_output_dir; "
+             "claim_output_dir(sys.argv[1], resume=sys.argv[2] == 'resume', "
+             "overwrite=sys.argv[3] == 'overwrite')")
+
+    def run(*flags):
+        return subprocess.run([sys.executable, "-c", claim, str(folder), *flags],
+                              capture_output=True, text=True)
+
+    refused = run("fresh", "keep")
+    assert refused.returncode == 1
+    assert (f"OutputDirError: OUTPUT_DIR '{folder}' already holds the checkpoints of a run "
+            "(last_checkpoint, model_0000004.pth, model_final.pth). Continue that run with "
+            "--resume, or start a new one in another OUTPUT_DIR (RELIABILITY.OVERWRITE_OUTPUT "
+            "True deletes the old checkpoints instead).") in refused.stderr
+    assert run("resume", "keep").returncode == 0
+    assert (folder / "model_final.pth").exists()
+    assert run("fresh", "overwrite").returncode == 0
+    assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE, "config.yaml"]
+
+
+def test_train_net_refuses_a_second_run_before_writing_anything(repo_root, tmp_path):
+    out = tmp_path / "out"
+    holder = _hold(out)
+    try:
+        command = [sys.executable, "train_net.py", "--config-file", f"configs/{TINY_CONFIG}",
+                   "OUTPUT_DIR", str(out)]
+        env = dict(os.environ, BALANCED_RCNN_DATASETS=str(tmp_path / "datasets"))
+        result = subprocess.run(command, cwd=repo_root, env=env, capture_output=True,
+                                text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 1
+    assert f"OutputDirError: OUTPUT_DIR '{out}' is in use by another training run" in \
+        result.stderr
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # no config.yaml, no log.txt
