@@ -32,7 +32,7 @@ from balanced_rcnn.engine.checkpoint import AtomicCheckpointer, check_weights_fi
 from balanced_rcnn.config_checks import check_config_choices
 from balanced_rcnn.engine.health import TrainingHealthError, check_health_images
 from balanced_rcnn.engine.launch import collective_timeout, launch
-from balanced_rcnn.engine.output_dir import claim_output_dir
+from balanced_rcnn.engine.output_dir import claim_output_dir, remove_earlier_run
 
 
 def load_config(args) -> CfgNode:
@@ -65,6 +65,9 @@ def setup(args) -> CfgNode:
     check_weights_file(cfg, resume=args.resume, eval_only=args.eval_only)
     if not args.eval_only and comm.is_main_process():
         check_health_images(cfg)  # the monitor would read them after the model is built
+        if cfg.RELIABILITY.OVERWRITE_OUTPUT and not args.resume:
+            # Only now that every check has passed; never the weights this run starts from.
+            remove_earlier_run(cfg.OUTPUT_DIR, keep=[cfg.MODEL.WEIGHTS])
     return cfg
 
 

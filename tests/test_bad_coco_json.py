@@ -52,6 +52,9 @@ def test_rle_of_a_non_crowd_object_under_polygon_masks_names_the_fix(tmp_path: P
     register_datasets_from_config(cfg)  # what bitmask is for
     cfg = coco_cfg("bad_rle_boxes_only", json_file, root)
     register_datasets_from_config(cfg)  # MODEL.MASK_ON False: no mask is read
+    cfg = coco_cfg("bad_rle_val", json_file, root)
+    cfg.MODEL.MASK_ON, cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = True, (), ("bad_rle_val",)
+    register_datasets_from_config(cfg)  # evaluation reads RLE through pycocotools
 
 
 @pytest.mark.parametrize("case", ["no-key", "empty"])
@@ -81,7 +84,8 @@ def test_missing_segmentation_under_mask_on_is_refused_or_skipped(tmp_path, capl
 
 
 def test_box_outside_its_image_is_refused_or_skipped(tmp_path: Path, caplog):
-    annotations = [annotation(1, 1), annotation(2, 2, x=SIZE + 5), annotation(3, 3, x=SIZE - 4)]
+    annotations = [annotation(1, 1), annotation(2, 2, x=SIZE + 5), annotation(3, 3, x=SIZE - 4),
+                   dict(annotation(4, 3, x=SIZE + 5), iscrowd=1)]  # crowd: not trained on
     json_file, root = write_coco(tmp_path, num_images=3, annotations=annotations)
     culprit = (f"annotation id 2 (image id 2, '2.png'): bbox [37, 37, 12, 12] lies outside its "
                f"{SIZE}x{SIZE} image (zero area after clipping)")
@@ -94,7 +98,7 @@ def test_box_outside_its_image_is_refused_or_skipped(tmp_path: Path, caplog):
         register_datasets_from_config(cfg)
     assert culprit in caplog.text
     assert [[a["bbox"] for a in d["annotations"]] for d in DatasetCatalog.get(
-        "bad_outside_skip")] == [[[4, 4, 12, 12]], [], [[28, 28, 12, 12]]]
+        "bad_outside_skip")] == [[[4, 4, 12, 12]], [], [[28, 28, 12, 12], [37, 37, 12, 12]]]
 
 
 def test_training_set_without_any_annotation_is_warned_about(tmp_path: Path, caplog):

@@ -69,7 +69,7 @@ def test_resume_refuses_a_checkpoint_of_another_architecture(tiny_cfg, tmp_path)
     num_tensors = len(build_model(tiny_cfg).state_dict())
     assert str(info.value).startswith(
         f"Checkpoint '{tmp_path / 'model_0000009.pth'}' (named by "
-        f"{tmp_path / 'last_checkpoint'}) does not fit the config's model: none of its "
+        f"{tmp_path / 'last_checkpoint'}) does not fit the config's model: none of the model's "
         f"{num_tensors} tensors is in it (the checkpoint's names: 0.bias, 0.weight, ...). It is "
         "a checkpoint of another architecture.")
     # Without --resume MODEL.WEIGHTS (empty: a fresh start) is loaded, not the folder's file.

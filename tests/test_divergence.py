@@ -50,6 +50,25 @@ def test_mostly_empty_batches_with_rare_object_batches_never_stop():
         rule.check(step, {"loss_rpn_cls": value, "loss_cls": value / 10})
 
 
+def test_fine_tuning_on_mostly_empty_data_does_not_stop_at_the_first_object_batch():
+    # A trained model: near-zero loss on the first (empty) batches, then 300 x on one with objects.
+    rule = LossDivergenceRule(ceiling=1000.0, jump_factor=100.0)
+    for step, value in enumerate([0.006, 0.005, 1.8, 0.006, 2.5]):
+        rule.check(step, {"loss_cls": value})
+    with pytest.raises(LossExplosionError, match=r"is 101 x the largest total before it \(2.5\)"):
+        rule.check(5, {"loss_cls": 252.0})
+    # Below the floor of 1 the reference is 1: a total above 100 is a jump.
+    for value, stops in ((99.0, False), (101.0, True)):
+        rule = LossDivergenceRule(ceiling=0.0, jump_factor=100.0)
+        rule.check(0, {"loss_cls": 0.01})
+        if stops:
+            with pytest.raises(LossExplosionError, match=r"is 101 x the largest total before "
+                                                         r"it \(0.01, taken as 1\)"):
+                rule.check(1, {"loss_cls": value})
+        else:
+            rule.check(1, {"loss_cls": value})
+
+
 def test_a_jump_stops_and_the_refused_step_is_not_kept_as_reference():
     rule = LossDivergenceRule(ceiling=0.0, jump_factor=10.0)
     for step, value in enumerate([2.0, 1.0, 19.0]):  # 19 < 10 x 2

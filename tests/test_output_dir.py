@@ -1,6 +1,8 @@
 """One training run per OUTPUT_DIR: a lock held for the whole run, taken over from a dead
 holder, and no fresh start into a folder that holds a run's checkpoints."""
 
+import errno
+import fcntl
 import os
 import subprocess
 import sys
@@ -8,7 +10,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from balanced_rcnn.engine.output_dir import LOCK_FILE, OutputDirError, claim_output_dir
+from balanced_rcnn.engine.output_dir import (
+    LOCK_FILE,
+    OutputDirError,
+    claim_output_dir,
+    release_output_dir,
+    remove_earlier_run,
+)
 
 from conftest import TINY_CONFIG
 
@@ -38,14 +46,34 @@ def test_a_second_run_is_refused_naming_the_holder_and_a_dead_holder_is_taken_ov
         assert str(info.value) == (
             f"OUTPUT_DIR '{tmp_path}' is in use by another training run (process 4242 on host h; "
             f"lock file {tmp_path / LOCK_FILE}). Wait for it to end or stop it, or set another "
-            "OUTPUT_DIR.")
+            "OUTPUT_DIR. If that process is gone (a machine that crashed, on a network file "
+            "system), delete the lock file.")
     finally:
         holder.kill()  # as the OOM killer would: no clean-up
         holder.wait()
-    with caplog.at_level("INFO"):
-        claim_output_dir(str(tmp_path), resume=True)
-    assert "its holder (process 4242 on host h) is no longer running" in caplog.text
-    assert (tmp_path / LOCK_FILE).read_text().startswith(f"process {os.getpid()} on host ")
+    try:
+        with caplog.at_level("INFO"):
+            claim_output_dir(str(tmp_path), resume=True)
+        assert f"Taking over {tmp_path / LOCK_FILE}, last held by process 4242 on host h" in \
+            caplog.text
+        assert (tmp_path / LOCK_FILE).read_text().startswith(f"process {os.getpid()} on host ")
+        claim_output_dir(str(tmp_path), resume=True)  # held by this process already: no-op
+    finally:
+        release_output_dir(str(tmp_path))
+
+
+def test_a_file_system_without_locks_is_warned_about(tmp_path, caplog, monkeypatch):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    try:
+        with caplog.at_level("WARNING"):
+            claim_output_dir(str(tmp_path), resume=False)
+    finally:
+        release_output_dir(str(tmp_path))
+    assert (f"Cannot lock {tmp_path / LOCK_FILE} (No locks available): this file system has no "
+            "locks, so a second run into this OUTPUT_DIR would not be refused.") in caplog.text
 
 
 def test_fresh_start_into_a_folder_with_checkpoints_is_refused_or_overwritten(tmp_path, caplog):
@@ -70,9 +98,12 @@ def test_fresh_start_into_a_folder_with_checkpoints_is_refused_or_overwritten(tm
             "--resume, or start a new one in another OUTPUT_DIR (RELIABILITY.OVERWRITE_OUTPUT "
             "True deletes the old checkpoints instead).") in refused.stderr
     assert run("resume", "keep").returncode == 0
-    assert (folder / "model_final.pth").exists()
     assert run("fresh", "overwrite").returncode == 0
-    assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE, "config.yaml"]
+    assert (folder / "model_final.pth").exists()  # deleted only once set-up has passed:
+    remove_earlier_run(str(folder), keep=[str(folder / "model_0000004.pth")])
+    assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE, "config.yaml",
+                                                        "model_0000004.pth"]
+    assert "keeping " + str(folder / "model_0000004.pth") + ", the MODEL.WEIGHTS" in caplog.text
 
 
 def test_train_net_refuses_a_second_run_before_writing_anything(repo_root, tmp_path):

@@ -7,7 +7,12 @@ import cv2
 import numpy as np
 import pytest
 from balanced_rcnn import register_datasets_from_config
-from balanced_rcnn.config_checks import CHOICES, check_config_choices
+from balanced_rcnn.config_checks import (
+    CHOICES,
+    FREE_TEXT_KEYS,
+    REGISTRY_KEYS,
+    check_config_choices,
+)
 from balanced_rcnn.data.images import UnsupportedImageError, check_image_mode, size_mismatch_hint
 from balanced_rcnn.data.mapper import SkippingDatasetMapper
 from balanced_rcnn.engine.health import check_health_images
@@ -54,14 +59,39 @@ def test_balanced_loss_keys_are_checked_with_stock_heads(load_project_config):
     cfg = load_project_config("swin_stock.yaml")
     assert cfg.MODEL.ROI_HEADS.NAME == "StandardROIHeads"  # never reads MODEL.BALANCED_LOSS
     cfg.MODEL.BALANCED_LOSS.REG_NORMALIZER = "sample"
-    with pytest.raises(ValueError, match="MODEL.BALANCED_LOSS.REG_NORMALIZER must be one of "
-                                         r"\('positives', 'samples'\), got 'sample'"):
+    with pytest.raises(ValueError, match="^MODEL.BALANCED_LOSS.REG_NORMALIZER must be one of "
+                                         "'positives', 'samples'; got 'sample'. Did you mean "
+                                         "'samples'\\?$"):
+        check_config_choices(cfg)
+    cfg.MODEL.BALANCED_LOSS.REG_NORMALIZER = "samples"
+    cfg.MODEL.BALANCED_LOSS.EPS = 0.0  # a range, checked by the heads' own check
+    with pytest.raises(ValueError, match="^MODEL.BALANCED_LOSS.EPS must be finite and > 0"):
         check_config_choices(cfg)
 
 
-def test_choices_cover_the_project_keys():
-    assert {"SOLVER.OPTIMIZER", "SOLVER.AMP.PRECISION", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE",
-            "HEALTH.ACTION", "RELIABILITY.BAD_ANNOTATIONS"} <= set(CHOICES)
+def _string_keys(node, prefix=""):
+    for key, value in node.items():
+        if hasattr(value, "items"):
+            yield from _string_keys(value, f"{prefix}{key}.")
+        elif isinstance(value, str):
+            yield f"{prefix}{key}"
+
+
+def test_every_string_key_is_checked_or_declared_free_text(tiny_cfg):
+    # A string key added by detectron2 or the project must be classified here.
+    classified = set(CHOICES) | set(REGISTRY_KEYS) | set(FREE_TEXT_KEYS)
+    assert sorted(set(_string_keys(tiny_cfg)) - classified) == []
+    assert not set(CHOICES) & set(REGISTRY_KEYS)
+    assert not set(FREE_TEXT_KEYS) & (set(CHOICES) | set(REGISTRY_KEYS))
+
+
+def test_detectron2_defaults_pass(tiny_cfg):
+    from balanced_rcnn import add_balanced_rcnn_config
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_balanced_rcnn_config(cfg)
+    check_config_choices(cfg)  # Res5ROIHeads with an empty ROI_BOX_HEAD.NAME included
 
 
 def test_unknown_health_dataset_is_refused_at_registration(tmp_path):
@@ -122,8 +152,34 @@ def test_size_mismatch_of_an_exif_rotated_photo_says_why(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     Image.new("RGB", (40, 32)).save(path, exif=exif)
-    assert size_mismatch_hint(str(path)) == (
+    assert size_mismatch_hint(str(path), json_width=40, json_height=32) == (
         " Its EXIF orientation 6 rotates it by 90 degrees, which detectron2 applies; the json's "
         "width and height must be those of the rotated image.")
+    # A json size that is neither the stored nor the rotated one: EXIF is not the cause.
+    assert size_mismatch_hint(str(path), json_width=50, json_height=50) == ""
     Image.new("RGB", (40, 32)).save(tmp_path / "plain.jpg")
-    assert size_mismatch_hint(str(tmp_path / "plain.jpg")) == ""
+    assert size_mismatch_hint(str(tmp_path / "plain.jpg"), 40, 32) == ""
+
+
+def test_set_up_checks_leave_the_random_state_as_they_found_it(tiny_cfg, tmp_path):
+    # The training sampler's seed is drawn from NumPy's state after set-up: a check that drew
+    # from it (the test-time resize does) would change a seeded run's data.
+    import random
+
+    import torch
+    from balanced_rcnn.engine.checkpoint import AtomicCheckpointer, check_weights_file
+    from detectron2.modeling import build_model
+
+    json_file, root = write_coco(tmp_path)
+    cfg = coco_cfg("bad_random_state", json_file, root, tiny_cfg)
+    cfg.DATASETS.TEST = ("bad_random_state",)
+    register_datasets_from_config(cfg)
+    AtomicCheckpointer(build_model(cfg), str(tmp_path)).save("model_final")
+    cfg.MODEL.WEIGHTS = str(tmp_path / "model_final.pth")
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    check_health_images(cfg)
+    check_weights_file(cfg, resume=False, eval_only=True)  # builds a model copy
+    after = (random.getstate(), np.random.get_state()[1], torch.get_rng_state())
+    assert before[0] == after[0]
+    assert (before[1] == after[1]).all()
+    assert torch.equal(before[2], after[2])

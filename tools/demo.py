@@ -50,6 +50,9 @@ def train_and_evaluate(args: argparse.Namespace, output_dir: Path) -> None:
     command = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(args.config_file)]
     if args.resume:
         command.append("--resume")
+    else:
+        # A rerun of the demo trains anew in its own folder (train_net.py alone refuses that).
+        command += ["RELIABILITY.OVERWRITE_OUTPUT", "True"]
     command += [*args.opts, "OUTPUT_DIR", str(output_dir)]
     print("+ " + " ".join(command), flush=True)
     subprocess.run(command, check=True, cwd=REPO)

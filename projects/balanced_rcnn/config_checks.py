@@ -1,12 +1,15 @@
 """
-Every config key with a fixed set of values, checked at set-up, before anything is built, whether
-or not this run reads it: a typo in a key that only a later stage reads (the evaluation, an
-unused head's loss options, a sampler) otherwise fails hours in, or never.
+Every string-valued config key with a fixed set of values, checked at set-up, before anything is
+built, whether or not this run reads it: a typo in a key that only a later stage reads (the
+evaluation, an unused head's loss options, a sampler) otherwise fails hours in, or never.
 
 :func:`check_config_choices` refuses the first key whose value is not one of its choices, naming
 the key, the value, the choices and the close matches. The project's choices are the tuples its
 modules use; detectron2's are the values its builders accept (as of detectron2 0.6) and the
-names in its registries.
+names in its registries (so a class a user registers before set-up is accepted). Every other
+string key of the config is free text (:data:`FREE_TEXT_KEYS`); a test keeps the three lists
+covering every string key. Keys holding lists of feature names (``IN_FEATURES``) are checked by
+detectron2 when the model is built.
 """
 
 import difflib
@@ -20,8 +23,10 @@ from detectron2.modeling import (
     PROPOSAL_GENERATOR_REGISTRY,
     ROI_BOX_HEAD_REGISTRY,
     ROI_HEADS_REGISTRY,
+    ROI_KEYPOINT_HEAD_REGISTRY,
     ROI_MASK_HEAD_REGISTRY,
     RPN_HEAD_REGISTRY,
+    SEM_SEG_HEADS_REGISTRY,
 )
 
 from .data.checks import BAD_ANNOTATION_POLICIES
@@ -30,9 +35,9 @@ from .engine.health import ACTIONS
 from .engine.optimizer import CLIP_TYPES, OPTIMIZERS
 from .engine.trainer import AMP_PRECISIONS
 from .modeling.checks import check_balanced_loss_keys
-from .modeling.losses import BOX_REG_LOSS_TYPES
+from .modeling.losses import BOX_REG_LOSS_TYPES, REG_NORMALIZERS
 
-__all__ = ["CHOICES", "check_config_choices"]
+__all__ = ["CHOICES", "FREE_TEXT_KEYS", "REGISTRY_KEYS", "check_config_choices"]
 
 _NORMS = ("", "BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
 _POOLERS = ("ROIAlign", "ROIAlignV2", "ROIPool", "ROIAlignRotated")
@@ -53,19 +58,30 @@ CHOICES: Dict[str, Sequence[str]] = {
     "INPUT.MASK_FORMAT": ("polygon", "bitmask"),
     "INPUT.RANDOM_FLIP": ("none", "horizontal", "vertical"),
     "INPUT.CROP.TYPE": ("relative_range", "relative", "absolute", "absolute_range"),
+    "INPUT.MIN_SIZE_TRAIN_SAMPLING": ("choice", "range"),
     "MODEL.RPN.BBOX_REG_LOSS_TYPE": BOX_REG_LOSS_TYPES,
     "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE": BOX_REG_LOSS_TYPES,
     "MODEL.ROI_BOX_HEAD.POOLER_TYPE": _POOLERS,
     "MODEL.ROI_MASK_HEAD.POOLER_TYPE": _POOLERS,
+    "MODEL.ROI_KEYPOINT_HEAD.POOLER_TYPE": _POOLERS,
+    "MODEL.RETINANET.BBOX_REG_LOSS_TYPE": BOX_REG_LOSS_TYPES,
     "MODEL.FPN.FUSE_TYPE": ("sum", "avg"),
     "MODEL.FPN.NORM": _NORMS,
     "MODEL.RESNETS.NORM": _NORMS,
     "MODEL.ROI_BOX_HEAD.NORM": _NORMS,
     "MODEL.ROI_MASK_HEAD.NORM": _NORMS,
+    "MODEL.RETINANET.NORM": _NORMS,
+    "MODEL.SEM_SEG_HEAD.NORM": _NORMS,
+    "MODEL.BALANCED_LOSS.REG_NORMALIZER": REG_NORMALIZERS,
 }
 
+# String keys without a fixed set: paths, devices, dataset names (checked against the dataset
+# registry in data/register.py), and INPUT.FORMAT (any PIL mode, or BGR).
+FREE_TEXT_KEYS = ("MODEL.DEVICE", "MODEL.WEIGHTS", "INPUT.FORMAT", "OUTPUT_DIR",
+                  "DATASETS.SYNTHETIC_ROOT", "HEALTH.DATASET")
+
 # Keys that name a registered class; read when the model is built.
-_REGISTRIES = {
+REGISTRY_KEYS = {
     "MODEL.META_ARCHITECTURE": META_ARCH_REGISTRY,
     "MODEL.BACKBONE.NAME": BACKBONE_REGISTRY,
     "MODEL.ANCHOR_GENERATOR.NAME": ANCHOR_GENERATOR_REGISTRY,
@@ -74,9 +90,13 @@ _REGISTRIES = {
     "MODEL.ROI_HEADS.NAME": ROI_HEADS_REGISTRY,
     "MODEL.ROI_BOX_HEAD.NAME": ROI_BOX_HEAD_REGISTRY,
     "MODEL.ROI_MASK_HEAD.NAME": ROI_MASK_HEAD_REGISTRY,
+    "MODEL.ROI_KEYPOINT_HEAD.NAME": ROI_KEYPOINT_HEAD_REGISTRY,
+    "MODEL.SEM_SEG_HEAD.NAME": SEM_SEG_HEADS_REGISTRY,
 }
-# Read only by detectron2's precomputed-proposals path, not a registry entry.
-_UNREGISTERED_NAMES = {"MODEL.PROPOSAL_GENERATOR.NAME": ("PrecomputedProposals",)}
+# Accepted besides the registered names: detectron2's precomputed-proposals path, and the empty
+# box head of its default Res5ROIHeads (which has none).
+_UNREGISTERED_NAMES = {"MODEL.PROPOSAL_GENERATOR.NAME": ("PrecomputedProposals",),
+                       "MODEL.ROI_BOX_HEAD.NAME": ("",)}
 
 
 def _value(cfg: CfgNode, key: str):
@@ -95,13 +115,13 @@ def _refuse(key: str, value: object, choices: Iterable[str]) -> None:
 
 
 def check_config_choices(cfg: CfgNode) -> None:
-    """Refuse the first key of :data:`CHOICES`, of the model registries or of
-    MODEL.BALANCED_LOSS whose value is not allowed (see the module docstring)."""
+    """Refuse the first key of :data:`CHOICES` or :data:`REGISTRY_KEYS` whose value is not
+    allowed, then check MODEL.BALANCED_LOSS's ranges (see the module docstring)."""
     for key, choices in CHOICES.items():
         value = _value(cfg, key)
         if value not in choices:
             _refuse(key, value, choices)
-    for key, registry in _REGISTRIES.items():
+    for key, registry in REGISTRY_KEYS.items():
         value = _value(cfg, key)
         allowed = [name for name, _ in registry] + list(_UNREGISTERED_NAMES.get(key, ()))
         if value not in allowed:

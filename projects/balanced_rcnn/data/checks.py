@@ -7,12 +7,14 @@ json, the annotation id, the image id and file.
   in ``images`` (detectron2 ignores it, with a count in a warning) or whose category_id is not in
   ``categories`` (detectron2 stops with a KeyError naming neither the annotation nor the file), an
   image entry without id/file_name/height/width, an image id or an annotation id used twice
-  (detectron2 silently drops the images, or asserts "Annotation ids are not unique" naming none),
-  and with MODEL.MASK_ON an RLE segmentation of a non-crowd object under INPUT.MASK_FORMAT polygon
-  (detectron2 fails when the image is first sampled). By RELIABILITY.BAD_ANNOTATIONS ("error" or
-  "skip"): a box of zero area, before or after clipping to its image (a box outside its image),
-  a polygon with fewer than 3 points and, with MODEL.MASK_ON, a non-crowd object without a
-  segmentation, which detectron2 drops silently, with a bare count, or fails on when sampled.
+  (detectron2 silently drops the images; for annotations it asserts that the json's ids are not
+  unique without naming one, and not at all for a json whose name contains "minival"), and in a
+  training set under MODEL.MASK_ON and INPUT.MASK_FORMAT polygon an RLE segmentation of a
+  non-crowd object (detectron2 fails when the image is first sampled; evaluation reads RLE fine).
+  By RELIABILITY.BAD_ANNOTATIONS ("error" or "skip"): a box of zero area, a non-crowd box
+  entirely outside its image (zero area once clipped), a polygon with fewer than 3 points and,
+  with MODEL.MASK_ON, a non-crowd object without a segmentation, which detectron2 drops silently,
+  with a bare count, or fails on when sampled or evaluated.
 - :func:`load_train_dicts` builds the training dataset dicts as detectron2's
   ``get_detection_dataset_dicts`` does, plus: image files that do not exist are skipped, each
   logged and counted against RELIABILITY.MAX_SKIPPED_IMAGE_FRACTION (data/mapper.py); a dataset
@@ -69,13 +71,15 @@ def _geometry_problem(ann: Dict[str, Any], image: Dict[str, Any], masks: bool) -
         return f"bbox {box!r} is not [x, y, width, height] (four finite numbers)"
     if box[2] <= 0 or box[3] <= 0:
         return f"bbox {box} has zero area (width {box[2]}, height {box[3]})"
-    # detectron2 clips every box to its image and drops the empty ones without a word.
+    crowd = ann.get("iscrowd", 0)
+    # detectron2 clips every box to its image and drops the empty ones without a word (crowd
+    # regions are not trained on).
     width, height = image["width"], image["height"]
-    if min(box[0] + box[2], width) <= max(box[0], 0) or min(box[1] + box[3], height) <= max(
-            box[1], 0):
+    if not crowd and (min(box[0] + box[2], width) <= max(box[0], 0)
+                      or min(box[1] + box[3], height) <= max(box[1], 0)):
         return f"bbox {box} lies outside its {width}x{height} image (zero area after clipping)"
     segmentation = ann.get("segmentation")
-    if masks and not ann.get("iscrowd", 0) and not segmentation:
+    if masks and not crowd and not segmentation:
         return ("has no segmentation, which MODEL.MASK_ON needs for every non-crowd object "
                 f"(segmentation: {segmentation!r})")
     if isinstance(segmentation, list):  # polygons; a dict is an RLE mask
@@ -88,19 +92,24 @@ def _geometry_problem(ann: Dict[str, Any], image: Dict[str, Any], masks: bool) -
     return None
 
 
-def _duplicates(ids: Sequence[Any]) -> List[Any]:
-    counts = collections.Counter(i for i in ids if i is not None)
-    return [i for i, n in counts.items() if n > 1]
+def _duplicates(entries: Sequence[Any], key: str, show: str) -> Dict[Any, List[Any]]:
+    """id -> the ``show`` values of the entries that share it, for every id used twice."""
+    groups: Dict[Any, List[Any]] = collections.defaultdict(list)
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get(key) is not None:
+            groups[entry[key]].append(entry.get(show))
+    return {i: shown for i, shown in groups.items() if len(shown) > 1}
 
 
 def check_coco_annotations(
     coco: Dict[str, Any], json_file: str, bad_annotations: str = "error",
-    mask_format: Optional[str] = None,
+    mask_format: Optional[str] = None, training: bool = True,
 ) -> Set[Any]:
     """
     Check the images and annotations of a parsed COCO instances json (see the module
     docstring). Returns the ids of the annotations to drop (with ``bad_annotations="skip"``).
-    ``mask_format``: INPUT.MASK_FORMAT when the model has a mask head (MODEL.MASK_ON), else None.
+    ``mask_format``: INPUT.MASK_FORMAT when the model has a mask head (MODEL.MASK_ON), else None;
+    ``training``: the dataset is in DATASETS.TRAIN.
 
     Raises:
         ValueError: naming every problem (the first few in the message, the count of all).
@@ -117,17 +126,12 @@ def check_coco_annotations(
             errors.append(f"images[{i}] has no {', '.join(missing)}: {image!r}"[:300])
         else:
             images[image["id"]] = image
-    ids = [image.get("id") for image in coco["images"] if isinstance(image, dict)]
-    for image_id in _duplicates(ids):
-        files = [i.get("file_name") for i in coco["images"]
-                 if isinstance(i, dict) and i.get("id") == image_id]
+    for image_id, files in _duplicates(coco["images"], "id", "file_name").items():
         errors.append(f"image id {image_id!r} is used by {len(files)} images ("
                       f"{', '.join(map(repr, files[:3]))}); detectron2 would keep only one")
-    ann_ids = [ann.get("id") for ann in coco["annotations"]]
-    for ann_id in _duplicates(ann_ids):
-        on = sorted({str(a.get("image_id")) for a in coco["annotations"] if a.get("id") == ann_id})
-        errors.append(f"annotation id {ann_id!r} is used by {ann_ids.count(ann_id)} annotations "
-                      f"(of image ids {', '.join(on[:3])})")
+    for ann_id, on in _duplicates(coco["annotations"], "id", "image_id").items():
+        errors.append(f"annotation id {ann_id!r} is used by {len(on)} annotations (of image ids "
+                      f"{', '.join(map(str, on[:3]))})")
     category_ids = {c["id"] for c in coco["categories"]}
     bad_geometry: List[Tuple[Any, str]] = []
     for i, ann in enumerate(coco["annotations"]):
@@ -143,7 +147,7 @@ def check_coco_annotations(
                           f"'categories' (ids: {', '.join(map(str, sorted(category_ids)))})")
             continue
         segmentation = ann.get("segmentation")
-        if (mask_format == "polygon" and isinstance(segmentation, dict)
+        if (training and mask_format == "polygon" and isinstance(segmentation, dict)
                 and not ann.get("iscrowd", 0)):
             errors.append(f"{where}: its segmentation is an RLE mask, which INPUT.MASK_FORMAT "
                           "polygon cannot use for a non-crowd object; set INPUT.MASK_FORMAT "

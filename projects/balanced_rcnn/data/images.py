@@ -6,7 +6,9 @@ pixels are decoded.
 32-bit integer images (PIL modes ``I;16``, ``I``: 16-bit PNG and TIFF, depth maps, medical and
 microscope images) and 32-bit float images (``F``) that conversion clips every value above 255:
 a 16-bit photograph becomes an all-white image, and training and evaluation go on with it. Palette
-(``P``), grey, alpha and CMYK images convert correctly and are accepted. The EXIF orientation is
+(``P``), grey, alpha and CMYK images convert correctly and are accepted. Reading the header costs
+one more file open per image: 54 us against 6.4 ms for decoding a 640x480 JPEG (50 files, read
+twice). The EXIF orientation is
 applied by ``read_image`` in training, evaluation and tools/predict.py alike; a json written from
 the stored pixels of a rotated photo then has width and height swapped, which
 :func:`size_mismatch_hint` says.
@@ -45,14 +47,17 @@ def check_image_mode(file_name: str) -> None:
             "convert it to 8 bits first, scaling its range to 0-255")
 
 
-def size_mismatch_hint(file_name: str) -> str:
-    """What explains a size mismatch of ``file_name`` with its json entry, if its EXIF does."""
+def size_mismatch_hint(file_name: str, json_width: int, json_height: int) -> str:
+    """The explanation of a size mismatch between ``file_name`` and its json entry when its
+    EXIF orientation is the cause (the json holds the stored, unrotated size), else ""."""
     try:
         with PathManager.open(file_name, "rb") as f:
-            orientation = Image.open(f).getexif().get(_EXIF_ORIENTATION)
+            image = Image.open(f)
+            orientation = image.getexif().get(_EXIF_ORIENTATION)
+            stored_size = image.size  # (width, height) before the rotation
     except (OSError, SyntaxError, ValueError):
         return ""
-    if orientation in _TRANSPOSING_ORIENTATIONS:
+    if orientation in _TRANSPOSING_ORIENTATIONS and stored_size == (json_width, json_height):
         return (f" Its EXIF orientation {orientation} rotates it by 90 degrees, which detectron2 "
                 "applies; the json's width and height must be those of the rotated image.")
     return ""

@@ -139,7 +139,8 @@ class SkippingDatasetMapper(DatasetMapper):
         except _READ_ERRORS as e:
             reason = f"{type(e).__name__}: {e}"
             if isinstance(e, SizeMismatchError):
-                reason += size_mismatch_hint(file_name)
+                reason += size_mismatch_hint(file_name, dataset_dict.get("width"),
+                                             dataset_dict.get("height"))
             if not self.is_train:
                 raise ValueError(f"Cannot use image '{file_name}' (image id "
                                  f"{dataset_dict.get('image_id')}): {reason}") from e

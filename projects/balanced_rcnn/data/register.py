@@ -31,9 +31,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _COCO_KEYS = ("images", "annotations", "categories")
-# name -> (json_file, image_root, bad-annotation policy, mask format) of every COCO dataset
-# registered here, and the number of annotations it trains on.
-_REGISTERED: Dict[str, Tuple[str, str, str, Optional[str]]] = {}
+# name -> the arguments of register_coco_dataset that its checks depend on (json_file,
+# image_root, bad-annotation policy, mask format, training) of every COCO dataset registered
+# here, and the number of annotations it trains on.
+_REGISTERED: Dict[str, Tuple[str, str, str, Optional[str], bool]] = {}
 _NUM_ANNOTATIONS: Dict[str, int] = {}
 
 
@@ -89,16 +90,17 @@ def _load_coco(json_file: str, image_root: str, name: str, dropped: AbstractSet[
 
 def register_coco_dataset(name: str, json_file: str, image_root: str,
                           key: str = "register_coco_dataset", bad_annotations: str = "error",
-                          mask_format: Optional[str] = None) -> None:
+                          mask_format: Optional[str] = None, training: bool = True) -> None:
     """
     Register a COCO instances dataset whose class names come from its json, after checking the
     files, images and annotations. ``key`` names where the entry came from (a config key) in
     error messages; ``bad_annotations`` is RELIABILITY.BAD_ANNOTATIONS, ``mask_format``
-    INPUT.MASK_FORMAT with MODEL.MASK_ON, else None (data/checks.py).
-    Idempotent for the same arguments; a name registered by other code is never replaced.
+    INPUT.MASK_FORMAT with MODEL.MASK_ON, else None, ``training`` whether it is trained on
+    (data/checks.py). Idempotent for the same arguments; a name registered by other code is
+    never replaced.
     """
     json_file, image_root = str(Path(json_file).resolve()), str(Path(image_root).resolve())
-    checked_as = (json_file, image_root, bad_annotations, mask_format)
+    checked_as = (json_file, image_root, bad_annotations, mask_format, training)
     if name in DatasetCatalog and _REGISTERED.get(name) == checked_as:
         return
     if name in DatasetCatalog and name not in _REGISTERED:
@@ -113,7 +115,8 @@ def register_coco_dataset(name: str, json_file: str, image_root: str,
                                 "does not exist or is not a folder")
     coco = read_coco_json(json_file)
     categories = sorted(coco["categories"], key=lambda c: c["id"])
-    dropped = frozenset(check_coco_annotations(coco, json_file, bad_annotations, mask_format))
+    dropped = frozenset(check_coco_annotations(coco, json_file, bad_annotations, mask_format,
+                                               training))
     _NUM_ANNOTATIONS[name] = len(coco["annotations"]) - len(dropped)
     del coco  # the loader parses the json again when the dataset is used
     if name in _REGISTERED:  # same name, new paths: replace this module's own registration
@@ -182,7 +185,8 @@ def register_datasets_from_config(cfg: CfgNode) -> None:
         seen[name] = key
         register_coco_dataset(*entry, key=key,
                               bad_annotations=cfg.RELIABILITY.BAD_ANNOTATIONS,
-                              mask_format=cfg.INPUT.MASK_FORMAT if cfg.MODEL.MASK_ON else None)
+                              mask_format=cfg.INPUT.MASK_FORMAT if cfg.MODEL.MASK_ON else None,
+                              training=name in cfg.DATASETS.TRAIN)
     for name in cfg.DATASETS.TRAIN:
         if _NUM_ANNOTATIONS.get(name) == 0:
             logger.warning(

@@ -10,26 +10,31 @@ shape is an error: :class:`CheckpointMismatchError`, whose message lists them an
 layers, says which NUM_CLASSES the checkpoint was trained with.
 
 :func:`check_checkpoint_fits` runs the checkpointer's own load (the same key matching, heuristics
-and prefix stripping as the real load) on a copy of the model built on the ``meta`` device: no
-memory, no initialization, the cost of reading the file.
+and prefix stripping as the real load) on a second copy of the model. detectron2's
+``build_model`` initializes it on the CPU (Swin's constructor cannot run on the ``meta`` device)
+and then moves it to ``meta``, which frees its memory and makes the load copy nothing; the
+random-number state is restored afterwards, so a seeded run initializes its real model exactly as
+without the check (utils/random_state.py). It runs on the main worker, for local files (a URL is downloaded by the real
+load).
 """
 
 import logging
+import os
 import warnings
 from typing import Optional, Sequence, Tuple
 
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 
+from ..utils.random_state import preserved_random_state
+
 __all__ = ["CheckpointMismatchError", "check_checkpoint_fits", "misfit_message"]
 
 _LISTED = 5  # tensors named in the message
 
-# Class-dependent layers of the ROI heads: (key suffix, checkpoint rows -> number of classes).
-_CLASS_LAYERS = (
-    ("roi_heads.box_predictor.cls_score.weight", lambda rows: rows - 1),  # K + 1 (background)
-    ("roi_heads.mask_head.predictor.weight", lambda rows: rows),  # K (class-specific masks)
-)
+# The ROI heads' classifier: K + 1 rows (background last) for K classes. (The mask predictor's
+# rows are K, or 1 with MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK: no class count to read there.)
+_CLASSIFIER = "roi_heads.box_predictor.cls_score.weight"
 
 Shape = Tuple[int, ...]
 
@@ -45,11 +50,10 @@ def _listing(items: Sequence[str]) -> str:
 
 def _class_count_hint(incorrect_shapes: Sequence[Tuple[str, Shape, Shape]]) -> Optional[str]:
     for key, in_checkpoint, in_model in incorrect_shapes:
-        for suffix, classes in _CLASS_LAYERS:
-            if key.endswith(suffix):
-                trained, configured = classes(in_checkpoint[0]), classes(in_model[0])
-                return (f"The checkpoint has {trained} classes, the config {configured}: set "
-                        f"MODEL.ROI_HEADS.NUM_CLASSES {trained}. ")
+        if key.endswith(_CLASSIFIER):
+            trained, configured = in_checkpoint[0] - 1, in_model[0] - 1
+            return (f"The checkpoint has {trained} classes, the config {configured}: set "
+                    f"MODEL.ROI_HEADS.NUM_CLASSES {trained}. ")
     return None
 
 
@@ -74,8 +78,9 @@ def misfit_message(
     parts = [f"Checkpoint '{filename}'{named_by} does not fit the config's model:"]
     if len(absent) == num_model_tensors:
         shown = ", ".join(sorted(unexpected)[:3]) or "none"
-        parts.append(f"none of its {num_model_tensors} tensors is in it (the checkpoint's "
-                     f"names: {shown}, ...). It is a checkpoint of another architecture.")
+        parts.append(f"none of the model's {num_model_tensors} tensors is in it (the "
+                     f"checkpoint's names: {shown}, ...). It is a checkpoint of another "
+                     "architecture.")
     else:
         if incorrect_shapes:
             parts.append(f"{len(incorrect_shapes)} tensors have another shape ("
@@ -100,13 +105,22 @@ def check_checkpoint_fits(cfg: CfgNode, resume: bool, *, full_model: bool) -> No
         CheckpointError: the file is truncated, corrupt or not a checkpoint.
         CheckpointMismatchError: (``full_model``) see :func:`misfit_message`.
     """
-    from .checkpoint import AtomicCheckpointer  # checkpoint.py imports this module
+    # checkpoint.py imports this module.
+    from .checkpoint import LAST_CHECKPOINT, AtomicCheckpointer, _is_local, _strip_query
 
     meta_cfg = cfg.clone()
     meta_cfg.defrost()
     meta_cfg.MODEL.DEVICE = "meta"
-    model = build_model(meta_cfg)
+    with preserved_random_state():  # the real model's initialization stays the same
+        model = build_model(meta_cfg)
     checker = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, require_full_model=full_model)
+    if resume and checker.has_checkpoint():
+        # AtomicCheckpointer.load leaves this check to the main worker under DDP; this is it.
+        path = checker.get_checkpoint_file()
+        if _is_local(path) and not os.path.isfile(_strip_query(path)):
+            raise FileNotFoundError(f"Checkpoint '{path}' (named by "
+                                    f"{os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT)}) does not "
+                                    "exist")
     # The real load logs the same messages a moment later; here they would only repeat.
     checker.logger = logging.getLogger(f"{__name__}.silent")
     checker.logger.disabled = True

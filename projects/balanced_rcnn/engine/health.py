@@ -91,6 +91,7 @@ from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.mapper import SkippingDatasetMapper
+from ..utils.random_state import preserved_random_state
 from .grad_norm import GRAD_NORM_SCALAR
 from .grad_shares import LossGradientShares
 
@@ -190,8 +191,9 @@ def check_health_images(cfg: CfgNode) -> None:
     if not (health.ENABLED and health.PERIOD > 0 and name):
         return
     mapper = SkippingDatasetMapper(cfg, False)
-    for record in load_check_records(name, health.NUM_IMAGES, health.OBJECT_IMAGES_ONLY):
-        mapper(copy.deepcopy(record))
+    with preserved_random_state():  # the test-time resize draws its size from NumPy's state
+        for record in load_check_records(name, health.NUM_IMAGES, health.OBJECT_IMAGES_ONLY):
+            mapper(copy.deepcopy(record))
 
 
 def objects_per_image(records: Sequence[Dict[str, Any]]) -> float:
