@@ -162,6 +162,16 @@ def test_bench_losses_writes_markdown_and_json(one_thread, tmp_path):
     assert {(r["head"], r["pass"]) for r in rows} >= {("all", "fwd+bwd"), ("rpn", "forward")}
 
 
+def test_loss_margin_tiny_measures_every_step(one_thread, tmp_path):
+    results = _load("loss_margin").main(["--tiny", "--runs", "sparse/stock/0",
+                                         "--results-dir", str(tmp_path)])
+    [r] = results
+    assert r["steps"] == 6  # the tiny schedule's iterations, one value each
+    assert 0 < r["median_total"] <= r["max_total"] and r["max_jump"] <= r["max_jump_unfloored"]
+    assert r["ceiling_margin"] == pytest.approx(1000.0 / r["max_total"])
+    assert "| sparse/stock/0 | 6 |" in (tmp_path / "loss_margin.md").read_text()
+
+
 def test_quality_ab_tiny_runs_tabulates_and_resumes(one_thread, datasets_root, tmp_path, capsys):
     quality_ab = _load("quality_ab")
     argv = ["--tiny", "--settings", "severe", "many", "finetune",

@@ -169,6 +169,35 @@ def test_resume_continues_from_the_last_checkpoint(repo_root, coco_dataset, trai
     assert [m["iteration"] for m in read_metrics(output) if "total_loss" in m][-2:] == [3, 5]
 
 
+def _refusal(repo_root, tmp_path, *args):
+    env = dict(os.environ, BALANCED_RCNN_DATASETS=str(tmp_path / "datasets"))
+    result = subprocess.run([sys.executable, "train_net.py", "--config-file", TINY_CONFIG, *args],
+                            cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Starting training" not in result.stdout + result.stderr
+    assert "copypaste" not in result.stdout + result.stderr  # no AP
+    return result.stderr
+
+
+def test_eval_only_refuses_weights_that_do_not_fit_and_a_fresh_start_over_a_run(
+        repo_root, coco_dataset, trained, tmp_path):
+    output, _ = trained
+    weights = output / "model_final.pth"
+    err = _refusal(repo_root, tmp_path, "--eval-only", "MODEL.WEIGHTS", str(weights),
+                   "MODEL.ROI_HEADS.NUM_CLASSES", "2", "OUTPUT_DIR", str(tmp_path / "eval"),
+                   # No dataset to compare NUM_CLASSES with: only the checkpoint can say.
+                   "DATASETS.TRAIN", "()", "DATASETS.TEST", "()")
+    assert (f"CheckpointMismatchError: Checkpoint '{weights}' (named by MODEL.WEIGHTS) does not "
+            "fit the config's model: 6 tensors have another shape (") in err
+    assert "The checkpoint has 3 classes, the config 2: set MODEL.ROI_HEADS.NUM_CLASSES 3." in err
+    rerun = tmp_path / "output"
+    shutil.copytree(output, rerun)
+    err = _refusal(repo_root, tmp_path, *dataset_opts(coco_dataset, rerun, max_iter=4))
+    assert (f"OutputDirError: OUTPUT_DIR '{rerun}' already holds the checkpoints of a run "
+            "(last_checkpoint, model_0000001.pth, model_0000003.pth, model_final.pth). Continue "
+            "that run with --resume") in err
+
+
 def test_two_cpu_processes(repo_root, coco_dataset, tmp_path):
     output = tmp_path / "output"
     log = run_train_net(
