@@ -27,11 +27,11 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from balanced_rcnn import Trainer, add_balanced_rcnn_config
+from balanced_rcnn.config_checks import check_config_choices
 from balanced_rcnn.data import register_datasets_from_config
 from balanced_rcnn.engine.checkpoint import AtomicCheckpointer, check_weights_file
-from balanced_rcnn.config_checks import check_config_choices
 from balanced_rcnn.engine.health import TrainingHealthError, check_health_images
-from balanced_rcnn.engine.launch import collective_timeout, launch
+from balanced_rcnn.engine.launch import collective_timeout, launch, refused_together
 from balanced_rcnn.engine.output_dir import claim_output_dir, remove_earlier_run
 
 
@@ -48,26 +48,32 @@ def setup(args) -> CfgNode:
     cfg = load_config(args)
     # Every key with a fixed set of values, before anything is written or built.
     check_config_choices(cfg)
-    if not args.eval_only and comm.is_main_process():
-        # Before default_setup writes config.yaml and log.txt into it.
-        claim_output_dir(cfg.OUTPUT_DIR, resume=args.resume,
-                         overwrite=cfg.RELIABILITY.OVERWRITE_OUTPUT)
-    default_setup(cfg, args)
+    main_worker = comm.is_main_process()
+    with refused_together():  # a refusal on the main worker stops every worker at once
+        if main_worker and not args.eval_only:
+            # Before anything is written into it (log.txt, config.yaml, checkpoints).
+            claim_output_dir(cfg.OUTPUT_DIR, resume=args.resume,
+                             overwrite=cfg.RELIABILITY.OVERWRITE_OUTPUT)
     # The project's own loggers (balanced_rcnn.*: dataset generation, the health monitor) write to
     # the console and to OUTPUT_DIR/log.txt like detectron2's.
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="balanced_rcnn")
     # Dataset registration from the config (the synthetic datasets and DATASETS.REGISTER_COCO).
     # It lives here, not at import time, because launch() starts fresh worker processes whose
     # catalogs are empty: every worker runs setup().
-    register_datasets_from_config(cfg)
-    # Before anything is built: detectron2 would fail on a missing or unfit checkpoint only after
-    # building the model and the data loader, and evaluate random weights when none are given.
-    check_weights_file(cfg, resume=args.resume, eval_only=args.eval_only)
-    if not args.eval_only and comm.is_main_process():
-        check_health_images(cfg)  # the monitor would read them after the model is built
-        if cfg.RELIABILITY.OVERWRITE_OUTPUT and not args.resume:
-            # Only now that every check has passed; never the weights this run starts from.
-            remove_earlier_run(cfg.OUTPUT_DIR, keep=[cfg.MODEL.WEIGHTS])
+    with refused_together():
+        register_datasets_from_config(cfg)
+        # Before anything is built: detectron2 would fail on a missing or unfit checkpoint only
+        # after building the model and the data loader, and evaluate random weights when none
+        # are given.
+        check_weights_file(cfg, resume=args.resume, eval_only=args.eval_only)
+        if main_worker and not args.eval_only:
+            check_health_images(cfg)  # the monitor would read them after the model is built
+    # Only now: it rewrites OUTPUT_DIR/config.yaml, which must stay the config of the
+    # checkpoints there when a check refuses this run.
+    default_setup(cfg, args)
+    if main_worker and not args.eval_only and cfg.RELIABILITY.OVERWRITE_OUTPUT and not args.resume:
+        # Once the set-up checks have passed; never the weights this run starts from.
+        remove_earlier_run(cfg.OUTPUT_DIR, keep=[cfg.MODEL.WEIGHTS])
     return cfg
 
 

@@ -14,8 +14,8 @@ HEALTH.LOSS_JUMP_FACTOR: the factor by which each run stays below them.
         --update-md
     python benchmarks/loss_margin.py --tiny   # seconds: the plumbing (what the tests run)
 
-finetune runs start from the A/B's pretrained model (output/quality_ab/pretrain_mild_stock,
-written by quality_ab.py).
+finetune runs start from the A/B's pretrained model
+(output/quality_ab/pretrain_mild_stock_1500it_s0, written by quality_ab.py).
 """
 
 import argparse
@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from detectron2.config import get_cfg
+from detectron2.utils.env import seed_all_rng
 
 from balanced_rcnn import Trainer, add_balanced_rcnn_config
 from balanced_rcnn.data import register_datasets_from_config
@@ -46,10 +47,13 @@ def step_losses(command: List[str], output_dir: Path) -> Dict[str, np.ndarray]:
     add_balanced_rcnn_config(cfg)
     cfg.merge_from_file(command[3])
     cfg.merge_from_list(command[4:])
-    # Only the training steps are measured: no detection checks, no final evaluation.
+    # Only the training steps are measured: no detection checks, no final evaluation, and no
+    # stop (a run past the limits is reported with a margin below 1).
     cfg.merge_from_list(["HEALTH.PERIOD", "0", "HEALTH.CHECK_AT_START", "False",
+                         "HEALTH.LOSS_CEILING", "0.0", "HEALTH.LOSS_JUMP_FACTOR", "0.0",
                          "DATASETS.TEST", "()", "OUTPUT_DIR", str(output_dir)])
     cfg.freeze()
+    seed_all_rng(cfg.SEED)  # as train_net.py's default_setup: the A/B run's initialization
     register_datasets_from_config(cfg)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)

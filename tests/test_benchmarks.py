@@ -162,13 +162,20 @@ def test_bench_losses_writes_markdown_and_json(one_thread, tmp_path):
     assert {(r["head"], r["pass"]) for r in rows} >= {("all", "fwd+bwd"), ("rpn", "forward")}
 
 
+def test_bench_image_check_tiny(tmp_path):
+    result = _load("bench_image_check").main(["--tiny", "--results-dir", str(tmp_path)])
+    assert result["files"] == 4 and result["header_check_us"] > 0 and result["read_image_ms"] > 0
+    assert "| 4 | 48x32 JPEG |" in (tmp_path / "bench_image_check.md").read_text()
+
+
 def test_loss_margin_tiny_measures_every_step(one_thread, tmp_path):
     results = _load("loss_margin").main(["--tiny", "--runs", "sparse/stock/0",
                                          "--results-dir", str(tmp_path)])
     [r] = results
     assert r["steps"] == 6  # the tiny schedule's iterations, one value each
-    assert 0 < r["median_total"] <= r["max_total"] and r["max_jump"] <= r["max_jump_unfloored"]
-    assert r["ceiling_margin"] == pytest.approx(1000.0 / r["max_total"])
+    # An untrained model's first step holds the run's largest total, far below the limits.
+    assert 1.0 < r["first_total"] < 10.0 and r["ceiling_margin"] > 100
+    assert r["jump_margin"] > 10
     assert "| sparse/stock/0 | 6 |" in (tmp_path / "loss_margin.md").read_text()
 
 

@@ -58,6 +58,9 @@ def test_a_second_run_is_refused_naming_the_holder_and_a_dead_holder_is_taken_ov
             caplog.text
         assert (tmp_path / LOCK_FILE).read_text().startswith(f"process {os.getpid()} on host ")
         claim_output_dir(str(tmp_path), resume=True)  # held by this process already: no-op
+        (tmp_path / "model_final.pth").write_text("x")
+        with pytest.raises(OutputDirError, match="already holds the checkpoints of a run"):
+            claim_output_dir(str(tmp_path), resume=False)  # still checked
     finally:
         release_output_dir(str(tmp_path))
 
@@ -106,19 +109,23 @@ def test_fresh_start_into_a_folder_with_checkpoints_is_refused_or_overwritten(tm
     assert "keeping " + str(folder / "model_0000004.pth") + ", the MODEL.WEIGHTS" in caplog.text
 
 
-def test_train_net_refuses_a_second_run_before_writing_anything(repo_root, tmp_path):
+@pytest.mark.parametrize("num_gpus", [1, 2])
+def test_train_net_refuses_a_second_run_before_writing_anything(repo_root, tmp_path, num_gpus):
     out = tmp_path / "out"
     holder = _hold(out)
     try:
         command = [sys.executable, "train_net.py", "--config-file", f"configs/{TINY_CONFIG}",
-                   "OUTPUT_DIR", str(out)]
-        env = dict(os.environ, BALANCED_RCNN_DATASETS=str(tmp_path / "datasets"))
+                   "--num-gpus", str(num_gpus), "OUTPUT_DIR", str(out)]
+        env = dict(os.environ, BALANCED_RCNN_DATASETS=str(tmp_path / "datasets"),
+                   OMP_NUM_THREADS="1")
+        # Two workers: the main worker's refusal stops the other one at once (without it, the
+        # other would wait in its first collective for RELIABILITY.COLLECTIVE_TIMEOUT_MIN).
         result = subprocess.run(command, cwd=repo_root, env=env, capture_output=True,
-                                text=True, timeout=300)
+                                text=True, timeout=120)
     finally:
         holder.kill()
         holder.wait()
-    assert result.returncode == 1
+    assert result.returncode == 1, result.stderr[-3000:]
     assert f"OutputDirError: OUTPUT_DIR '{out}' is in use by another training run" in \
         result.stderr
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # no config.yaml, no log.txt

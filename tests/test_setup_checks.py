@@ -176,10 +176,17 @@ def test_set_up_checks_leave_the_random_state_as_they_found_it(tiny_cfg, tmp_pat
     register_datasets_from_config(cfg)
     AtomicCheckpointer(build_model(cfg), str(tmp_path)).save("model_final")
     cfg.MODEL.WEIGHTS = str(tmp_path / "model_final.pth")
-    before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    def state():
+        name, keys, *position = np.random.get_state()  # position: where in the keys it is
+        return random.getstate(), keys.copy(), position, torch.get_rng_state()
+
+    before = state()
     check_health_images(cfg)
     check_weights_file(cfg, resume=False, eval_only=True)  # builds a model copy
-    after = (random.getstate(), np.random.get_state()[1], torch.get_rng_state())
+    after = state()
     assert before[0] == after[0]
-    assert (before[1] == after[1]).all()
-    assert torch.equal(before[2], after[2])
+    assert (before[1] == after[1]).all() and before[2] == after[2]
+    assert torch.equal(before[3], after[3])
+    # What the test-time resize draws (detectron2 builds it with (size, size)): it shows.
+    np.random.choice([128, 128])
+    assert state()[2] != before[2]

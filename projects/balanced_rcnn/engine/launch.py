@@ -16,17 +16,49 @@ Three additions, each for the multi-process case only:
   A worker that raised a Python exception still ends with detectron2's report of it.
 """
 
+import contextlib
 import datetime
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from detectron2.config import CfgNode
 from detectron2.engine import launch as detectron2_launch
+from detectron2.utils import comm
 from torch.multiprocessing import ProcessExitedException
 
 from .signals import forward_signals_to_workers
 
-__all__ = ["collective_timeout", "launch", "worker_exit_status"]
+__all__ = ["SetupRefusedElsewhere", "collective_timeout", "launch", "refused_together",
+           "worker_exit_status"]
+
+
+class SetupRefusedElsewhere(RuntimeError):
+    """Another worker's set-up check failed; this worker stops with it."""
+
+
+@contextlib.contextmanager
+def refused_together() -> Iterator[None]:
+    """
+    Set-up checks that may run on the main worker only (the output folder's lock, the
+    checkpoint's fit, the check images): if any worker's check fails, every worker raises at the
+    end of the block, the others with :class:`SetupRefusedElsewhere` naming the worker and its
+    error. Without it the others would go on to their first collective and wait there, on other
+    machines until RELIABILITY.COLLECTIVE_TIMEOUT_MIN. One all_gather when there are several
+    workers; every worker must enter the block.
+    """
+    error = None
+    try:
+        yield
+    except Exception as e:  # shared below, then raised again
+        error = e
+    if comm.get_world_size() > 1:
+        texts = comm.all_gather(None if error is None else f"{type(error).__name__}: {error}")
+        failed = [(rank, text) for rank, text in enumerate(texts) if text is not None]
+        if error is None and failed:
+            rank, text = failed[0]
+            raise SetupRefusedElsewhere(f"Worker rank {rank} refused the set-up: {text}")
+    if error is not None:
+        raise error
 
 
 def collective_timeout(cfg: CfgNode) -> datetime.timedelta:

@@ -6,19 +6,22 @@ One training run per OUTPUT_DIR.
 - it takes an exclusive lock (``flock``) on ``OUTPUT_DIR/.train_net.lock`` and keeps it until
   the process ends. A second run into the same folder would overwrite the first one's
   checkpoints and interleave its metrics.json: it is refused, naming the process that holds the
-  lock. The kernel releases the lock of a process that dies on this machine, however it dies, so
-  the lock of a killed run is taken over at once. On a network file system the lock of a machine
+  lock. The kernel releases the lock of a process that dies on this machine, however it dies,
+  so the lock of a killed run is taken over at once (forked DataLoader workers close their copy
+  of the lock file, so they do not hold it after their parent). On a network file system the lock of a machine
   that crashed can outlive it until the server notices; the message then says to delete the lock
   file. Where the file system has no locks at all, a warning says so and training goes on.
 - without ``--resume``, a folder that already holds checkpoints (``last_checkpoint``,
   ``model_*.pth``) is refused with the two ways out (``--resume``, or another OUTPUT_DIR):
   detectron2 would start afresh and leave a new ``last_checkpoint`` beside the old
   ``model_final.pth``. With RELIABILITY.OVERWRITE_OUTPUT True the old run's checkpoints and
-  metrics.json are deleted instead, by :func:`remove_earlier_run` once every set-up check has
-  passed, naming each file and sparing the MODEL.WEIGHTS file.
+  metrics.json are deleted instead, by :func:`remove_earlier_run` once the set-up checks have
+  passed (a refusal while the data loader is built comes after it), naming each file and
+  sparing the MODEL.WEIGHTS file.
 
-Evaluations (``--eval-only``) take no lock: they write only under ``inference/`` and are often
-run while the training that writes the checkpoints goes on.
+Evaluations (``--eval-only``) take no lock: they are often run while the training that writes
+the checkpoints goes on. They write under ``inference/``, append to ``log.txt`` and, as
+detectron2's ``default_setup`` does for every run, rewrite ``config.yaml``.
 """
 
 import errno
@@ -40,6 +43,17 @@ _RUN_FILES = ("last_checkpoint", "model_*.pth", "metrics.json")  # what OVERWRIT
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 _held: Dict[str, int] = {}  # real path of a locked folder -> its lock descriptor
+
+
+def _close_in_child() -> None:
+    # A forked child (a DataLoader worker) shares the lock; closing its copy, without unlocking,
+    # lets the lock go with this process alone, as soon as it dies.
+    for fd in _held.values():
+        os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 class OutputDirError(RuntimeError):
@@ -89,23 +103,29 @@ def claim_output_dir(output_dir: str, *, resume: bool, overwrite: bool = False,
             ``overwrite``) the folder holds checkpoints.
     """
     os.makedirs(output_dir, exist_ok=True)
+    existing = _checkpoints(output_dir)
+    if existing and not resume and not overwrite:
+        shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
+        refusal = OutputDirError(
+            f"OUTPUT_DIR '{output_dir}' already holds the checkpoints of a run ({shown}). "
+            "Continue that run with --resume, or start a new one in another OUTPUT_DIR "
+            "(RELIABILITY.OVERWRITE_OUTPUT True deletes the old checkpoints instead).")
+    else:
+        refusal = None
     key = os.path.realpath(output_dir)
-    if key in _held:
+    if key in _held:  # this process holds the lock already
+        if refusal is not None:
+            raise refusal
         return
     path = os.path.join(output_dir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        locked = _lock(fd, path)
+        locked = _lock(fd, path)  # "in use" comes before "holds checkpoints"
         previous = _read(fd)
         if previous:
             logger.info(f"Taking over {path}, last held by {previous}")
-        existing = _checkpoints(output_dir)
-        if existing and not resume and not overwrite:
-            shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
-            raise OutputDirError(
-                f"OUTPUT_DIR '{output_dir}' already holds the checkpoints of a run ({shown}). "
-                "Continue that run with --resume, or start a new one in another OUTPUT_DIR "
-                "(RELIABILITY.OVERWRITE_OUTPUT True deletes the old checkpoints instead).")
+        if refusal is not None:
+            raise refusal
         if locked:
             me = holder or (f"process {os.getpid()} on host {socket.gethostname()}, started "
                             f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -129,7 +149,8 @@ def release_output_dir(output_dir: str) -> None:
 def remove_earlier_run(output_dir: str, keep: Sequence[str] = ()) -> None:
     """RELIABILITY.OVERWRITE_OUTPUT: delete the checkpoints and metrics.json of the run that
     trained in ``output_dir`` before, except the files named in ``keep`` (MODEL.WEIGHTS)."""
-    kept = {os.path.realpath(p) for p in keep if p}
+    # MODEL.WEIGHTS may carry a query ("model.pth?matching_heuristics=True").
+    kept = {os.path.realpath(p.split("?", 1)[0]) for p in keep if p and "://" not in p}
     for pattern in _RUN_FILES:
         for path in sorted(glob.glob(os.path.join(glob.escape(output_dir), pattern))):
             if os.path.realpath(path) in kept:

@@ -14,8 +14,9 @@ __all__ = ["preserved_random_state"]
 def preserved_random_state() -> Iterator[None]:
     """
     Restore Python's, NumPy's and torch's (CPU) global random state on exit. The set-up checks
-    draw from them: detectron2's ResizeShortestEdge draws a size with ``np.random.choice`` even
-    from a single choice, and building a model draws its initialization. The training sampler's
+    draw from them: detectron2's test-time ResizeShortestEdge is built with (size, size) and
+    draws one of the two with ``np.random.choice``, and building a model draws its
+    initialization. The training sampler's
     seed is drawn from NumPy's state later (``comm.shared_random_seed``), so without this a
     seeded run would see other data than the same run without the checks.
     """
