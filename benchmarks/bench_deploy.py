@@ -70,15 +70,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     notes = [f"{side}x{side} image, 100 detections with masks, {threads} thread(s), median of "
              f"{repeats} interleaved repetitions; torch {torch.__version__}"]
     print(body + "\n\n" + "\n".join(f"- {n}" for n in notes))
-    results_dir = common.results_dir(args, tiny=args.tiny)
     data = {"timings_ms": {k: v["median"] * 1e3 for k, v in timings.items()},
             "export_s": export_s, "image_side": side, "threads": threads, "repeats": repeats}
-    if results_dir is not None:
-        markdown = common.write_results(NAME, "Inference: eager vs TorchScript vs ONNX Runtime "
-                                        "(bench_deploy.py)", body, data,
-                                        common.command_line(__file__, argv), results_dir, notes)
-        if args.update_md:
-            common.update_benchmarks_md(NAME, markdown)
+    common.publish(args, NAME, "Inference: eager vs TorchScript vs ONNX Runtime (bench_deploy.py)",
+                   body, data, __file__, argv, notes, tiny=args.tiny)
     return data
 
 

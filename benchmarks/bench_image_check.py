@@ -70,15 +70,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
           f"{result['header_check_us']:.0f} us", f"{result['read_image_ms']:.2f} ms",
           f"{result['ratio']:.3f}"]])
     print(body)
-    results_dir = common.results_dir(args, tiny=args.tiny)
-    if results_dir is not None:
-        markdown = common.write_results(
-            NAME, "Image type check vs decoding (bench_image_check.py)", body, result,
-            common.command_line(__file__, argv), results_dir,
-            ["Medians over rounds of the mean per file; files in the page cache (a warm "
-             "local disk)."])
-        if args.update_md:
-            common.update_benchmarks_md(NAME, markdown)
+    common.publish(args, NAME, "Image type check vs decoding (bench_image_check.py)", body,
+                   result, __file__, argv,
+                   ["Medians over rounds of the mean per file; files in the page cache (a warm "
+                    "local disk)."], tiny=args.tiny)
     return result
 
 

@@ -324,15 +324,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
 
     body, notes = render(results, device, threads)
     print(body + "\n\n" + "\n".join(f"- {n}" for n in notes))
-    results_dir = common.results_dir(args, tiny=args.tiny)
-    if results_dir is not None:
-        markdown = common.write_results(
-            NAME, "Training step and inference: balanced vs stock heads (bench_step.py)", body,
-            {"device": str(device), "threads": threads, "tiny": args.tiny, "results": results},
-            common.command_line(__file__, argv), results_dir, notes,
-        )
-        if args.update_md:
-            common.update_benchmarks_md(NAME, markdown)
+    common.publish(
+        args, NAME, "Training step and inference: balanced vs stock heads (bench_step.py)", body,
+        {"device": str(device), "threads": threads, "tiny": args.tiny, "results": results},
+        __file__, argv, notes, tiny=args.tiny,
+    )
     if not all(r["inference_equal"] for r in results):
         raise AssertionError("balanced and stock heads gave different inference outputs")
     return results

@@ -174,6 +174,21 @@ def write_results(
     return markdown
 
 
+def publish(args, name: str, title: str, body: str, data: Dict[str, object], script: str,
+            argv: Optional[Sequence[str]], notes: Sequence[str] = (), tiny: bool = False) -> None:
+    """
+    The end of every benchmark: write ``<name>.md``/``.json`` where :func:`results_dir` says
+    (nowhere for a tiny run without --results-dir) and, with --update-md, replace the section of
+    BENCHMARKS.md. ``script`` and ``argv`` give the command line that is recorded.
+    """
+    folder = results_dir(args, tiny=tiny)
+    if folder is None:
+        return
+    markdown = write_results(name, title, body, data, command_line(script, argv), folder, notes)
+    if args.update_md:
+        update_benchmarks_md(name, markdown)
+
+
 def update_benchmarks_md(name: str, markdown: str, path: Path = BENCHMARKS_MD) -> None:
     """Replace the section between BENCHMARKS.md's markers for ``name`` (append it if absent)."""
     begin, end = f"<!-- begin:{name} -->", f"<!-- end:{name} -->"

@@ -191,16 +191,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 for p in precisions]
     body, notes = render(device_name, torch.device(device), losses, step, runs)
     print("\n" + body)
-    results_dir = common.results_dir(args, tiny=dry)
     data = {"device": device_name, "cuda": torch.version.cuda, "dry_run": dry,
             "losses_ms": [{"head": h, "pass": m, "stock": s, "balanced": b}
                           for (h, m), (s, b) in losses.items()],
             "step": step, "training": runs}
-    if results_dir is not None:
-        markdown = common.write_results(NAME, "GPU check (gpu_check.py)", body, data,
-                                        common.command_line(__file__, argv), results_dir, notes)
-        if args.update_md:
-            common.update_benchmarks_md(NAME, markdown)
+    common.publish(args, NAME, "GPU check (gpu_check.py)", body, data, __file__, argv, notes,
+                   tiny=dry)
     if not all(r["healthy"] for r in runs):
         print("gpu_check: a training run was not healthy (table above)", file=sys.stderr)
     return data

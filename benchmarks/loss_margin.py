@@ -138,17 +138,12 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
          "largest jump, floored at 1 (unfloored)",
          f"below LOSS_CEILING {ceiling:g}", f"below LOSS_JUMP_FACTOR {jump:g}"], rows)
     print(body)
-    results_dir = common.results_dir(args, tiny=args.tiny)
-    if results_dir is not None:
-        notes = ["A jump is a step's total divided by the largest total of the steps before it; "
-                 "the rule divides by at least JUMP_REFERENCE_FLOOR = "
-                 f"{JUMP_REFERENCE_FLOOR:g} (engine/divergence.py)."]
-        markdown = common.write_results(
-            NAME, "Healthy runs against the finite-explosion stop (loss_margin.py)", body,
-            {"runs": results, "ceiling": ceiling, "jump_factor": jump},
-            common.command_line(__file__, argv), results_dir, notes)
-        if args.update_md:
-            common.update_benchmarks_md(NAME, markdown)
+    notes = ["A jump is a step's total divided by the largest total of the steps before it; "
+             f"the rule divides by at least JUMP_REFERENCE_FLOOR = {JUMP_REFERENCE_FLOOR:g} "
+             "(engine/divergence.py)."]
+    common.publish(args, NAME, "Healthy runs against the finite-explosion stop (loss_margin.py)",
+                   body, {"runs": results, "ceiling": ceiling, "jump_factor": jump}, __file__,
+                   argv, notes, tiny=args.tiny)
     return results
 
 

@@ -751,19 +751,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     body, notes = render(study, runs, results, args.threads_per_job, args.jobs)
     details = f"<details><summary>Every run</summary>\n\n{per_run_table(results)}\n\n</details>"
     print("\n" + body + "\n\n" + "\n".join(f"- {n}" for n in notes))
-    results_dir = common.results_dir(args, tiny=args.tiny)
-    if results_dir is not None:
-        name = args.name + ("_tiny" if args.tiny else "")
-        data = {"tiny": args.tiny, "schedule": asdict(schedule),
-                "settings": {k: asdict(study.settings[k]) for k in args.settings},
-                "arms": {k: asdict(arms[k]) for k in names},
-                "jobs": args.jobs, "threads_per_job": args.threads_per_job,
-                "runs": results}
-        markdown = common.write_results(
-            name, f"Quality A/B on synthetic shapes (quality_ab.py, {args.name})",
-            body + "\n\n" + details, data, common.command_line(__file__, argv), results_dir, notes)
-        if args.update_md:
-            common.update_benchmarks_md(name, markdown)
+    data = {"tiny": args.tiny, "schedule": asdict(schedule),
+            "settings": {k: asdict(study.settings[k]) for k in args.settings},
+            "arms": {k: asdict(arms[k]) for k in names},
+            "jobs": args.jobs, "threads_per_job": args.threads_per_job,
+            "runs": results}
+    common.publish(args, args.name + ("_tiny" if args.tiny else ""),
+                   f"Quality A/B on synthetic shapes (quality_ab.py, {args.name})",
+                   body + "\n\n" + details, data, __file__, argv, notes, tiny=args.tiny)
     failed = [n for n, r in results.items()
               if r["status"] != "ok" and not r["status"].startswith("not run")]
     if failed:

@@ -43,6 +43,7 @@ __all__ = [
     "atomic_write",
     "check_checkpoint_fits",
     "check_weights_file",
+    "local_checkpoint_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,12 @@ def _is_local(path: str) -> bool:
 def _strip_query(path: str) -> str:
     # DetectionCheckpointer accepts "file.pth?matching_heuristics=True".
     return urlparse(path)._replace(query="").geturl()
+
+
+def local_checkpoint_path(path: str) -> Optional[str]:
+    """The file a checkpoint name (MODEL.WEIGHTS) points at on this machine, without its
+    "?query"; None for a URL, which the PathManager downloads."""
+    return _strip_query(path) if path and _is_local(path) else None
 
 
 def _fsync_folder(folder: str) -> None:
@@ -119,6 +126,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
         """
         super().__init__(model, save_dir, **kwargs)
         self.require_full_model = require_full_model
+        # Refuse a missing file by name (under DDP only the main worker needs to have it).
+        self.file_must_exist_here = comm.get_world_size() == 1
         self._debris_removed = False
         # Where the path being loaded came from, for error messages.
         self._source: Optional[str] = None
@@ -179,8 +188,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def load(self, path: str, *args: Any, **kwargs: Any) -> Dict[str, Any]:
         # Under DDP detectron2 lets the other workers take the main worker's weights when only it
-        # can read the file, so the check is left to it there.
-        if path and _is_local(path) and comm.get_world_size() == 1:
+        # can read the file, so the check is left to it there (file_must_exist_here).
+        if path and _is_local(path) and self.file_must_exist_here:
             local = _strip_query(path)
             if not os.path.isfile(local):
                 raise FileNotFoundError(f"Checkpoint '{local}'{self._named_by()} does not exist")

@@ -19,7 +19,6 @@ load).
 """
 
 import logging
-import os
 import warnings
 from typing import Optional, Sequence, Tuple
 
@@ -105,8 +104,7 @@ def check_checkpoint_fits(cfg: CfgNode, resume: bool, *, full_model: bool) -> No
         CheckpointError: the file is truncated, corrupt or not a checkpoint.
         CheckpointMismatchError: (``full_model``) see :func:`misfit_message`.
     """
-    # checkpoint.py imports this module.
-    from .checkpoint import LAST_CHECKPOINT, AtomicCheckpointer, _is_local, _strip_query
+    from .checkpoint import AtomicCheckpointer  # checkpoint.py imports this module
 
     meta_cfg = cfg.clone()
     meta_cfg.defrost()
@@ -114,13 +112,7 @@ def check_checkpoint_fits(cfg: CfgNode, resume: bool, *, full_model: bool) -> No
     with preserved_random_state():  # the real model's initialization stays the same
         model = build_model(meta_cfg)
     checker = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, require_full_model=full_model)
-    if resume and checker.has_checkpoint():
-        # AtomicCheckpointer.load leaves this check to the main worker under DDP; this is it.
-        path = checker.get_checkpoint_file()
-        if _is_local(path) and not os.path.isfile(_strip_query(path)):
-            raise FileNotFoundError(f"Checkpoint '{path}' (named by "
-                                    f"{os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT)}) does not "
-                                    "exist")
+    checker.file_must_exist_here = True  # this runs on the main worker, which must have it
     # The real load logs the same messages a moment later; here they would only repeat.
     checker.logger = logging.getLogger(f"{__name__}.silent")
     checker.logger.disabled = True

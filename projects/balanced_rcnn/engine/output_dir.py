@@ -33,6 +33,8 @@ import socket
 import time
 from typing import Dict, List, Optional, Sequence
 
+from .checkpoint import local_checkpoint_path
+
 __all__ = ["OutputDirError", "claim_output_dir", "release_output_dir", "remove_earlier_run"]
 
 logger = logging.getLogger(__name__)
@@ -149,8 +151,7 @@ def release_output_dir(output_dir: str) -> None:
 def remove_earlier_run(output_dir: str, keep: Sequence[str] = ()) -> None:
     """RELIABILITY.OVERWRITE_OUTPUT: delete the checkpoints and metrics.json of the run that
     trained in ``output_dir`` before, except the files named in ``keep`` (MODEL.WEIGHTS)."""
-    # MODEL.WEIGHTS may carry a query ("model.pth?matching_heuristics=True").
-    kept = {os.path.realpath(p.split("?", 1)[0]) for p in keep if p and "://" not in p}
+    kept = {os.path.realpath(p) for p in map(local_checkpoint_path, keep) if p}
     for pattern in _RUN_FILES:
         for path in sorted(glob.glob(os.path.join(glob.escape(output_dir), pattern))):
             if os.path.realpath(path) in kept:
