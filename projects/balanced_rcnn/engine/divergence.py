@@ -14,10 +14,11 @@ has on the host (engine/nonfinite.py; no added synchronization), with the same e
   first batch with objects would count as a jump of hundreds. The reference is kept in
   checkpoints, so a resumed run goes on comparing with the same value.
 
-The defaults against healthy runs (benchmarks/loss_margin.py, BENCHMARKS.md "loss_margin":
-800-iteration runs of the quality A/B on the 95%-empty data): the largest total was 2.15 (stock
-heads), 2.75 (fine-tuning) and 22.9 (the design configuration, loss_rpn_loc 12.3), 43-465 x below
-the ceiling; the largest step-to-reference jump 1.12, 1.2 and 6.55, 15-89 x below the factor.
+The defaults against healthy runs (benchmarks/loss_margin.py, BENCHMARKS.md "loss_margin": 8
+800-iteration runs of the quality A/B on the 95%-empty data, 2-3 seeds each): the largest total
+was 2.07-2.6 (stock heads), 1.52-2.75 (fine-tuning) and 22.9-26 (the design configuration), 38-659
+x below the ceiling; the largest step-to-reference jump 1.02-1.12, 1.2-1.52 and 2.09-6.55, 15-98
+x below the factor.
 The largest earlier value, not a running median, is the reference: most steps on mostly empty
 data have almost no loss (median totals 0.006-0.010), so a median rule would stop healthy runs.
 0 turns either part off. The message names the term that rose most.
