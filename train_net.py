@@ -29,10 +29,11 @@ from detectron2.utils.logger import setup_logger
 from balanced_rcnn import Trainer, add_balanced_rcnn_config
 from balanced_rcnn.config_checks import check_config_choices
 from balanced_rcnn.data import register_datasets_from_config
-from balanced_rcnn.engine.checkpoint import AtomicCheckpointer, check_weights_file
-from balanced_rcnn.engine.health import TrainingHealthError, check_health_images
-from balanced_rcnn.engine.launch import collective_timeout, launch, refused_together
-from balanced_rcnn.engine.output_dir import claim_output_dir, remove_earlier_run
+from balanced_rcnn.reliability.checkpoint import AtomicCheckpointer, check_weights_file
+from balanced_rcnn.errors import TrainingHealthError
+from balanced_rcnn.health.check_images import check_health_images
+from balanced_rcnn.reliability.launch import collective_timeout, launch, refused_together
+from balanced_rcnn.reliability.output_dir import claim_output_dir, remove_earlier_run
 
 
 def load_config(args) -> CfgNode:

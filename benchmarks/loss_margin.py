@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """
-How far healthy runs stay from the stop on a finite loss explosion (engine/divergence.py).
+How far healthy runs stay from the stop on a finite loss explosion (health/divergence.py).
 
 Each run is one of the quality A/B's (benchmarks/quality_ab.py: its exact config and overrides,
 given as setting/arm/seed), trained in this process with the detection checks and the final
@@ -31,7 +31,7 @@ from detectron2.utils.env import seed_all_rng
 
 from balanced_rcnn import Trainer, add_balanced_rcnn_config
 from balanced_rcnn.data import register_datasets_from_config
-from balanced_rcnn.engine.divergence import JUMP_REFERENCE_FLOOR
+from balanced_rcnn.health.divergence import JUMP_REFERENCE_FLOOR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the A/B's modules beside this file
 import common  # noqa: E402
@@ -140,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     print(body)
     notes = ["A jump is a step's total divided by the largest total of the steps before it; "
              f"the rule divides by at least JUMP_REFERENCE_FLOOR = {JUMP_REFERENCE_FLOOR:g} "
-             "(engine/divergence.py)."]
+             "(health/divergence.py)."]
     common.publish(args, NAME, "Healthy runs against the finite-explosion stop (loss_margin.py)",
                    body, {"runs": results, "ceiling": ceiling, "jump_factor": jump}, __file__,
                    argv, notes, tiny=args.tiny)

@@ -23,13 +23,13 @@ the detector it starts from.
 
 From each run's metrics.json: the final COCO bbox/segm AP and AP50 ("no predictions", which
 COCOEvaluator reports as NaN, counts as 0), and the health monitor's detection checks
-(engine/health.py, every HEALTH.PERIOD iterations on the first HEALTH.NUM_IMAGES val images, and
+(health/monitor.py, every HEALTH.PERIOD iterations on the first HEALTH.NUM_IMAGES val images, and
 once before training): detections per image at HEALTH.MAIN_THRESHOLD before training, the
 lowest after HEALTH.WARMUP_ITERS, the value at the last check, how many of those checks found no
 detection, *collapsed* = the monitor's collapse rule (HEALTH.PATIENCE consecutive checks at 0 or
 below HEALTH.COLLAPSE_FRACTION x the best earlier one, capped at the objects per check image;
-engine/health.py, count_collapses) applied to the logged checks, and the gradient share of each loss term on the backbone at the checks
-(health/grad_share/*, engine/grad_shares.py). Results are parsed from metrics.json anew each time,
+health/collapse.py, count_collapses) applied to the logged checks, and the gradient share of each
+loss term on the backbone at the checks (health/grad_share/*, health/grad_shares.py). Results are parsed from metrics.json anew each time,
 also for reused runs.
 """
 
@@ -56,9 +56,10 @@ from quality_arms import ARMS, PRETRAINS, SETTINGS, TINY_SETTINGS, Arm, Setting 
 
 from balanced_rcnn import add_balanced_rcnn_config
 from balanced_rcnn.data import BUILTIN_SYNTHETIC
-from balanced_rcnn.engine.grad_shares import GRAD_SHARE_PREFIX
-from balanced_rcnn.engine.health import (EXIT_COLLAPSE, EXIT_NON_FINITE, check_records,
-                                         count_collapses, objects_per_image)
+from balanced_rcnn.errors import EXIT_COLLAPSE, EXIT_NON_FINITE
+from balanced_rcnn.health.check_images import check_records
+from balanced_rcnn.health.collapse import count_collapses, objects_per_image
+from balanced_rcnn.health.grad_shares import GRAD_SHARE_PREFIX
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 
@@ -68,7 +69,7 @@ CONFIGS = {
     "stock": common.REPO / "configs/quick_schedules/swin_tiny_stock_demo.yaml",
     "balanced": common.REPO / "configs/quick_schedules/swin_tiny_balanced_demo.yaml",
 }
-# The health monitor's scalars (engine/health.py): detections per image at the main threshold
+# The health monitor's scalars (health/monitor.py): detections per image at the main threshold
 # of each check, before training, and the number of collapses it reported so far.
 DETS_SCALAR = "health/dets_per_image"
 START_SCALAR = "health/start_dets_per_image"
@@ -554,7 +555,7 @@ def render(study: Study, runs: List[Run], results: Dict[str, dict], threads: int
                                           "minus the better baseline"], diff_rows))
     if share_rows:
         body += ("\n\nGradient share of each loss term on the backbone + FPN (mean over the "
-                 "checks and seeds; engine/grad_shares.py):\n\n"
+                 "checks and seeds; health/grad_shares.py):\n\n"
                  + common.markdown_table(["setting", "arm", *LOSS_NAMES], share_rows))
     minutes = sum(r["seconds"] for r in results.values()) / 60
     commits = sorted({r.get("commit", "unknown") for r in results.values()})

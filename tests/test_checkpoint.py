@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from balanced_rcnn.engine.checkpoint import (
+from balanced_rcnn.errors import CheckpointError
+from balanced_rcnn.reliability.checkpoint import (
     AtomicCheckpointer,
-    CheckpointError,
     atomic_write,
     check_weights_file,
 )

@@ -5,13 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from balanced_rcnn.engine.checkpoint import (
-    AtomicCheckpointer,
-    CheckpointError,
-    CheckpointMismatchError,
-    check_weights_file,
-)
-from balanced_rcnn.engine.checkpoint_fit import misfit_message
+from balanced_rcnn.errors import CheckpointError, CheckpointMismatchError
+from balanced_rcnn.reliability.checkpoint import AtomicCheckpointer, check_weights_file
+from balanced_rcnn.reliability.checkpoint_fit import misfit_message
 from detectron2.modeling import build_model
 
 

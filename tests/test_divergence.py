@@ -1,4 +1,4 @@
-"""The stop on a loss that explodes while finite (engine/divergence.py): the rule on hand-made
+"""The stop on a loss that explodes while finite (health/divergence.py): the rule on hand-made
 loss sequences, and a real run with a far too high learning rate ending with exit code 4."""
 
 import os
@@ -7,12 +7,9 @@ import sys
 
 import pytest
 import torch
-from balanced_rcnn.engine.divergence import (
-    LossDivergenceRule,
-    LossExplosionError,
-    explosion_message,
-)
-from balanced_rcnn.engine.health import EXIT_NON_FINITE
+from balanced_rcnn.errors import LossExplosionError
+from balanced_rcnn.health.divergence import LossDivergenceRule, explosion_message
+from balanced_rcnn.errors import EXIT_NON_FINITE
 
 from conftest import TINY_CONFIG
 

@@ -19,7 +19,7 @@ from typing import Callable, List
 
 import torch
 from balanced_rcnn import Trainer
-from balanced_rcnn.engine.checkpoint import AtomicCheckpointer
+from balanced_rcnn.reliability.checkpoint import AtomicCheckpointer
 
 CONFIG = "configs/quick_schedules/swin_tiny_balanced_instant_test.yaml"
 MAX_ITER, PERIOD = 12, 2  # checkpoints after iterations 1, 3, 5, 7, 9, 11

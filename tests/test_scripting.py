@@ -5,21 +5,15 @@ an EventStorage; detectron2's Swin backbone does not script (stock either)."""
 
 import pytest
 import torch
+from balanced_rcnn.deploy import SCRIPT_FIELDS
 from detectron2.export import scripting_with_instances
 from detectron2.export.torchscript_patch import freeze_training_mode, patch_instances
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Instances
 
 from test_balanced_model import _batch, _cfg
 
-FIELDS = {
-    "proposal_boxes": Boxes,
-    "objectness_logits": torch.Tensor,
-    "pred_boxes": Boxes,
-    "scores": torch.Tensor,
-    "pred_classes": torch.Tensor,
-    "pred_masks": torch.Tensor,
-}
+FIELDS = SCRIPT_FIELDS  # every Instances field of a Mask R-CNN's inference
 
 
 @pytest.fixture(scope="module")

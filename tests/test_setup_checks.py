@@ -13,9 +13,10 @@ from balanced_rcnn.config_checks import (
     REGISTRY_KEYS,
     check_config_choices,
 )
-from balanced_rcnn.data.images import UnsupportedImageError, check_image_mode, size_mismatch_hint
+from balanced_rcnn.data.images import check_image_mode, size_mismatch_hint
+from balanced_rcnn.errors import UnsupportedImageError
 from balanced_rcnn.data.mapper import SkippingDatasetMapper
-from balanced_rcnn.engine.health import check_health_images
+from balanced_rcnn.health.check_images import check_health_images
 from detectron2.data import DatasetCatalog
 from PIL import Image
 
@@ -167,7 +168,7 @@ def test_set_up_checks_leave_the_random_state_as_they_found_it(tiny_cfg, tmp_pat
     import random
 
     import torch
-    from balanced_rcnn.engine.checkpoint import AtomicCheckpointer, check_weights_file
+    from balanced_rcnn.reliability.checkpoint import AtomicCheckpointer, check_weights_file
     from detectron2.modeling import build_model
 
     json_file, root = write_coco(tmp_path)

@@ -12,8 +12,9 @@ import pytest
 import torch
 from balanced_rcnn import Trainer
 from balanced_rcnn.data import register_datasets_from_config
-from balanced_rcnn.engine.signals import CheckpointOnSignal, TrainingInterrupted
-from balanced_rcnn.engine.watchdog import PeerWatchdogHook
+from balanced_rcnn.errors import TrainingInterrupted
+from balanced_rcnn.reliability.signals import CheckpointOnSignal
+from balanced_rcnn.reliability.watchdog import PeerWatchdogHook
 from detectron2.engine import HookBase, hooks
 
 

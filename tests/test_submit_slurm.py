@@ -1,4 +1,4 @@
-"""tools/submit_slurm.py and engine/submitit_job.py: the sbatch options, the per-node command,
+"""tools/submit_slurm.py and reliability/submitit_job.py: the sbatch options, the per-node command,
 one-line errors, and a 2-process CPU job through submitit's local executor that is preempted
 (USR2, as SLURM sends it) mid-run, checkpoints, requeues and finishes at MAX_ITER."""
 
@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from balanced_rcnn.engine.submitit_job import TrainingJob, last_checkpoint_iteration
+from balanced_rcnn.reliability.submitit_job import TrainingJob, last_checkpoint_iteration
 
 REPO = Path(__file__).resolve().parents[1]
 INSTANT = "configs/quick_schedules/swin_tiny_balanced_instant_test.yaml"

@@ -238,3 +238,32 @@ def test_resume_after_the_last_iteration_writes_the_missing_model_final(syntheti
     trainer.train()  # nothing left to train, and nothing breaks
     again = torch.load(output / "model_final.pth", weights_only=False)
     assert all(torch.equal(again["model"][k], final["model"][k]) for k in final["model"])
+
+
+def test_trainer_sets_every_attribute_default_trainer_sets(synthetic_cfg):
+    """Trainer.__init__ assembles DefaultTrainer's pieces itself (engine/trainer.py): an
+    attribute that a new detectron2 adds to DefaultTrainer.__init__ must be added there too."""
+    from detectron2.engine import DefaultTrainer
+
+    ours = Trainer(synthetic_cfg)
+    # What detectron2's own builders know (its loader, its gradient clipping):
+    synthetic_cfg.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"
+    synthetic_cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
+    stock = DefaultTrainer(synthetic_cfg)
+    assert set(vars(stock)) <= set(vars(ours))
+    assert type(ours.checkpointer).__name__ == "AtomicCheckpointer"
+    assert type(ours._trainer).__name__ == "GuardedSimpleTrainer"
+
+
+def test_hooks_run_in_the_order_build_hooks_writes_them(synthetic_cfg):
+    from balanced_rcnn.health import TrainingHealthMonitor
+    from balanced_rcnn.reliability import CheckpointOnSignal, PeerWatchdogHook
+
+    kinds = [type(h) for h in Trainer(synthetic_cfg)._hooks]
+    assert kinds == [hooks.IterationTimer, hooks.LRScheduler, TrainingHealthMonitor,
+                     hooks.PeriodicCheckpointer, CheckpointOnSignal, hooks.EvalHook,
+                     hooks.PeriodicWriter, hooks.CallbackHook, PeerWatchdogHook]
+    synthetic_cfg.HEALTH.ENABLED = False
+    synthetic_cfg.DATASETS.TEST = ()
+    kinds = [type(h) for h in Trainer(synthetic_cfg)._hooks]
+    assert TrainingHealthMonitor not in kinds and hooks.EvalHook not in kinds

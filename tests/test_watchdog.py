@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import List
 
 import torch.distributed as dist
-from balanced_rcnn.engine.watchdog import EXIT_PEER_LOST, PeerWatchdog
+from balanced_rcnn.errors import EXIT_PEER_LOST
+from balanced_rcnn.reliability.watchdog import PeerWatchdog
 
 PERIOD = 0.05  # heartbeat period of the in-memory tests
 
@@ -94,6 +95,35 @@ def test_rank_0_gone_with_its_store_is_lost():
         "Worker rank 1: lost worker rank 0, no heartbeat for 0 s (the store it hosts is "
         "unreachable: Connection reset by peer).")
     second.stop()
+
+
+PINNED_STORE = """
+import datetime, sys
+import torch.distributed as dist
+from balanced_rcnn.reliability.watchdog import _KEY_PREFIX, _own_store_connection
+
+port = int(sys.argv[1])
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+base = dist.distributed_c10d._get_default_store()
+while isinstance(base, dist.PrefixStore):
+    base = base.underlying_store
+assert isinstance(base, dist.TCPStore), type(base)  # else the watchdog shares the main one's
+own = _own_store_connection(datetime.timedelta(seconds=5))
+own.set("0", "7")
+client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=5))
+print(dist.PrefixStore(_KEY_PREFIX, client).get("0").decode())
+dist.destroy_process_group()
+"""
+
+
+def test_the_watchdog_reaches_the_tcp_store_of_the_process_group():
+    """Pins what the watchdog takes from torch's private _get_default_store: under a tcp://
+    init_method, the default group's store wraps the TCPStore that rank 0 hosts, so that a
+    connection of the watchdog's own reaches the same keys."""
+    result = subprocess.run([sys.executable, "-c", PINNED_STORE, str(_free_port())],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "7"
 
 
 # ---- two train_net.py processes ------------------------------------------------------------

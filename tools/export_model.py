@@ -39,17 +39,13 @@ from balanced_rcnn.deploy import (
     OUTPUT_NAMES,
     DetectionOutputs,
     ExportedPredictor,
-    ExportError,
     compare_outputs,
     export,
     preprocess,
 )
-from balanced_rcnn.engine.checkpoint import (
-    AtomicCheckpointer,
-    CheckpointError,
-    CheckpointMismatchError,
-    check_checkpoint_fits,
-)
+from balanced_rcnn.errors import ExportError
+from balanced_rcnn.errors import CheckpointError, CheckpointMismatchError
+from balanced_rcnn.reliability.checkpoint import AtomicCheckpointer, check_checkpoint_fits
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image

@@ -38,11 +38,8 @@ import torch
 from balanced_rcnn import add_balanced_rcnn_config, register_datasets_from_config
 from balanced_rcnn.config_checks import check_config_choices
 from balanced_rcnn.deploy import ExportedPredictor
-from balanced_rcnn.engine.checkpoint import (
-    CheckpointError,
-    CheckpointMismatchError,
-    check_checkpoint_fits,
-)
+from balanced_rcnn.errors import CheckpointError, CheckpointMismatchError
+from balanced_rcnn.reliability.checkpoint import check_checkpoint_fits
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, Metadata, MetadataCatalog
 from detectron2.data.detection_utils import read_image

@@ -9,7 +9,7 @@ Usage:
       [--job-dir jobs/NAME] [--resume] [--eval-only] [KEY VALUE ...]
 
 Every node runs ``train_net.py`` itself (the same main and launch as by hand) with --num-gpus,
---num-machines, --machine-rank and --dist-url taken from the job (engine/submitit_job.py says
+--num-machines, --machine-rank and --dist-url taken from the job (reliability/submitit_job.py says
 how the requeue works). Trailing KEY VALUE pairs override the config, as for train_net.py.
 --cluster local runs the job on this machine through submitit's local executor (one node, no
 SLURM), which is how the tests run it. Prints the job id, the log files, OUTPUT_DIR and the
@@ -86,7 +86,7 @@ def _sbatch_options(pairs: Sequence[str]) -> Dict[str, str]:
 
 
 def train_args(args: argparse.Namespace) -> List[str]:
-    """train_net.py's arguments, without those each node sets (engine/submitit_job.py)."""
+    """train_net.py's arguments, without those each node sets (reliability/submitit_job.py)."""
     out = ["--config-file", str(args.config_file.resolve())]
     out += ["--resume"] if args.resume else []
     out += ["--eval-only"] if args.eval_only else []
@@ -157,7 +157,7 @@ def main(argv: Optional[Sequence[str]] = None):
         print(f"submit_slurm: {e}", file=sys.stderr)
         sys.exit(2)
 
-    from balanced_rcnn.engine.submitit_job import TrainingJob
+    from balanced_rcnn.reliability.submitit_job import TrainingJob
 
     job = executor.submit(TrainingJob(str(TRAIN_NET), train_args(args), args.gpus_per_node,
                                       output_dir, stop_timeout_s=max(args.signal_delay - 30, 10)))

@@ -23,4 +23,5 @@ __all__ = [
     "Trainer",
     "add_balanced_rcnn_config",
     "build_swin_fpn_backbone",
+    "register_datasets_from_config",
 ]

@@ -31,7 +31,7 @@ from detectron2.modeling import (
 
 from .data.checks import BAD_ANNOTATION_POLICIES
 from .data.samplers import OBJECT_SHARE_SAMPLER
-from .engine.health import ACTIONS
+from .health.collapse import ACTIONS
 from .engine.optimizer import CLIP_TYPES, OPTIMIZERS
 from .engine.trainer import AMP_PRECISIONS
 from .modeling.checks import check_balanced_loss_keys

@@ -31,12 +31,14 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 from torch import nn
 
+from .errors import ExportError
+
 __all__ = [
     "EXPORT_METHODS",
     "FORMATS",
     "OUTPUT_NAMES",
+    "SCRIPT_FIELDS",
     "DetectionOutputs",
-    "ExportError",
     "ExportedPredictor",
     "compare_outputs",
     "export",
@@ -49,7 +51,7 @@ EXPORT_METHODS = ("tracing", "scripting")
 OUTPUT_NAMES = ("boxes", "scores", "classes", "masks")
 ONNX_OPSET = 17
 # Instances fields a scripted model may carry (scripting_with_instances needs their types).
-_SCRIPT_FIELDS = {
+SCRIPT_FIELDS = {
     "proposal_boxes": Boxes,
     "objectness_logits": torch.Tensor,
     "pred_boxes": Boxes,
@@ -57,10 +59,6 @@ _SCRIPT_FIELDS = {
     "pred_classes": torch.Tensor,
     "pred_masks": torch.Tensor,
 }
-
-
-class ExportError(Exception):
-    """A request the exporter cannot do for this model: one line for the user."""
 
 
 class DetectionOutputs(nn.Module):
@@ -107,7 +105,7 @@ def export(model: nn.Module, sample: torch.Tensor, fmt: str, method: str, path: 
     wrapped = DetectionOutputs(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "torchscript" and method == "scripting":
-        scripting_with_instances(wrapped, _SCRIPT_FIELDS).save(str(path))
+        scripting_with_instances(wrapped, SCRIPT_FIELDS).save(str(path))
         return path
     # As detectron2's TracingAdapter: len() of detectron2's structures stays a traced value, so
     # the number of detections of the sample does not become a constant of the graph.

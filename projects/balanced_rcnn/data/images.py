@@ -19,14 +19,12 @@ from typing import Optional
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
-__all__ = ["UnsupportedImageError", "check_image_mode", "size_mismatch_hint"]
+from ..errors import UnsupportedImageError
+
+__all__ = ["check_image_mode", "size_mismatch_hint"]
 
 _EXIF_ORIENTATION = 0x0112  # the EXIF tag detectron2's _apply_exif_orientation reads
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # the ones that swap width and height
-
-
-class UnsupportedImageError(ValueError):
-    """An image whose pixels detectron2's reader would change (see the module docstring)."""
 
 
 def _misread_kind(mode: str) -> Optional[str]:

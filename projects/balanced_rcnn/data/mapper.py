@@ -2,18 +2,18 @@
 Training images that cannot be used are skipped, logged, counted and summarized, and too many
 of them is an error.
 
-An image file can be missing (deleted after the up-front check of data/checks.py), unreadable
+An image file can be missing (deleted after the up-front check of data/train_dicts.py), unreadable
 (not an image, zero bytes), truncated (a copy that did not finish: PIL raises "image file is
-truncated"), of another size than its json entry (often EXIF rotation: detectron2 applies the
-EXIF orientation, the json was written from the stored pixels) or of a pixel type that
-detectron2 would misread (16-bit, float: data/images.py). detectron2's DatasetMapper raises
-on each of these, and training dies hours in for one file among millions.
+truncated"), of another size than its json entry (often EXIF rotation: detectron2 applies the EXIF
+orientation, the json was written from the stored pixels) or of a pixel type that detectron2 would
+misread (16-bit, float: data/images.py). detectron2's DatasetMapper raises on each of these, and
+training dies hours in for one file among millions.
 
 :class:`SkippingDatasetMapper` catches exactly these errors (OSError, PIL's SyntaxError for a
-broken PNG, SizeMismatchError, UnsupportedImageError), logs the file and the reason, remembers the file so that it is
-not read again, and returns None, on which detectron2's MapDataset draws another image. The
-record of the skip travels to the main process inside the next dataset dict this mapper returns
-(under :data:`SKIPPED_KEY`), which works across DataLoader worker processes;
+broken PNG, SizeMismatchError, UnsupportedImageError), logs the file and the reason, remembers the
+file so that it is not read again, and returns None, on which detectron2's MapDataset draws
+another image. The record of the skip travels to the main process inside the next dataset dict
+this mapper returns (under :data:`SKIPPED_KEY`), which works across DataLoader worker processes;
 :class:`SkipTrackingLoader` takes it off the batch into :class:`SkippedImages`, which counts the
 distinct files, raises :class:`TooManySkippedImages` once more than
 RELIABILITY.MAX_SKIPPED_IMAGE_FRACTION of the training images are skipped, and logs a summary at
@@ -32,14 +32,14 @@ from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data.detection_utils import SizeMismatchError
 
-from .images import UnsupportedImageError, check_image_mode, size_mismatch_hint
+from ..errors import TooManySkippedImages, UnsupportedImageError
+from .images import check_image_mode, size_mismatch_hint
 
 __all__ = [
     "SKIPPED_KEY",
     "SkipTrackingLoader",
     "SkippedImages",
     "SkippingDatasetMapper",
-    "TooManySkippedImages",
 ]
 
 logger = logging.getLogger(__name__)
@@ -49,10 +49,6 @@ SKIPPED_KEY = "skipped_images"
 # What reading an image raises when the file is at fault, not the code.
 _READ_ERRORS = (OSError, SyntaxError, SizeMismatchError, UnsupportedImageError)
 _LISTED = 5  # files named in an error message
-
-
-class TooManySkippedImages(RuntimeError):
-    """More than RELIABILITY.MAX_SKIPPED_IMAGE_FRACTION of the training images were skipped."""
 
 
 def _listing(reasons: Dict[str, str], limit: int = _LISTED) -> str:

@@ -1,8 +1,8 @@
 """
 The project's DefaultTrainer: AdamW/SGD parameter groups, whole-model gradient clipping and a
-gradient-norm log, the heads' tensor scalars flushed once per step, the training-health monitor,
-COCO bbox+segm evaluation through pycocotools, and DDP on the CPU. Reliability (README): atomic
-checkpoints, a checkpoint on SIGTERM / Ctrl-C, skipped unusable images, the DDP peer watchdog.
+gradient-norm log, the heads' tensor scalars flushed once per step, the training-health checks
+(health/), COCO bbox+segm evaluation through pycocotools, resumable runs (reliability/) and DDP
+on the CPU.
 """
 
 import logging
@@ -25,17 +25,21 @@ from detectron2.engine import (
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from fvcore.nn.precise_bn import get_bn_modules
 
 from ..data.loader import build_test_loader, build_train_loader
+from ..errors import NonFiniteTrainingError
+from ..health import (
+    GuardedAMPTrainer,
+    GuardedSimpleTrainer,
+    LossDivergenceRule,
+    TrainingHealthMonitor,
+)
+from ..reliability import AtomicCheckpointer, CheckpointOnSignal, PeerWatchdogHook
+from ..reliability.checkpoint import save_checkpoint_and_synchronize
 from ..utils.events import flush_tensor_scalars
-from .checkpoint import AtomicCheckpointer
-from .divergence import LossDivergenceRule
 from .grad_norm import GradientNormHook
-from .health import NonFiniteTrainingError, TrainingHealthMonitor, save_checkpoint_and_synchronize
-from .nonfinite import GuardedAMPTrainer, GuardedSimpleTrainer
 from .optimizer import build_optimizer
-from .signals import CheckpointOnSignal
-from .watchdog import PeerWatchdogHook
 
 __all__ = ["AMP_PRECISIONS", "Trainer", "amp_precision"]
 
@@ -45,7 +49,8 @@ AMP_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 def amp_precision(name: str) -> torch.dtype:
     if name not in AMP_PRECISIONS:
-        raise ValueError(f"SOLVER.AMP.PRECISION must be one of {tuple(AMP_PRECISIONS)}, got {name!r}")
+        raise ValueError(
+            f"SOLVER.AMP.PRECISION must be one of {tuple(AMP_PRECISIONS)}, got {name!r}")
     return AMP_PRECISIONS[name]
 
 
@@ -54,77 +59,99 @@ class Trainer(DefaultTrainer):
     DefaultTrainer with the project's optimizer, gradient-norm hook and COCO evaluator.
 
     Configured by SOLVER.OPTIMIZER / BETAS / NO_WEIGHT_DECAY_KEYS, SOLVER.CLIP_GRADIENTS (incl.
-    CLIP_TYPE "full_model") and SOLVER.AMP.ENABLED / PRECISION. Logs "optim/grad_norm" every step. With
-    HEALTH.ENABLED, runs the training-health monitor (engine/health.py).
+    CLIP_TYPE "full_model") and SOLVER.AMP.ENABLED / PRECISION. Logs "optim/grad_norm" every
+    step. With HEALTH.ENABLED, runs the health checks (health/).
     """
 
     def __init__(self, cfg: CfgNode):
-        # DefaultTrainer.__init__ with two changes (marked). It cannot be called as is: it wraps
-        # the model in DDP with device_ids=[local_rank], which DDP rejects for a CPU model.
+        # DefaultTrainer.__init__'s assembly, from the same builders, with three pieces it
+        # hard-codes replaced: DDP of a CPU model (device_ids=None, which DDP requires there),
+        # the inner trainer (build_inner_trainer) and the checkpointer (AtomicCheckpointer, which
+        # PeriodicCheckpointer must hold from the start). test_trainer.py fails if
+        # DefaultTrainer.__init__ comes to set an attribute that this one does not.
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        # Changed: CPU modules need device_ids=None.
         on_gpu = next(model.parameters()).device.type == "cuda"
-        device_ids = [comm.get_local_rank()] if on_gpu else None
-        model = create_ddp_model(model, broadcast_buffers=False, device_ids=device_ids)
-        # With HEALTH.ENABLED, a non-finite loss term or gradient norm stops every worker before
-        # the optimizer step, naming the term (engine/nonfinite.py).
-        # The same stop for a loss that explodes while finite (engine/divergence.py).
-        guard = {"divergence": LossDivergenceRule.from_config(cfg)} if cfg.HEALTH.ENABLED else {}
-        if cfg.SOLVER.AMP.ENABLED:
-            inner = GuardedAMPTrainer if cfg.HEALTH.ENABLED else AMPTrainer
-            self._trainer = inner(model, data_loader, optimizer,
-                                  precision=amp_precision(cfg.SOLVER.AMP.PRECISION), **guard)
-        else:
-            inner = GuardedSimpleTrainer if cfg.HEALTH.ENABLED else SimpleTrainer
-            self._trainer = inner(model, data_loader, optimizer, **guard)
-        # Added: detectron2 calls after_backward only on the hooks of this inner trainer, and
-        # after_backward is where gradients are complete (DDP-averaged) but not yet applied.
-        self._trainer.register_hooks(self.build_inner_hooks(cfg))
-
+        model = create_ddp_model(model, broadcast_buffers=False,
+                                 device_ids=[comm.get_local_rank()] if on_gpu else None)
+        self._trainer = self.build_inner_trainer(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        # Changed: writes that a kill cannot corrupt, loads that name the file (checkpoint.py).
-        self.checkpointer = AtomicCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
     @classmethod
+    def build_inner_trainer(cls, cfg: CfgNode, model, data_loader, optimizer) -> SimpleTrainer:
+        """
+        SimpleTrainer or AMPTrainer (SOLVER.AMP); with HEALTH.ENABLED the guarded one, which
+        stops every worker before the optimizer step on a non-finite or exploding loss
+        (health/nonfinite.py, health/divergence.py). Its hooks are :meth:`build_inner_hooks`.
+        """
+        guard = {"divergence": LossDivergenceRule.from_config(cfg)} if cfg.HEALTH.ENABLED else {}
+        if cfg.SOLVER.AMP.ENABLED:
+            inner = GuardedAMPTrainer if cfg.HEALTH.ENABLED else AMPTrainer
+            trainer = inner(model, data_loader, optimizer,
+                            precision=amp_precision(cfg.SOLVER.AMP.PRECISION), **guard)
+        else:
+            inner = GuardedSimpleTrainer if cfg.HEALTH.ENABLED else SimpleTrainer
+            trainer = inner(model, data_loader, optimizer, **guard)
+        trainer.register_hooks(cls.build_inner_hooks(cfg))
+        return trainer
+
+    @classmethod
     def build_inner_hooks(cls, cfg: CfgNode) -> List[HookBase]:
-        """Hooks of the inner SimpleTrainer/AMPTrainer (the ones that see after_backward)."""
+        """Hooks of the inner SimpleTrainer/AMPTrainer: detectron2 calls after_backward only on
+        these, and after_backward is where gradients are complete (DDP-averaged) but not yet
+        applied."""
         return [GradientNormHook.from_config(cfg)]
 
     def build_hooks(self) -> List[Optional[HookBase]]:
-        ret = super().build_hooks()
-        if not self.cfg.DATASETS.TEST:
-            # DefaultTrainer evaluates after the last iteration; with no test set there is
-            # nothing to evaluate (and `test` refuses an empty DATASETS.TEST).
-            ret = [h for h in ret if not isinstance(h, hooks.EvalHook)]
-        if self.cfg.HEALTH.ENABLED:
-            # Before the checkpointer (a checkpoint then holds the monitor's state of the same
-            # iteration) and before PeriodicWriter (which writes the monitor's scalars).
-            later = (hooks.PeriodicCheckpointer, hooks.EvalHook, hooks.PeriodicWriter)
-            index = next((i for i, h in enumerate(ret) if isinstance(h, later)), len(ret))
-            ret.insert(index, TrainingHealthMonitor.from_config(self.cfg))
-        # SIGTERM / Ctrl-C: a checkpoint at the end of the step, after the scheduler step and the
-        # periodic checkpoint, before any evaluation.
-        later = (hooks.EvalHook, hooks.PeriodicWriter)
-        index = next((i for i, h in enumerate(ret) if isinstance(h, later)), len(ret))
-        ret.insert(index, CheckpointOnSignal(self.checkpointer))
+        """
+        DefaultTrainer's hooks and the project's, in the order they run after each step
+        (detectron2 skips the None entries).
+        """
+        cfg = self.cfg.clone()
+        cfg.defrost()
+        cfg.DATALOADER.NUM_WORKERS = 0  # as DefaultTrainer: PreciseBN's loader, less memory
+        main = comm.is_main_process()
         skipped = getattr(self._trainer.data_loader, "skipped", None)  # data/mapper.py
-        if skipped is not None:
-            ret.append(hooks.CallbackHook(after_train=lambda _: skipped.log_summary()))
-        ret.append(PeerWatchdogHook(self.cfg.RELIABILITY.PEER_TIMEOUT_S))  # last: see watchdog.py
-        return ret
+
+        def test_and_save_results():
+            self._last_eval_results = self.test(self.cfg, self.model)
+            return self._last_eval_results
+
+        return [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(),
+            # Before the checkpointer, which saves the statistics it updates.
+            hooks.PreciseBN(cfg.TEST.EVAL_PERIOD, self.model, self.build_train_loader(cfg),
+                            cfg.TEST.PRECISE_BN.NUM_ITER)
+            if cfg.TEST.PRECISE_BN.ENABLED and get_bn_modules(self.model) else None,
+            # Before the checkpointer (a checkpoint holds the monitor's state of the same
+            # iteration) and the writer (which writes the monitor's scalars).
+            TrainingHealthMonitor.from_config(self.cfg) if cfg.HEALTH.ENABLED else None,
+            hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD)
+            if main else None,
+            # SIGTERM / Ctrl-C: a checkpoint at the end of the step, after the scheduler step
+            # and the periodic checkpoint, before any evaluation.
+            CheckpointOnSignal(self.checkpointer),
+            # After the checkpointer: a failed evaluation leaves a checkpoint to debug. With no
+            # test set there is nothing to evaluate (and `test` refuses an empty DATASETS.TEST).
+            hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results)
+            if cfg.DATASETS.TEST else None,
+            # Last of detectron2's: the writers then see the evaluation's metrics.
+            hooks.PeriodicWriter(self.build_writers(), period=20) if main else None,
+            hooks.CallbackHook(after_train=lambda _: skipped.log_summary())
+            if skipped is not None else None,
+            PeerWatchdogHook(cfg.RELIABILITY.PEER_TIMEOUT_S),  # last: see reliability/watchdog.py
+        ]
 
     def resume_or_load(self, resume: bool = True) -> None:
         # A resumed run continues this run's model: a checkpoint of another one is refused

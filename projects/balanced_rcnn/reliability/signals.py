@@ -8,16 +8,17 @@ the step) lose everything since the last periodic checkpoint.
 
 During training, :class:`CheckpointOnSignal` turns both signals into a flag. After the step in
 progress has completed (model, optimizer, scheduler and iteration counter agree), the main
-worker saves ``model_<iter>.pth`` (atomically, engine/checkpoint.py; unless the periodic
+worker saves ``model_<iter>.pth`` (atomically, reliability/checkpoint.py; unless the periodic
 checkpointer has just saved that iteration), and every worker raises :class:`TrainingInterrupted`,
 which exits with 128 + the signal number: **143** for SIGTERM, **130** for SIGINT, the shell's
 codes for "ended by that signal", which schedulers already understand. ``--resume`` continues at
 the next iteration.
 
 Under DDP the workers must stop at the same step, or the ones still training wait forever in a
-collective: after every step the flag is all-reduced (max) over detectron2's gloo group, one
-8-byte message, so a signal that reaches the workers at different steps stops them all at the
-first step any of them saw it. The main worker saves while the others wait at a barrier.
+collective: after every step the flag is all-reduced (max) over a gloo group
+(:func:`cpu_process_group`), one 8-byte message, so a signal that reaches the workers at different
+steps stops them all at the first step any of them saw it. The main worker saves while the
+others wait at a barrier.
 
 A second signal changes nothing (a terminal's Ctrl-C and the launcher's forwarding may both
 deliver one); SIGKILL or SIGQUIT (Ctrl-\\) still end a process at once, and the atomic writes keep
@@ -43,34 +44,24 @@ from detectron2.checkpoint import Checkpointer
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+from ..errors import TrainingInterrupted, exit_code_of
+
 __all__ = [
     "CheckpointOnSignal",
-    "TrainingInterrupted",
-    "exit_code_of",
+    "cpu_process_group",
     "forward_signals_to_workers",
 ]
 
 logger = logging.getLogger(__name__)
 
+
+def cpu_process_group() -> Optional[dist.ProcessGroup]:
+    """A group of all workers whose collectives take CPU tensors: the default group (None)
+    under gloo, else a new gloo group. Every worker must call it at the same point."""
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def exit_code_of(signum: int) -> int:
-    """The shell's exit status of a process ended by signal ``signum``: 143 SIGTERM, 130 SIGINT."""
-    return 128 + signum
-
-
-class TrainingInterrupted(SystemExit):
-    """Training stopped on a signal after saving a checkpoint; the exit status is 128 + signum.
-
-    A SystemExit, so that detectron2's train loop does not log it as a crash and the process
-    exits with its code wherever it is not caught."""
-
-    def __init__(self, signum: int, iteration: int, checkpoint: str):
-        super().__init__(exit_code_of(signum))
-        self.signum = signum
-        self.iteration = iteration
-        self.checkpoint = checkpoint
 
 
 class CheckpointOnSignal(HookBase):
@@ -87,6 +78,7 @@ class CheckpointOnSignal(HookBase):
         self._received: Optional[int] = None
         self._previous: Dict[int, object] = {}
         self._pid = os.getpid()
+        self._group: Optional[dist.ProcessGroup] = None
 
     def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
         if os.getpid() != self._pid:
@@ -109,8 +101,8 @@ class CheckpointOnSignal(HookBase):
             return
         for signum in self._signals:
             self._previous[signum] = signal.signal(signum, self._on_signal)
-        if comm.get_world_size() > 1:
-            comm._get_global_gloo_group()  # created now, by every worker at the same point
+        # Created now, by every worker at the same point (creating a group is a collective).
+        self._group = cpu_process_group() if comm.get_world_size() > 1 else None
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous.items():
@@ -121,7 +113,7 @@ class CheckpointOnSignal(HookBase):
         if comm.get_world_size() == 1:
             return self._received
         flag = torch.tensor([self._received or 0], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=comm._get_global_gloo_group())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return int(flag.item()) or None
 
     def after_step(self) -> None:

@@ -38,21 +38,16 @@ import torch.distributed as dist
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-__all__ = ["EXIT_PEER_LOST", "PeerLostError", "PeerWatchdog", "PeerWatchdogHook"]
+from ..errors import EXIT_PEER_LOST, PeerLostError
+
+__all__ = ["PeerWatchdog", "PeerWatchdogHook", "exit_peer_lost"]
 
 logger = logging.getLogger(__name__)
 
-# sysexits.h EX_TEMPFAIL ("try again later"): rerunning with --resume is expected to work.
-EXIT_PEER_LOST = 75
 _KEY_PREFIX = "balanced_rcnn/heartbeat/"
 _DONE = -1
 # After a failed collective, peers that do not beat within this many heartbeats are lost.
 _VERDICT_BEATS = 5
-
-
-class PeerLostError(RuntimeError):
-    """Raised instead of exiting when a :class:`PeerWatchdog` is given an ``on_lost`` that
-    returns (tests); carries the message that is logged."""
 
 
 def _flush_logs() -> None:

@@ -11,12 +11,12 @@ write, which runs after ``after_backward`` and before ``optimizer.step()``:
   one ``.item()`` per term: no synchronization is added;
 - the workers exchange their values with one ``all_gather`` where detectron2 does one
   ``gather``, so every worker sees every worker's values and all of them take the same decision;
-- a non-finite value raises :class:`~balanced_rcnn.engine.health.NonFiniteTrainingError`, on
+- a non-finite value raises :class:`~balanced_rcnn.health.monitor.NonFiniteTrainingError`, on
   every worker at the same step, naming the terms, the workers and the iteration. The optimizer
   step is not applied, so the weights are still those of the last finite step; the Trainer saves
   them before letting the error through.
 
-The same values feed the stop on a loss that explodes while finite (engine/divergence.py).
+The same values feed the stop on a loss that explodes while finite (health/divergence.py).
 
 Under AMP a non-finite gradient norm is a legitimate overflow step (the GradScaler skips it and
 lowers its scale), so only the losses are checked there. The metrics it writes are detectron2's:
@@ -33,10 +33,10 @@ from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from ..engine.grad_norm import GRAD_NORM_SCALAR
+from ..errors import NonFiniteTrainingError
 from ..utils.events import pending_tensor_scalar
 from .divergence import LossDivergenceRule
-from .grad_norm import GRAD_NORM_SCALAR
-from .health import NonFiniteTrainingError
 
 __all__ = ["GuardedAMPTrainer", "GuardedSimpleTrainer", "NonFiniteGuardMixin", "write_metrics"]
 
@@ -67,7 +67,7 @@ def write_metrics(
 ) -> None:
     """
     detectron2's ``SimpleTrainer.write_metrics`` plus the non-finite stop described in the module
-    docstring, and ``divergence``'s stop on a finite explosion (engine/divergence.py). Must be
+    docstring, and ``divergence``'s stop on a finite explosion (health/divergence.py). Must be
     called by every worker at the same step (one collective).
 
     Raises:
@@ -127,6 +127,10 @@ class NonFiniteGuardMixin:
         if self.divergence is not None and "loss_divergence" in state_dict:
             self.divergence.load_state_dict(state_dict["loss_divergence"])
 
+    # detectron2's only call between after_backward and optimizer.step() with the step's loss
+    # dict: no public hook sees the losses before the step is applied. A private method, so the
+    # tests pin the behaviour relied on: a NaN loss term stops before the weights change
+    # (tests/test_health.py, test_nan_in_one_loss_term_stops_with_its_name).
     def _write_metrics(
         self,
         loss_dict: Mapping[str, torch.Tensor],

@@ -17,7 +17,7 @@ Checkpoints that a kill cannot corrupt, and loads that name the file they cannot
 
 :func:`check_weights_file` runs these checks before anything is built, and with
 ``require_full_model`` (evaluation, resume) refuses a checkpoint that does not hold the whole model
-(engine/checkpoint_fit.py).
+(reliability/checkpoint_fit.py).
 """
 
 import contextlib
@@ -34,16 +34,16 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.utils import comm
 
-from .checkpoint_fit import CheckpointMismatchError, check_checkpoint_fits, misfit_message
+from ..errors import CheckpointError, CheckpointMismatchError
+from .checkpoint_fit import check_checkpoint_fits, misfit_message
 
 __all__ = [
     "AtomicCheckpointer",
-    "CheckpointError",
-    "CheckpointMismatchError",
     "atomic_write",
     "check_checkpoint_fits",
     "check_weights_file",
     "local_checkpoint_path",
+    "save_checkpoint_and_synchronize",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,10 +51,6 @@ logger = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last_checkpoint"  # fvcore's tag file in the save folder
 _TMP_MARK = ".tmp-"
 _ZIP_MAGIC = b"PK\x03\x04"  # a zip archive's first local file header
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file exists but cannot be read: truncated, corrupt, or not a checkpoint."""
 
 
 def _is_local(path: str) -> bool:
@@ -277,3 +273,15 @@ def check_weights_file(cfg: CfgNode, *, resume: bool, eval_only: bool = False) -
     # Fine-tuning from MODEL.WEIGHTS keeps detectron2's partial load (class layers of another
     # dataset re-initialized, with a warning); an evaluation or a resumed run needs it all.
     check_checkpoint_fits(cfg, resume, full_model=eval_only or resuming)
+def save_checkpoint_and_synchronize(
+    checkpointer: DetectionCheckpointer, name: str, iteration: int
+) -> str:
+    """
+    Save ``<name>.pth`` with its ``iteration``, as detectron2's PeriodicCheckpointer does (the
+    checkpointer writes on the main worker only), and hold every worker at a barrier until it is
+    written: a worker that exited earlier would make the launcher kill the main one mid-write.
+    Call it on every worker. Returns the path.
+    """
+    checkpointer.save(name, iteration=iteration)
+    comm.synchronize()
+    return os.path.join(checkpointer.save_dir, f"{name}.pth")

@@ -27,7 +27,7 @@ from detectron2.modeling import build_model
 
 from ..utils.random_state import preserved_random_state
 
-__all__ = ["CheckpointMismatchError", "check_checkpoint_fits", "misfit_message"]
+__all__ = ["check_checkpoint_fits", "misfit_message"]
 
 _LISTED = 5  # tensors named in the message
 
@@ -36,10 +36,6 @@ _LISTED = 5  # tensors named in the message
 _CLASSIFIER = "roi_heads.box_predictor.cls_score.weight"
 
 Shape = Tuple[int, ...]
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint that must hold the whole model lacks tensors or has them in other shapes."""
 
 
 def _listing(items: Sequence[str]) -> str:

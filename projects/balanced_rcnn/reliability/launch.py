@@ -6,13 +6,13 @@ Three additions, each for the multi-process case only:
 - ``timeout``: the collective timeout, from RELIABILITY.COLLECTIVE_TIMEOUT_MIN (see
   :func:`collective_timeout`); it bounds a wait on a peer that is alive but stuck.
 - SIGTERM / SIGINT sent to the launching process are passed on to the workers, which save a
-  checkpoint and exit 143 / 130 (engine/signals.py), instead of killing the launcher and leaving
-  the workers orphaned.
+  checkpoint and exit 143 / 130 (reliability/signals.py), instead of killing the launcher and
+  leaving the workers orphaned.
 - When a worker ends with a non-zero status, detectron2's launcher stops the other workers of this
   machine and raises ``ProcessExitedException`` with a traceback. This launcher prints one line
   naming the worker and its status and exits with that worker's code (128 + N for a worker killed
   by signal N, as a shell reports it), so that schedulers and scripts see the real reason, e.g.
-  143 (stopped by SIGTERM, checkpoint saved) or 75 (a peer was lost, engine/watchdog.py).
+  143 (stopped by SIGTERM, checkpoint saved) or 75 (a peer was lost, reliability/watchdog.py).
   A worker that raised a Python exception still ends with detectron2's report of it.
 """
 
@@ -26,14 +26,11 @@ from detectron2.engine import launch as detectron2_launch
 from detectron2.utils import comm
 from torch.multiprocessing import ProcessExitedException
 
+from ..errors import SetupRefusedElsewhere
 from .signals import forward_signals_to_workers
 
-__all__ = ["SetupRefusedElsewhere", "collective_timeout", "launch", "refused_together",
+__all__ = ["collective_timeout", "launch", "refused_together",
            "worker_exit_status"]
-
-
-class SetupRefusedElsewhere(RuntimeError):
-    """Another worker's set-up check failed; this worker stops with it."""
 
 
 @contextlib.contextmanager

@@ -18,11 +18,17 @@ activation checkpointing (detectron2's Swin with MODEL.SWIN.USE_CHECKPOINT) does
 
 from typing import Callable, Dict, List
 
+import logging
+
 import torch
+from detectron2.engine import TrainerBase
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-__all__ = ["GRAD_SHARE_PREFIX", "LossGradientShares", "loss_gradient_shares"]
+__all__ = ["GRAD_SHARE_PREFIX", "LossGradientShares", "loss_gradient_shares", "loss_scale",
+           "shares_measurable"]
+
+logger = logging.getLogger(__name__)
 
 GRAD_SHARE_PREFIX = "health/grad_share/"
 
@@ -88,3 +94,26 @@ class LossGradientShares:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+def shares_measurable(backbone: nn.Module) -> bool:
+    """False, with a warning, if the backbone uses reentrant activation checkpointing."""
+    # detectron2's Swin stages carry the flag (BasicLayer.use_checkpoint).
+    if any(getattr(m, "use_checkpoint", False) for m in backbone.modules()):
+        logger.warning(
+            "Training health: no health/grad_share/* scalars: the backbone uses activation "
+            "checkpointing (MODEL.SWIN.USE_CHECKPOINT), whose reentrant backward "
+            "torch.autograd.grad does not support"
+        )
+        return False
+    return True
+
+
+def loss_scale(trainer: TrainerBase) -> float:
+    """The GradScaler's scale of a DefaultTrainer under AMP, else 1 (call it once per measured
+    step: its value waits for the device). DefaultTrainer keeps its inner AMPTrainer, which owns
+    the scaler, in ``_trainer``: there is no public accessor."""
+    scaler = getattr(getattr(trainer, "_trainer", None), "grad_scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())

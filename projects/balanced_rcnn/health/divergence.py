@@ -4,7 +4,7 @@ SOLVER.BASE_LR 50 the CPU demo config's total loss goes from 3.19 to 472 in its 
 non-finite stop fires only once something overflows, if ever).
 
 The rule, checked every step on the worker-averaged loss values that the non-finite stop already
-has on the host (engine/nonfinite.py; no added synchronization), with the same exit code 4:
+has on the host (health/nonfinite.py; no added synchronization), with the same exit code 4:
 
 - **ceiling**: the total loss is above HEALTH.LOSS_CEILING (default 1000);
 - **jump**: the total loss is more than HEALTH.LOSS_JUMP_FACTOR (default 100) x the reference:
@@ -28,19 +28,11 @@ from typing import Dict, Mapping, Optional
 
 from detectron2.config import CfgNode
 
-from .health import NonFiniteTrainingError
+from ..errors import LossExplosionError
 
-__all__ = ["JUMP_REFERENCE_FLOOR", "LossDivergenceRule", "LossExplosionError",
-           "explosion_message"]
+__all__ = ["JUMP_REFERENCE_FLOOR", "LossDivergenceRule", "explosion_message"]
 
 JUMP_REFERENCE_FLOOR = 1.0  # the jump rule's reference is never below this total
-
-
-class LossExplosionError(NonFiniteTrainingError):
-    """The total loss is above the ceiling, or jumped far above every earlier value (exit code 4
-    and the handling of a non-finite loss: the step is not applied, the weights are saved)."""
-
-    checkpoint_prefix = "model_diverged"
 
 
 def _largest_rise(losses: Mapping[str, float], previous_max: Mapping[str, float]) -> str:

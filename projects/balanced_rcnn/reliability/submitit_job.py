@@ -13,7 +13,7 @@ supervises:
   the task of global rank 0.
 - :meth:`checkpoint` sends SIGTERM to its ``train_net.py``, whose launcher passes it to the
   workers: they finish the step in progress, save a checkpoint and exit 143
-  (engine/signals.py; the workers of the other nodes learn of it in the same step through the
+  (reliability/signals.py; the workers of the other nodes learn of it in the same step through the
   flag they all-reduce, and stop there too). Then it logs the iteration reached and returns
   this job with ``--resume`` for submitit to requeue, which continues from ``last_checkpoint``
   to MAX_ITER. The health monitor's state and the scheduler are in that checkpoint, and
@@ -32,9 +32,12 @@ from typing import List, Optional
 import submitit
 from submitit.core import logger as submitit_logger
 
+# EXIT_SIGTERM: train_net.py's status after a SIGTERM checkpoint (reliability/signals.py)
+from ..errors import EXIT_SIGTERM
+
 __all__ = ["TrainingJob", "last_checkpoint_iteration"]
 
-EXIT_SIGTERM = 128 + signal.SIGTERM  # train_net.py after a SIGTERM checkpoint (engine/signals.py)
+
 _POLL_S = 0.5
 
 

@@ -33,9 +33,10 @@ import socket
 import time
 from typing import Dict, List, Optional, Sequence
 
+from ..errors import OutputDirError
 from .checkpoint import local_checkpoint_path
 
-__all__ = ["OutputDirError", "claim_output_dir", "release_output_dir", "remove_earlier_run"]
+__all__ = ["claim_output_dir", "release_output_dir", "remove_earlier_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +57,6 @@ def _close_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_close_in_child)
-
-
-class OutputDirError(RuntimeError):
-    """OUTPUT_DIR is in use by another run, or holds a run that this one would mix with."""
 
 
 def _read(fd: int) -> str:

@@ -1,0 +1,85 @@
+"""
+The monitor's detection count (health/monitor.py), run by detectron2's own inference loop:
+``inference_on_dataset`` (eval mode, no gradients, the model's postprocessing) with a
+:class:`DetectionCounter` over this worker's share of the check images.
+"""
+
+import contextlib
+from typing import Any, Dict, Iterator, List, Sequence
+
+import torch
+from detectron2.evaluation import DatasetEvaluator, inference_on_dataset
+from detectron2.utils import comm
+
+__all__ = ["DetectionCounter", "boxes_only", "count_detections"]
+
+
+class DetectionCounter(DatasetEvaluator):
+    """
+    Counts, over the images it is shown, the detections at each score of ``thresholds`` (the
+    sorted scores and ``main_threshold``) and the images with a detection at ``main_threshold``.
+    :meth:`evaluate` sums the counts of all workers (one transfer, then one all_gather, which
+    every worker must enter) and returns them on every worker, so that all of them judge the
+    same numbers.
+    """
+
+    def __init__(self, score_thresholds: Sequence[float], main_threshold: float):
+        thresholds = sorted(set(float(t) for t in score_thresholds) | {float(main_threshold)})
+        if not all(0.0 <= t <= 1.0 for t in thresholds):
+            raise ValueError(
+                "HEALTH.SCORE_THRESHOLDS and HEALTH.MAIN_THRESHOLD must be scores in [0, 1], got "
+                f"{list(score_thresholds)} and {main_threshold}"
+            )
+        self.thresholds = thresholds
+        self.main_index = thresholds.index(float(main_threshold))
+        self.reset()
+
+    def reset(self) -> None:
+        self._counts = None  # on the device of the outputs: [images, per threshold..., with one]
+        self._thresholds_on_device = None
+
+    def process(self, inputs: List[Dict[str, Any]], outputs: List[Dict[str, Any]]) -> None:
+        for output in outputs:
+            scores = output["instances"].scores
+            if self._counts is None:
+                self._thresholds_on_device = torch.tensor(self.thresholds, device=scores.device)
+                self._counts = torch.zeros(len(self.thresholds) + 2, device=scores.device,
+                                           dtype=torch.float64)
+            # (D, 1) >= (T,) -> (D, T) -> (T,): this image's detections per threshold
+            per_threshold = (scores[:, None] >= self._thresholds_on_device).sum(dim=0)
+            self._counts[0] += 1
+            self._counts[1:-1] += per_threshold
+            self._counts[-1] += per_threshold[self.main_index] > 0
+
+    def evaluate(self) -> Dict[str, Any]:
+        local = ([0.0] * (len(self.thresholds) + 2) if self._counts is None
+                 else self._counts.cpu().tolist())
+        sums = [sum(values) for values in zip(*comm.all_gather(local))]
+        return {"images": sums[0], "detections": sums[1:-1], "images_with_detections": sums[-1]}
+
+
+@contextlib.contextmanager
+def boxes_only(model: torch.nn.Module) -> Iterator[None]:
+    """
+    Switch StandardROIHeads' mask and keypoint branches off for the duration: counting
+    detections needs only the box head's scores, and on a CPU the mask head makes a check
+    several times slower while the model still makes ~100 detections per image.
+    """
+    roi_heads = getattr(model, "roi_heads", None)
+    saved = {k: getattr(roi_heads, k) for k in ("mask_on", "keypoint_on") if hasattr(roi_heads, k)}
+    try:
+        for name in saved:
+            setattr(roi_heads, name, False)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(roi_heads, name, value)
+
+
+def count_detections(model: torch.nn.Module, inputs: Sequence[Dict[str, Any]], batch_size: int,
+                     counter: DetectionCounter) -> Dict[str, Any]:
+    """``counter``'s sums over every worker's ``inputs`` (mapped model inputs), run in batches
+    of ``batch_size`` with the box branch only. Every worker must call it at the same point."""
+    batches = [list(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+    with boxes_only(model):
+        return inference_on_dataset(model, batches, counter)
