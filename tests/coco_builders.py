@@ -1,14 +1,17 @@
-"""Small COCO instances datasets on disk for the bad-input tests: SIZE x SIZE noisy PNGs with one
-square object each, their json, and a project config that registers and trains on them."""
+"""Small COCO instances datasets on disk for the data tests: SIZE x SIZE noisy PNGs with one
+square object each, their json, and project configs that register and train on them or on the
+tiny synthetic datasets, and the removal of the datasets a test registered."""
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import cv2
 import numpy as np
 from balanced_rcnn import add_balanced_rcnn_config
 from detectron2.config import CfgNode, get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 SIZE = 32  # height and width of the test images
 CATEGORIES = [{"id": 3, "name": "dog"}, {"id": 7, "name": "cat"}]
@@ -57,3 +60,31 @@ def coco_cfg(name: str, json_file: Path, image_root: Path, base: Optional[CfgNod
     cfg.DATASETS.TEST = ()
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
     return cfg
+
+
+def tiny_synthetic_cfg(**datasets) -> CfgNode:
+    """The project's defaults training on synthetic_shapes_tiny_train and testing on
+    synthetic_shapes_tiny_val (3 classes); ``datasets``: DATASETS keys to override."""
+    cfg = project_cfg()
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
+    cfg.DATASETS.TRAIN = ("synthetic_shapes_tiny_train",)
+    cfg.DATASETS.TEST = ("synthetic_shapes_tiny_val",)
+    for key, value in datasets.items():
+        cfg.DATASETS[key] = value
+    return cfg
+
+
+@contextlib.contextmanager
+def forgetting_datasets() -> Iterator[List[str]]:
+    """``with forgetting_datasets() as names``: the datasets whose names a test appends to
+    ``names`` are removed from detectron2's catalogs on the way out, so tests stay
+    independent."""
+    names: List[str] = []
+    try:
+        yield names
+    finally:
+        for name in names:
+            if name in DatasetCatalog:
+                DatasetCatalog.remove(name)
+            if name in MetadataCatalog:
+                MetadataCatalog.remove(name)

@@ -3,11 +3,10 @@ Bad inputs: one test per row of the README's "Bad inputs" table, each asserting 
 names the culprit (config key and value; json, annotation id, image id and file; checkpoint file).
 
 Rows tested elsewhere: MODEL.WEIGHTS and checkpoint files in tests/test_checkpoint.py;
-NUM_CLASSES not matching the dataset and unknown dataset names in tests/test_register.py
+NUM_CLASSES not matching the dataset and unknown dataset names in tests/test_coco_registration.py
 (test_num_classes_mismatch_*, test_unknown_dataset_name_lists_close_matches).
 """
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -17,10 +16,11 @@ import cv2
 import numpy as np
 import pytest
 from balanced_rcnn import register_datasets_from_config
-from balanced_rcnn.data.checks import load_train_dicts
 from balanced_rcnn.data.loader import build_train_loader
-from balanced_rcnn.data.mapper import SKIPPED_KEY, SkippingDatasetMapper, TooManySkippedImages
-from balanced_rcnn.engine.launch import collective_timeout
+from balanced_rcnn.data.mapper import SKIPPED_KEY, SkippingDatasetMapper
+from balanced_rcnn.data.train_dicts import load_train_dicts
+from balanced_rcnn.errors import TooManySkippedImages
+from balanced_rcnn.reliability.launch import collective_timeout
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
@@ -158,17 +158,32 @@ def test_missing_image_files_are_skipped_and_counted_then_refused(tiny_cfg, tmp_
         "files (or their json entries), or raise the fraction.")
 
 
-def test_dataset_left_empty_after_filtering_says_why(tiny_cfg, tmp_path: Path):
-    json_file, image_root = write_coco(tmp_path, num_images=3, annotations=[])
+@pytest.mark.parametrize(
+    "annotated, missing, why",
+    [
+        ([], [], "3 images have no non-crowd annotation and DATALOADER.FILTER_EMPTY_ANNOTATIONS "
+                 "True removes those (set it to False to train on images without objects)"),
+        # The missing file is dropped first: detectron2's filter sees only the other two.
+        ([1], ["1.png"], "1 image files do not exist; 2 images have no non-crowd annotation and "
+                         "DATALOADER.FILTER_EMPTY_ANNOTATIONS True removes those (set it to "
+                         "False to train on images without objects)"),
+    ],
+    ids=["no-objects", "missing-file-and-no-objects"],
+)
+def test_dataset_left_empty_after_filtering_says_why(tiny_cfg, tmp_path: Path, annotated,
+                                                     missing, why):
+    json_file, image_root = write_coco(tmp_path, num_images=3,
+                                       annotations=[annotation(i, i) for i in annotated])
+    for file_name in missing:
+        (image_root / file_name).unlink()
     cfg = coco_cfg("bad_empty", json_file, image_root, tiny_cfg)
     cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
+    cfg.RELIABILITY.MAX_SKIPPED_IMAGE_FRACTION = 0.5
     register_datasets_from_config(cfg)
     with pytest.raises(ValueError) as info:
         load_train_dicts(cfg)
     assert str(info.value) == (
-        "DATASETS.TRAIN ('bad_empty',): no image left to train on. Of 3 images, 3 images have no "
-        "non-crowd annotation and DATALOADER.FILTER_EMPTY_ANNOTATIONS True removes those (set it "
-        "to False to train on images without objects).")
+        f"DATASETS.TRAIN ('bad_empty',): no image left to train on. Of 3 images, {why}.")
 
 
 def _unreadable(path: Path) -> None:

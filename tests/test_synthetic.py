@@ -55,7 +55,7 @@ def test_same_seed_gives_byte_identical_files(tmp_path: Path):
     assert (c / "annotations.json").read_bytes() != (a / "annotations.json").read_bytes()
 
 
-def test_image_count_size_and_files(knobs_dataset):
+def test_image_count_size_files_and_categories_follow_the_params(knobs_dataset):
     coco, root = knobs_dataset["coco"], knobs_dataset["root"]
     assert len(coco["images"]) == 40
     assert [img["id"] for img in coco["images"]] == list(range(1, 41))
@@ -68,7 +68,7 @@ def test_image_count_size_and_files(knobs_dataset):
     assert coco["info"]["params"] == KNOBS.to_dict()
 
 
-def test_empty_share_and_objects_per_image(knobs_dataset):
+def test_empty_share_and_objects_per_image_are_exact(knobs_dataset):
     counts = [len(anns) for anns in _by_image(knobs_dataset["coco"]).values()]
     assert counts.count(0) == 10  # exactly 25% of 40
     non_empty = [c for c in counts if c]
@@ -77,7 +77,7 @@ def test_empty_share_and_objects_per_image(knobs_dataset):
     assert set(non_empty) == {2, 3, 4}  # the whole range is used, not just one end
 
 
-def test_object_sizes_within_range(knobs_dataset):
+def test_object_sizes_stay_within_range_and_spread_over_it(knobs_dataset):
     extents = [max(a["bbox"][2], a["bbox"][3]) for a in knobs_dataset["coco"]["annotations"]]
     # The json rounds coordinates to 0.01 px.
     assert 6 - 0.011 <= min(extents) and max(extents) <= 14 + 0.011
@@ -101,7 +101,7 @@ def test_largest_remainder_split_is_exact():
 
 
 def test_masks_are_valid_inside_the_image_and_disjoint(knobs_dataset):
-    coco, root = knobs_dataset["coco"], knobs_dataset["root"]
+    coco = knobs_dataset["coco"]
     h, w = 48, 64
     for image_id, anns in _by_image(coco).items():
         union = np.zeros((h, w), dtype=np.int32)

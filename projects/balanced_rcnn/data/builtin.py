@@ -11,12 +11,12 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 from .cache import build_cached
+from .catalog import DatasetRegistry, coco_metadata
 from .synthetic import GENERATOR_VERSION, SyntheticShapesParams, generate_synthetic_shapes
 
 __all__ = [
@@ -87,7 +87,7 @@ BUILTIN_SYNTHETIC: Dict[str, SyntheticShapesParams] = {
 }
 
 # name -> (params, folder) of every dataset this module registered, for idempotent calls.
-_REGISTERED: Dict[str, Tuple[SyntheticShapesParams, Path]] = {}
+_REGISTERED = DatasetRegistry()
 
 
 def default_dataset_root() -> Path:
@@ -127,26 +127,16 @@ def register_synthetic_shapes(name: str, params: SyntheticShapesParams,
     this module's earlier registration. Names registered by other code are never replaced.
     """
     folder = Path(root if root is not None else default_dataset_root()) / name
-    if name in DatasetCatalog:
-        if _REGISTERED.get(name) == (params, folder):
-            return
-        if name not in _REGISTERED:
-            raise ValueError(f"Dataset name '{name}' is already registered by other code; "
-                             "choose another name for the synthetic dataset")
-        DatasetCatalog.remove(name)
-    if name in _REGISTERED and name in MetadataCatalog:
-        MetadataCatalog.remove(name)  # this module's stale metadata (other paths/classes)
-    DatasetCatalog.register(name, functools.partial(_load, name, params, folder))
-    # Known without generating anything: class names and ids are fixed by the parameters.
-    # load_coco_json later sets the same two values, which MetadataCatalog accepts.
-    MetadataCatalog.get(name).set(
-        json_file=str(folder / "annotations.json"),
-        image_root=str(folder / "images"),
-        evaluator_type="coco",
-        thing_classes=list(params.class_names()),
-        thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(params.class_names()))},
+    _REGISTERED.register_once(
+        name,
+        functools.partial(_load, name, params, folder),
+        # Known without generating anything: class names and ids are fixed by the parameters.
+        coco_metadata(str(folder / "annotations.json"), str(folder / "images"),
+                      enumerate(params.class_names(), start=1)),
+        definition=(params, folder),
+        refusal=f"Dataset name '{name}' is already registered by other code; choose another "
+                "name for the synthetic dataset",
     )
-    _REGISTERED[name] = (params, folder)
 
 
 def register_builtin_synthetic(root: Optional[Path] = None) -> None:

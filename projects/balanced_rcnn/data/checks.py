@@ -1,51 +1,33 @@
 """
-Checks of a dataset that are cheap enough to run before anything trains. Each problem names the
-json, the annotation id, the image id and file.
+The checks of a COCO instances json that are cheap enough to run before anything trains. Each
+problem names the json, the annotation id, the image id and file.
 
-- :func:`check_coco_annotations` runs on the json of a DATASETS.REGISTER_COCO dataset when it is
-  registered (the json is parsed then anyway). Always errors: an annotation whose image_id is not
-  in ``images`` (detectron2 ignores it, with a count in a warning) or whose category_id is not in
-  ``categories`` (detectron2 stops with a KeyError naming neither the annotation nor the file), an
-  image entry without id/file_name/height/width, an image id or an annotation id used twice
-  (detectron2 silently drops the images; for annotations it asserts that the json's ids are not
-  unique without naming one, and not at all for a json whose name contains "minival"), and in a
-  training set under MODEL.MASK_ON and INPUT.MASK_FORMAT polygon an RLE segmentation of a
-  non-crowd object (detectron2 fails when the image is first sampled; evaluation reads RLE fine).
-  By RELIABILITY.BAD_ANNOTATIONS ("error" or "skip"): a box of zero area, a non-crowd box
-  entirely outside its image (zero area once clipped), a polygon with fewer than 3 points and,
-  with MODEL.MASK_ON, a non-crowd object without a segmentation, which detectron2 drops silently,
-  with a bare count, or fails on when sampled or evaluated.
-- :func:`load_train_dicts` builds the training dataset dicts as detectron2's
-  ``get_detection_dataset_dicts`` does, plus: image files that do not exist are skipped, each
-  logged and counted against RELIABILITY.MAX_SKIPPED_IMAGE_FRACTION (data/mapper.py); a dataset
-  with no image, or with none left after filtering, is an error that says what removed them
-  (detectron2: an AssertionError "No valid data found").
+:func:`check_coco_annotations` runs on the json of a DATASETS.REGISTER_COCO dataset when it is
+registered (the json is parsed then anyway). Always errors: an annotation whose image_id is not
+in ``images`` (detectron2 ignores it, with a count in a warning) or whose category_id is not in
+``categories`` (detectron2 stops with a KeyError naming neither the annotation nor the file), an
+image entry without id/file_name/height/width, an image id or an annotation id used twice
+(detectron2 silently drops the images; for annotations it asserts that the json's ids are not
+unique without naming one, and not at all for a json whose name contains "minival"), and in a
+training set under MODEL.MASK_ON and INPUT.MASK_FORMAT polygon an RLE segmentation of a
+non-crowd object (detectron2 fails when the image is first sampled; evaluation reads RLE fine).
+By RELIABILITY.BAD_ANNOTATIONS ("error" or "skip"): a box of zero area, a non-crowd box entirely
+outside its image (zero area once clipped), a polygon with fewer than 3 points and, with
+MODEL.MASK_ON, a non-crowd object without a segmentation, which detectron2 drops silently, with a
+bare count, or fails on when sampled or evaluated.
 
-Unreadable, truncated and wrongly sized images are only found by reading them, while training:
-see data/mapper.py.
+Image files that do not exist are skipped when the training set is built (data/train_dicts.py);
+unreadable, truncated and wrongly sized images are only found by reading them, while training
+(data/mapper.py).
 """
 
 import collections
-import itertools
 import logging
 import math
-import os
 from numbers import Real
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.build import (
-    filter_images_with_few_keypoints,
-    filter_images_with_only_crowd_annotations,
-    load_proposals_into_dataset,
-    print_instances_class_histogram,
-)
-from detectron2.data.detection_utils import check_metadata_consistency
-
-from .mapper import SkippedImages
-
-__all__ = ["BAD_ANNOTATION_POLICIES", "check_coco_annotations", "load_train_dicts"]
+__all__ = ["BAD_ANNOTATION_POLICIES", "check_coco_annotations"]
 
 logger = logging.getLogger(__name__)
 
@@ -172,77 +154,3 @@ def check_coco_annotations(
             f"(RELIABILITY.BAD_ANNOTATIONS skip):{_listing([p for _, p in bad_geometry], _LOGGED)}"
         )
     return {ann_id for ann_id, _ in bad_geometry}
-
-
-def _drop_missing_files(dicts: List[Dict], skipped: SkippedImages) -> List[Dict]:
-    kept = []
-    for d in dicts:
-        file_name = d["file_name"]
-        # Names with a scheme (manifold://, s3://) are read through a PathManager: not checked.
-        if "://" in file_name or os.path.isfile(file_name):
-            kept.append(d)
-        else:
-            skipped.add(file_name, "the file does not exist", check=False)
-    if len(kept) < len(dicts):
-        logger.warning(f"Skipping {len(dicts) - len(kept)} of {len(dicts)} training images: "
-                       f"their files do not exist, e.g. '{next(iter(skipped.reasons))}'")
-        skipped.check()
-    return kept
-
-
-def load_train_dicts(cfg: CfgNode) -> Tuple[List[Dict], SkippedImages]:
-    """
-    The dataset dicts of DATASETS.TRAIN (see the module docstring) and the tally of skipped
-    images, which data/mapper.py continues while training.
-    """
-    names = list(cfg.DATASETS.TRAIN)
-    if not names:
-        raise ValueError("DATASETS.TRAIN is empty: name the dataset(s) to train on")
-    per_dataset = [DatasetCatalog.get(name) for name in names]
-    for name, dicts in zip(names, per_dataset):
-        if len(dicts) == 0:
-            raise ValueError(f"DATASETS.TRAIN: dataset '{name}' has no images")
-    if cfg.MODEL.LOAD_PROPOSALS:
-        per_dataset = [load_proposals_into_dataset(dicts, proposal_file) for dicts, proposal_file
-                       in zip(per_dataset, cfg.DATASETS.PROPOSAL_FILES_TRAIN)]
-    dicts = list(itertools.chain.from_iterable(per_dataset))
-    skipped = SkippedImages(len(dicts), cfg.RELIABILITY.MAX_SKIPPED_IMAGE_FRACTION)
-    dicts = _drop_missing_files(dicts, skipped)
-
-    # From here on, detectron2's get_detection_dataset_dicts.
-    num_existing = len(dicts)
-    has_instances = "annotations" in per_dataset[0][0]
-    filter_empty = cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS and has_instances
-    if filter_empty:
-        dicts = filter_images_with_only_crowd_annotations(dicts)
-    num_with_objects = len(dicts)
-    min_keypoints = cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON \
-        else 0
-    if min_keypoints > 0 and has_instances:
-        dicts = filter_images_with_few_keypoints(dicts, min_keypoints)
-    if has_instances:
-        try:
-            class_names = MetadataCatalog.get(names[0]).thing_classes
-            check_metadata_consistency("thing_classes", names)
-            print_instances_class_histogram(dicts, class_names)
-        except AttributeError:  # class names are not available for this dataset
-            pass
-
-    if not dicts:
-        reasons = []
-        if len(skipped.reasons):
-            reasons.append(f"{len(skipped.reasons)} image files do not exist")
-        if filter_empty and num_with_objects < num_existing:
-            reasons.append(
-                f"{num_existing - num_with_objects} images have no non-crowd annotation and "
-                "DATALOADER.FILTER_EMPTY_ANNOTATIONS True removes those (set it to False to train "
-                "on images without objects)")
-        if num_with_objects > len(dicts):
-            reasons.append(f"{num_with_objects - len(dicts)} images have fewer than "
-                           f"MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE = {min_keypoints} "
-                           "keypoints")
-        raise ValueError(
-            f"DATASETS.TRAIN {tuple(names)}: no image left to train on. Of "
-            f"{skipped.num_images} images, {'; '.join(reasons)}."
-        )
-    return dicts, skipped

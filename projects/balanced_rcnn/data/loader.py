@@ -1,5 +1,5 @@
 """
-The project's data loaders: detectron2's, fed with checked dataset dicts (data/checks.py), a
+The project's data loaders: detectron2's, fed with checked dataset dicts (data/train_dicts.py), a
 mapper that skips or names the images it cannot use (data/mapper.py) and, with DATALOADER.
 SAMPLER_TRAIN "ObjectShareTrainingSampler", the project's image rebalancing (data/samplers.py).
 """
@@ -8,7 +8,7 @@ from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from torch.utils.data import DataLoader
 
-from .checks import load_train_dicts
+from .train_dicts import load_train_dicts
 from .mapper import SkippingDatasetMapper, SkipTrackingLoader
 from .samplers import build_object_share_sampler
 

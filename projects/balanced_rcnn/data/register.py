@@ -12,13 +12,14 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import AbstractSet, Any, Dict, List, Optional, Sequence, Tuple
+from typing import AbstractSet, Any, Dict, List, Optional, Sequence
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 from .builtin import BUILTIN_SYNTHETIC, register_builtin_synthetic
+from .catalog import DatasetRegistry, coco_metadata
 from .checks import check_coco_annotations
 
 __all__ = [
@@ -34,7 +35,7 @@ _COCO_KEYS = ("images", "annotations", "categories")
 # name -> the arguments of register_coco_dataset that its checks depend on (json_file,
 # image_root, bad-annotation policy, mask format, training) of every COCO dataset registered
 # here, and the number of annotations it trains on.
-_REGISTERED: Dict[str, Tuple[str, str, str, Optional[str], bool]] = {}
+_REGISTERED = DatasetRegistry()
 _NUM_ANNOTATIONS: Dict[str, int] = {}
 
 
@@ -101,12 +102,10 @@ def register_coco_dataset(name: str, json_file: str, image_root: str,
     """
     json_file, image_root = str(Path(json_file).resolve()), str(Path(image_root).resolve())
     checked_as = (json_file, image_root, bad_annotations, mask_format, training)
-    if name in DatasetCatalog and _REGISTERED.get(name) == checked_as:
+    builtin = " (a built-in synthetic dataset)" if name in BUILTIN_SYNTHETIC else ""
+    taken = f"{key}: dataset name '{name}' is already registered{builtin}; choose another name"
+    if _REGISTERED.holds(name, checked_as, refusal=taken):
         return
-    if name in DatasetCatalog and name not in _REGISTERED:
-        builtin = " (a built-in synthetic dataset)" if name in BUILTIN_SYNTHETIC else ""
-        raise ValueError(f"{key}: dataset name '{name}' is already registered{builtin}; "
-                         "choose another name")
     if not Path(json_file).is_file():
         raise FileNotFoundError(f"{key}: json_file '{json_file}' of dataset '{name}' "
                                 "does not exist")
@@ -119,23 +118,13 @@ def register_coco_dataset(name: str, json_file: str, image_root: str,
                                                training))
     _NUM_ANNOTATIONS[name] = len(coco["annotations"]) - len(dropped)
     del coco  # the loader parses the json again when the dataset is used
-    if name in _REGISTERED:  # same name, new paths: replace this module's own registration
-        if name in DatasetCatalog:
-            DatasetCatalog.remove(name)
-        if name in MetadataCatalog:
-            MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, functools.partial(_load_coco, json_file, image_root, name,
-                                                    dropped))
-    # The same values load_coco_json derives (classes sorted by id, ids -> 0..K-1); set now so
-    # the class count can be checked and predictions mapped back without loading the dataset.
-    MetadataCatalog.get(name).set(
-        json_file=json_file,
-        image_root=image_root,
-        evaluator_type="coco",
-        thing_classes=[c["name"] for c in categories],
-        thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(categories)},
+    _REGISTERED.register(
+        name,
+        functools.partial(_load_coco, json_file, image_root, name, dropped),
+        # Classes sorted by id, ids -> 0..K-1, as load_coco_json derives them.
+        coco_metadata(json_file, image_root, [(c["id"], c["name"]) for c in categories]),
+        definition=checked_as,
     )
-    _REGISTERED[name] = checked_as
     logger.info(f"Registered COCO dataset '{name}': {len(categories)} classes from {json_file}")
 
 
