@@ -1,12 +1,15 @@
-"""The loss options' pure functions (modeling/losses.py) and the per-head CountNormalizer
-(modeling/normalizer.py): hand-computed values, the initial state of the running counts, their
-checkpoint round trip, and the refusals."""
+"""The loss options' pure functions (modeling/losses.py), the per-head CountNormalizer
+(modeling/normalizer.py) and BalancedLossSettings (modeling/settings.py): hand-computed values,
+the initial state of the running counts, their checkpoint round trip, the settings read from a
+config, and the refusals."""
 
 import math
 
 import pytest
 import torch
+from conftest import EPS, balanced_cfg
 
+from balanced_rcnn.modeling import BalancedLossSettings
 from balanced_rcnn.modeling.losses import (
     adaptive_pos_weight,
     classification_loss,
@@ -15,8 +18,6 @@ from balanced_rcnn.modeling.losses import (
     prior_logit,
 )
 from balanced_rcnn.modeling.normalizer import CountNormalizer
-
-EPS = 1e-6
 
 
 def test_ema_counts_takes_the_first_batch_then_averages():
@@ -38,7 +39,9 @@ def test_ema_counts_takes_the_first_batch_then_averages():
         (10.0, 90.0, 0.5, 1.0, 9.0),  # the RPN's fraction 0.5: positives weigh as negatives
     ],
 )
-def test_adaptive_pos_weight(num_pos, num_neg, fraction, min_weight, expected):
+def test_adaptive_pos_weight_fills_the_fraction_and_never_drops_below_the_least(
+    num_pos, num_neg, fraction, min_weight, expected
+):
     weight = adaptive_pos_weight(torch.tensor(num_pos), torch.tensor(num_neg), fraction, min_weight)
     assert weight.item() == pytest.approx(expected, rel=1e-6)
     # The positives then carry at least the fraction of the weight (when there are any).
@@ -47,7 +50,7 @@ def test_adaptive_pos_weight(num_pos, num_neg, fraction, min_weight, expected):
         assert share >= fraction - 1e-6
 
 
-def test_prior_logit():
+def test_prior_logit_starts_the_sigmoid_at_the_prior():
     assert prior_logit(0.01) == pytest.approx(math.log(0.01 / 0.99))
     assert torch.sigmoid(torch.tensor(prior_logit(0.2))).item() == pytest.approx(0.2)
 
@@ -110,3 +113,33 @@ def test_momentum_outside_zero_one_is_refused(momentum):
                                          f"{momentum}"):
         CountNormalizer(2, eps=EPS, momentum=momentum)
 
+
+# ---- BalancedLossSettings ------------------------------------------------------------------
+
+
+def test_settings_from_config_read_every_shared_key():
+    cfg = balanced_cfg(EPS=0.5, SYNC_NORMALIZERS=False, REG_NORMALIZER="samples",
+                       NORMALIZER_MOMENTUM=0.9, ADAPTIVE_POS_WEIGHT=True, PRIOR_PROB=0.01)
+    assert BalancedLossSettings.from_config(cfg) == BalancedLossSettings(
+        eps=0.5, sync_normalizers=False, reg_normalizer="samples", normalizer_momentum=0.9,
+        adaptive_pos_weight=True, prior_prob=0.01,
+    )
+    assert BalancedLossSettings.from_config(balanced_cfg()) == BalancedLossSettings()
+
+
+def test_settings_pick_the_regression_divisor_and_the_positive_weight():
+    positives, samples = torch.tensor(3.0), torch.tensor(8.0)
+    assert BalancedLossSettings().reg_divisor(positives, samples) is positives
+    assert BalancedLossSettings(reg_normalizer="samples").reg_divisor(positives, samples) is samples
+    num_pos, num_neg = torch.tensor(2.0), torch.tensor(198.0)
+    assert BalancedLossSettings().positive_weight(2.0, num_pos, num_neg, 0.25) == 2.0
+    adaptive = BalancedLossSettings(adaptive_pos_weight=True)
+    torch.testing.assert_close(adaptive.positive_weight(2.0, num_pos, num_neg, 0.25),
+                               adaptive_pos_weight(num_pos, num_neg, 0.25, 2.0))
+
+
+def test_settings_make_the_head_normalizer():
+    normalizer = BalancedLossSettings(eps=0.5, sync_normalizers=False,
+                                      normalizer_momentum=0.9).count_normalizer(3)
+    assert (normalizer.eps, normalizer.sync, normalizer.momentum) == (0.5, False, 0.9)
+    torch.testing.assert_close(normalizer.running_counts, torch.full((3,), -1.0))

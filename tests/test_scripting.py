@@ -66,18 +66,19 @@ def test_each_head_compiles_as_its_stock_parent(models, head):
 
 def test_losses_outside_an_event_storage():
     # What stock's losses allow for an empty batch; the balanced ones then log nothing.
-    import test_roi_losses as roi
-    import test_rpn_losses as rpn
+    from balanced_rcnn import BalancedFastRCNNOutputLayers
+    from conftest import (BOX_FEATURES, box_predictions, build_rpn, mask_heads, mask_instances,
+                          random_proposals, roi_cfg, rpn_cfg, rpn_loss_inputs)
 
-    head = rpn._build(rpn._cfg(ADAPTIVE_POS_WEIGHT=True))
-    losses = head.losses(*rpn._inputs(head))
-    predictor = roi.BalancedFastRCNNOutputLayers(roi._cfg(), roi.BOX_FEATURES)
-    losses.update(predictor.losses(roi._predictions(21), roi._random_proposals()))
-    cfg = roi._cfg()
+    head = build_rpn(rpn_cfg(ADAPTIVE_POS_WEIGHT=True))
+    losses = head.losses(*rpn_loss_inputs(head))
+    predictor = BalancedFastRCNNOutputLayers(roi_cfg(), BOX_FEATURES)
+    losses.update(predictor.losses(box_predictions(21), random_proposals()))
+    cfg = roi_cfg()
     cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 1
     cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 8
-    _, mask_head = roi._mask_heads(cfg)
-    losses.update(mask_head(torch.randn(5, 8, 7, 7), roi._mask_instances()))
+    _, mask_head = mask_heads(cfg)
+    losses.update(mask_head(torch.randn(5, 8, 7, 7), mask_instances()))
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"}
     assert all(torch.isfinite(v) and v > 0 for v in losses.values())
 

@@ -1,22 +1,38 @@
 """
 Build-time checks of the balanced heads' config: every refusal names the key to change.
+
+A model build runs each head's own checks once, in that head's from_config: the detectron2 keys
+it replaces (:func:`check_rpn_config`, :func:`check_box_predictor_config`) and its
+MODEL.BALANCED_LOSS weights, checked as they are read (:func:`check_balanced_loss_weights`).
+The keys that the heads share are checked by
+:class:`~balanced_rcnn.modeling.settings.BalancedLossSettings` and, NORMALIZER_MOMENTUM, by the
+normalizer that takes it: once for each head, since each head built on its own must refuse them
+too. :func:`check_balanced_loss_keys` runs all of it at set-up, before anything is built.
 """
 
 import math
 
 from detectron2.config import CfgNode
 
-from .losses import BOX_REG_LOSS_TYPES, REG_NORMALIZERS
+from .box_regression import BOX_REG_LOSS_TYPES
+from .losses import REG_NORMALIZERS
 
 __all__ = [
-    "balanced_loss_kwargs",
+    "balanced_loss_section",
+    "check_adaptive_pos_weight_fractions",
     "check_balanced_loss_keys",
+    "check_balanced_loss_weights",
+    "check_box_predictor_config",
     "check_box_reg_loss_type",
+    "check_momentum",
+    "check_rpn_config",
+    "check_shared_loss_values",
     "refuse_stock_loss_weight",
 ]
 
 
-def _balanced_loss(cfg: CfgNode) -> CfgNode:
+def balanced_loss_section(cfg: CfgNode) -> CfgNode:
+    """cfg.MODEL.BALANCED_LOSS, or a KeyError that says how to add it."""
     if "BALANCED_LOSS" not in cfg.MODEL:
         raise KeyError(
             "cfg.MODEL.BALANCED_LOSS is missing: call balanced_rcnn.add_balanced_rcnn_config(cfg) "
@@ -25,46 +41,52 @@ def _balanced_loss(cfg: CfgNode) -> CfgNode:
     return cfg.MODEL.BALANCED_LOSS
 
 
-def check_balanced_loss_keys(cfg: CfgNode, *weight_names: str) -> None:
-    """Weights MODEL.BALANCED_LOSS.<name> must be finite and >= 0, EPS finite and > 0, and the
-    options within their ranges."""
-    section = _balanced_loss(cfg)
+def check_balanced_loss_weights(section: CfgNode, *weight_names: str) -> None:
+    """Weights MODEL.BALANCED_LOSS.<name> (of ``section``) must be finite and >= 0."""
     for name in weight_names:
         value = section[name]
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"MODEL.BALANCED_LOSS.{name} must be finite and >= 0, got {value}")
-    if not (math.isfinite(section.EPS) and section.EPS > 0):
-        raise ValueError(f"MODEL.BALANCED_LOSS.EPS must be finite and > 0, got {section.EPS}")
-    if section.REG_NORMALIZER not in REG_NORMALIZERS:
+
+
+def check_shared_loss_values(eps: float, reg_normalizer: str, prior_prob: float) -> None:
+    """EPS finite and > 0, REG_NORMALIZER one of :data:`REG_NORMALIZERS`, PRIOR_PROB in [0, 1)."""
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"MODEL.BALANCED_LOSS.EPS must be finite and > 0, got {eps}")
+    if reg_normalizer not in REG_NORMALIZERS:
         raise ValueError(f"MODEL.BALANCED_LOSS.REG_NORMALIZER must be one of {REG_NORMALIZERS}, "
-                         f"got {section.REG_NORMALIZER!r}")
-    if not 0.0 <= section.NORMALIZER_MOMENTUM < 1.0:
-        raise ValueError("MODEL.BALANCED_LOSS.NORMALIZER_MOMENTUM must be in [0, 1), got "
-                         f"{section.NORMALIZER_MOMENTUM}")
-    if section.ADAPTIVE_POS_WEIGHT:
-        fractions = {"MODEL.RPN.POSITIVE_FRACTION": cfg.MODEL.RPN.POSITIVE_FRACTION,
-                     "MODEL.ROI_HEADS.POSITIVE_FRACTION": cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION}
-        for key, fraction in fractions.items():
-            if not 0.0 < fraction < 1.0:
-                raise ValueError(f"MODEL.BALANCED_LOSS.ADAPTIVE_POS_WEIGHT needs {key} in (0, 1), "
-                                 f"got {fraction}")
-    if not 0.0 <= section.PRIOR_PROB < 1.0:
+                         f"got {reg_normalizer!r}")
+    if not 0.0 <= prior_prob < 1.0:
         raise ValueError("MODEL.BALANCED_LOSS.PRIOR_PROB must be in [0, 1) (0: detectron2's "
-                         f"initialization), got {section.PRIOR_PROB}")
+                         f"initialization), got {prior_prob}")
 
 
-def balanced_loss_kwargs(cfg: CfgNode) -> dict:
-    """The constructor arguments that every balanced head takes from MODEL.BALANCED_LOSS
-    (checked by :func:`check_balanced_loss_keys` first)."""
-    section = _balanced_loss(cfg)
-    return {
-        "eps": section.EPS,
-        "sync_normalizers": section.SYNC_NORMALIZERS,
-        "reg_normalizer": section.REG_NORMALIZER,
-        "normalizer_momentum": section.NORMALIZER_MOMENTUM,
-        "adaptive_pos_weight": section.ADAPTIVE_POS_WEIGHT,
-        "prior_prob": section.PRIOR_PROB,
-    }
+def check_momentum(momentum: float) -> None:
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(
+            f"MODEL.BALANCED_LOSS.NORMALIZER_MOMENTUM must be in [0, 1), got {momentum}"
+        )
+
+
+def check_adaptive_pos_weight_fractions(cfg: CfgNode) -> None:
+    """ADAPTIVE_POS_WEIGHT divides by 1 - f: both samplers' POSITIVE_FRACTION f in (0, 1)."""
+    if not cfg.MODEL.BALANCED_LOSS.ADAPTIVE_POS_WEIGHT:
+        return
+    fractions = {"MODEL.RPN.POSITIVE_FRACTION": cfg.MODEL.RPN.POSITIVE_FRACTION,
+                 "MODEL.ROI_HEADS.POSITIVE_FRACTION": cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION}
+    for key, fraction in fractions.items():
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"MODEL.BALANCED_LOSS.ADAPTIVE_POS_WEIGHT needs {key} in (0, 1), "
+                             f"got {fraction}")
+
+
+def check_balanced_loss_keys(cfg: CfgNode, *weight_names: str) -> None:
+    """The whole section at set-up: the named weights, the shared keys and the options."""
+    section = balanced_loss_section(cfg)
+    check_balanced_loss_weights(section, *weight_names)
+    check_shared_loss_values(section.EPS, section.REG_NORMALIZER, section.PRIOR_PROB)
+    check_momentum(section.NORMALIZER_MOMENTUM)
+    check_adaptive_pos_weight_fractions(cfg)
 
 
 def refuse_stock_loss_weight(key: str, value: float, use_instead: str) -> None:
@@ -80,3 +102,34 @@ def check_box_reg_loss_type(key: str, value: str) -> None:
     """Fail at build time rather than at the first training step."""
     if value not in BOX_REG_LOSS_TYPES:
         raise ValueError(f"{key} must be one of {BOX_REG_LOSS_TYPES}, got '{value}'")
+
+
+def check_rpn_config(cfg: CfgNode) -> None:
+    """detectron2's RPN loss keys under BalancedRPN: its loss weights, the loss type (the
+    balanced weights are checked as they are read, by settings.balanced_head_kwargs)."""
+    refuse_stock_loss_weight(
+        "MODEL.RPN.LOSS_WEIGHT",
+        cfg.MODEL.RPN.LOSS_WEIGHT,
+        "MODEL.BALANCED_LOSS.RPN_LOSS_CLS_WEIGHT and MODEL.BALANCED_LOSS.RPN_LOSS_BBOX_WEIGHT",
+    )
+    refuse_stock_loss_weight(
+        "MODEL.RPN.BBOX_REG_LOSS_WEIGHT",
+        cfg.MODEL.RPN.BBOX_REG_LOSS_WEIGHT,
+        "MODEL.BALANCED_LOSS.RPN_LOSS_BBOX_WEIGHT",
+    )
+    check_box_reg_loss_type("MODEL.RPN.BBOX_REG_LOSS_TYPE", cfg.MODEL.RPN.BBOX_REG_LOSS_TYPE)
+
+
+def check_box_predictor_config(cfg: CfgNode) -> None:
+    """detectron2's box loss keys under BalancedFastRCNNOutputLayers: the regression weight, the
+    loss type (the balanced weights are checked as they are read, by
+    settings.balanced_head_kwargs; the options it does not implement are refused by its
+    constructor, for hand-built predictors too)."""
+    refuse_stock_loss_weight(
+        "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT",
+        cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT,
+        "MODEL.BALANCED_LOSS.ROI_LOSS_BBOX_WEIGHT",
+    )
+    check_box_reg_loss_type(
+        "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE
+    )

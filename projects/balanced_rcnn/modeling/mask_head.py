@@ -7,15 +7,13 @@ Shape shorthand in this module:
     C: number of mask classes (K, or 1 for class-agnostic masks)
     M: side of the square mask predictions (28 by default)
 
-    loss_mask = ROI_LOSS_MASK_WEIGHT * sum_fg mean_pixels(BCE_i) / (max(F, 1) + EPS)
-
-(F averaged over workers and steps as in modeling/losses.py; REG_NORMALIZER does not apply: the
-loss is a mean over masks either way). With one worker, per-batch counts and weight 1 this equals
+Its loss, loss_mask, is written out in modeling/losses.py (REG_NORMALIZER does not apply: the
+loss is a mean over masks either way). With one worker, per-batch counts and weight 1 it equals
 detectron2's mask_rcnn_loss up to EPS. Inference is detectron2's.
 
 Scalars put into EventStorage every step (``balanced_rcnn.utils.events.put_tensor_scalars``):
 
-    mask/normalizer            max(F, 1) + EPS as used
+    mask/normalizer            the divisor of loss_mask as used
     mask_rcnn/accuracy         pixel accuracy at logit 0 (detectron2's name and definition)
     mask_rcnn/false_positive   detectron2's name and definition
     mask_rcnn/false_negative   detectron2's name and definition
@@ -34,9 +32,10 @@ from detectron2.modeling.roi_heads.mask_head import (
 from detectron2.structures import Instances
 
 from ..utils.events import current_storage, put_tensor_scalars
-from .checks import balanced_loss_kwargs, check_balanced_loss_keys
+from .checks import check_balanced_loss_weights, check_momentum
 from .losses import mask_loss
-from .normalizer import check_momentum, normalize_counts, unset_running_counts
+from .normalizer import normalize_counts, unset_running_counts
+from .settings import BalancedLossSettings
 
 __all__ = ["BalancedMaskRCNNConvUpsampleHead", "balanced_mask_rcnn_loss"]
 
@@ -139,37 +138,32 @@ class BalancedMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
         self,
         input_shape,
         *,
-        eps: float = 1e-6,
-        sync_normalizers: bool = True,
-        normalizer_momentum: float = 0.0,
+        loss_settings: BalancedLossSettings = BalancedLossSettings(),
         **kwargs,
     ):
         """
         Args:
-            eps: added to the normalizer.
-            sync_normalizers: normalize by the foreground count averaged over workers.
-            normalizer_momentum: of the running average of the count; 0: per-batch counts.
+            loss_settings: the MODEL.BALANCED_LOSS keys shared by the balanced heads (this head
+                uses EPS, SYNC_NORMALIZERS and NORMALIZER_MOMENTUM).
             input_shape, kwargs: arguments of :class:`MaskRCNNConvUpsampleHead`; its
                 ``loss_weight`` multiplies the loss.
         """
         super().__init__(input_shape, **kwargs)
-        check_momentum(normalizer_momentum)
-        self.eps = eps
-        self.sync_normalizers = sync_normalizers
-        self.normalizer_momentum = normalizer_momentum
-        if normalizer_momentum > 0:
+        check_momentum(loss_settings.normalizer_momentum)
+        self.loss_settings = loss_settings
+        if loss_settings.normalizer_momentum > 0:
             # A buffer of the head, not a submodule: the head is an nn.Sequential whose every
             # child is a layer (what TorchScript and detectron2's layers() rely on).
             self.register_buffer("normalizer_running_counts", unset_running_counts(1))
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        check_balanced_loss_keys(cfg, "ROI_LOSS_MASK_WEIGHT")
-        ret = super().from_config(cfg, input_shape)
+        loss_settings = BalancedLossSettings.from_config(cfg)  # refuses a config without it
         balanced = cfg.MODEL.BALANCED_LOSS
+        check_balanced_loss_weights(balanced, "ROI_LOSS_MASK_WEIGHT")
+        ret = super().from_config(cfg, input_shape)
         ret["loss_weight"] = balanced.ROI_LOSS_MASK_WEIGHT
-        kwargs = balanced_loss_kwargs(cfg)
-        ret.update({k: kwargs[k] for k in ("eps", "sync_normalizers", "normalizer_momentum")})
+        ret["loss_settings"] = loss_settings
         return ret
 
     def forward(self, x, instances: List[Instances]):
@@ -184,15 +178,19 @@ class BalancedMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
         """
         x = self.layers(x)
         if self.training:
-            loss = balanced_mask_rcnn_loss(
-                x,
-                instances,
-                eps=self.eps,
-                sync_normalizers=self.sync_normalizers,
-                normalizer_momentum=self.normalizer_momentum,
-                running_counts=getattr(self, "normalizer_running_counts", None),
-                vis_period=self.vis_period,
-            )
-            return {"loss_mask": loss * self.loss_weight}
+            return {"loss_mask": self._balanced_loss(x, instances) * self.loss_weight}
         mask_rcnn_inference(x, instances)
         return instances
+
+    @torch.jit.unused  # training only; TorchScript compiles inference and need not type settings
+    def _balanced_loss(self, mask_logits: torch.Tensor, instances: List[Instances]) -> torch.Tensor:
+        settings = self.loss_settings
+        return balanced_mask_rcnn_loss(
+            mask_logits,
+            instances,
+            eps=settings.eps,
+            sync_normalizers=settings.sync_normalizers,
+            normalizer_momentum=settings.normalizer_momentum,
+            running_counts=getattr(self, "normalizer_running_counts", None),
+            vis_period=self.vis_period,
+        )

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from .checks import check_momentum
 from .losses import ema_counts, worker_mean_counts
 
 __all__ = ["CountNormalizer", "normalize_counts"]
@@ -32,8 +33,8 @@ def normalize_counts(
             place.
 
     Returns:
-        (C,) float32 counts after averaging over workers and time, and (C,) normalizers
-        ``max(count, 1) + eps``; both detached from autograd.
+        (C,) float32 counts after averaging over workers and time (X_t), and their (C,)
+        normalizers (norm); both detached from autograd.
     """
     counts = worker_mean_counts(counts, sync)
     if momentum > 0:
@@ -45,13 +46,6 @@ def normalize_counts(
 def unset_running_counts(num_counts: int) -> torch.Tensor:
     """The initial running counts: -1, which ema_counts reads as "no batch yet"."""
     return torch.full((num_counts,), -1.0)
-
-
-def check_momentum(momentum: float) -> None:
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(
-            f"MODEL.BALANCED_LOSS.NORMALIZER_MOMENTUM must be in [0, 1), got {momentum}"
-        )
 
 
 class CountNormalizer(nn.Module):

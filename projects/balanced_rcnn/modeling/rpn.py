@@ -10,14 +10,8 @@ Shape shorthand in this module:
     S: loss rows: N * B slots (the sampled anchors of every image, padded to B) after
        detectron2's sampler, N * R (every anchor) after any other labelling
 
-With P positive and Q negative sampled anchors over the batch:
-
-    loss_rpn_cls = RPN_LOSS_CLS_WEIGHT * sum_i w_i BCE_i / (max(P + Q, 1) + EPS)
-    loss_rpn_loc = RPN_LOSS_BBOX_WEIGHT * sum_pos boxloss_i / (max(P, 1) + EPS)   "positives"
-                                                        ... / (B * N + EPS)       "samples"
-
-(REG_NORMALIZER picks the second divisor; w_i = w_pos for positives, 1 for negatives; counts,
-running averages and w_pos as in modeling/losses.py). Labelling, sampling and inference are
+Its losses, loss_rpn_cls and loss_rpn_loc, are written out in modeling/losses.py (P positive
+and Q negative sampled anchors over the batch). Labelling, sampling and inference are
 detectron2's; so is the loss with REG_NORMALIZER "samples", weights 1 and B anchors sampled in
 every image (up to EPS; with several workers and SYNC_NORMALIZERS, P + Q is their mean).
 
@@ -40,14 +34,10 @@ from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, Instances
 
 from ..utils.events import put_tensor_scalars
-from .checks import (
-    balanced_loss_kwargs,
-    check_balanced_loss_keys,
-    check_box_reg_loss_type,
-    refuse_stock_loss_weight,
-)
-from .losses import adaptive_pos_weight, box_regression_loss, objectness_loss, prior_logit
-from .normalizer import CountNormalizer
+from .box_regression import box_loss_options
+from .checks import check_rpn_config
+from .losses import box_regression_loss, objectness_loss, prior_logit
+from .settings import BalancedLossSettings, balanced_head_kwargs
 
 __all__ = ["BalancedRPN"]
 
@@ -67,6 +57,8 @@ def _sampled_anchor_slots(
         sampled = labels_i >= 0
         # A static size makes the indexing free of the device sync that nonzero() needs; the
         # bound (what detectron2's sampler guarantees) is checked without a sync either.
+        # torch._assert_async is private, but PyTorch has no public assert on a tensor value
+        # that does not wait for the device (torch._check / assert call bool() on it).
         torch._assert_async(
             sampled.sum() <= max_per_image,
             "BalancedRPN.losses: detectron2's sampler labelled more anchors in an image than "
@@ -148,72 +140,40 @@ class BalancedRPN(RPN):
         self,
         *,
         cls_pos_weight: float = 1.0,
-        eps: float = 1e-6,
-        sync_normalizers: bool = True,
-        reg_normalizer: str = "positives",
-        normalizer_momentum: float = 0.0,
-        adaptive_pos_weight: bool = False,
-        prior_prob: float = 0.0,
+        loss_settings: BalancedLossSettings = BalancedLossSettings(),
         **kwargs,
     ):
         """
         Args:
-            cls_pos_weight: weight of positive anchors in loss_rpn_cls; negatives have 1. With
-                ``adaptive_pos_weight``, the least weight of a positive.
-            eps: added to every normalizer.
-            sync_normalizers: normalize by the counts averaged over workers.
-            reg_normalizer: "positives" or "samples" (modeling/losses.py, REG_NORMALIZERS).
-            normalizer_momentum: of the running average of the counts; 0: per-batch counts.
-            adaptive_pos_weight: raise the weight of positives to fill the sampler's positive
-                fraction (modeling/losses.py, adaptive_pos_weight).
-            prior_prob: > 0: initialize the objectness bias so that every anchor starts at this
-                probability of being an object; 0: detectron2's initialization (bias 0).
+            cls_pos_weight: w_pos of positive anchors in loss_rpn_cls (negatives have 1); with
+                ``loss_settings.adaptive_pos_weight``, the least w_pos.
+            loss_settings: the MODEL.BALANCED_LOSS keys shared by the balanced heads; with
+                ``prior_prob`` > 0 the objectness bias starts at that probability of an object.
             kwargs: arguments of :class:`RPN`. Its ``loss_weight`` multiplies the losses.
         """
         super().__init__(**kwargs)
         self.cls_pos_weight = cls_pos_weight
-        self.reg_normalizer = reg_normalizer
-        self.adaptive_pos_weight = adaptive_pos_weight
+        self.loss_settings = loss_settings
         # Counts: sampled anchors P + Q, positives P, detectron2's divisor B * N.
-        self.normalizer = CountNormalizer(
-            3, eps=eps, sync=sync_normalizers, momentum=normalizer_momentum
-        )
-        if prior_prob > 0:
+        self.normalizer = loss_settings.count_normalizer(3)
+        if loss_settings.prior_prob > 0:
             bias = getattr(self.rpn_head, "objectness_logits", None)
             if not isinstance(bias, torch.nn.Conv2d):
                 raise ValueError(
                     "MODEL.BALANCED_LOSS.PRIOR_PROB needs an RPN head with an 'objectness_logits' "
                     f"convolution (StandardRPNHead), got {type(self.rpn_head).__name__}"
                 )
-            torch.nn.init.constant_(bias.bias, prior_logit(prior_prob))
+            torch.nn.init.constant_(bias.bias, prior_logit(loss_settings.prior_prob))
         # The labels detectron2's sampler made in this step (see losses()).
         self._sampler_labels: Optional[List[torch.Tensor]] = None
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        check_balanced_loss_keys(
-            cfg, "RPN_CLS_POS_WEIGHT", "RPN_LOSS_CLS_WEIGHT", "RPN_LOSS_BBOX_WEIGHT"
-        )
-        refuse_stock_loss_weight(
-            "MODEL.RPN.LOSS_WEIGHT",
-            cfg.MODEL.RPN.LOSS_WEIGHT,
-            "MODEL.BALANCED_LOSS.RPN_LOSS_CLS_WEIGHT and MODEL.BALANCED_LOSS.RPN_LOSS_BBOX_WEIGHT",
-        )
-        refuse_stock_loss_weight(
-            "MODEL.RPN.BBOX_REG_LOSS_WEIGHT",
-            cfg.MODEL.RPN.BBOX_REG_LOSS_WEIGHT,
-            "MODEL.BALANCED_LOSS.RPN_LOSS_BBOX_WEIGHT",
-        )
-        check_box_reg_loss_type("MODEL.RPN.BBOX_REG_LOSS_TYPE", cfg.MODEL.RPN.BBOX_REG_LOSS_TYPE)
-        ret = super().from_config(cfg, input_shape)
-        balanced = cfg.MODEL.BALANCED_LOSS
-        ret["loss_weight"] = {
-            "loss_rpn_cls": balanced.RPN_LOSS_CLS_WEIGHT,
-            "loss_rpn_loc": balanced.RPN_LOSS_BBOX_WEIGHT,
-        }
-        ret["cls_pos_weight"] = balanced.RPN_CLS_POS_WEIGHT
-        ret.update(balanced_loss_kwargs(cfg))
-        return ret
+        # Checked and read before detectron2's from_config builds the anchor generator and head.
+        check_rpn_config(cfg)
+        weights = {"loss_rpn_cls": "RPN_LOSS_CLS_WEIGHT", "loss_rpn_loc": "RPN_LOSS_BBOX_WEIGHT"}
+        balanced = balanced_head_kwargs(cfg, "RPN_CLS_POS_WEIGHT", weights)
+        return {**super().from_config(cfg, input_shape), **balanced}
 
     @torch.jit.unused
     @torch.no_grad()
@@ -269,24 +229,17 @@ class BalancedRPN(RPN):
         num_pos = positive.sum()
         stock_divisor = torch.full_like(num_pos, self.batch_size_per_image * num_images)
         counts, normalizers = self.normalizer(torch.stack([num_sampled, num_pos, stock_divisor]))
+        settings = self.loss_settings
         cls_normalizer = normalizers[0]
-        loc_normalizer = normalizers[1] if self.reg_normalizer == "positives" else normalizers[2]
-        pos_weight = self.cls_pos_weight
-        if self.adaptive_pos_weight:
-            pos_weight = adaptive_pos_weight(
-                counts[1], counts[0] - counts[1], self.positive_fraction, self.cls_pos_weight
-            )
+        loc_normalizer = settings.reg_divisor(positives=normalizers[1], samples=normalizers[2])
+        pos_weight = settings.positive_weight(
+            self.cls_pos_weight, counts[1], counts[0] - counts[1], self.positive_fraction
+        )
         losses = {
             "loss_rpn_cls": objectness_loss(logits, labels, pos_weight, cls_normalizer),
             "loss_rpn_loc": box_regression_loss(
-                self.box2box_transform,
-                deltas,
-                anchor_boxes,
-                matched_boxes,
-                positive,
-                loc_normalizer,
-                self.box_reg_loss_type,
-                self.smooth_l1_beta,
+                self.box2box_transform, deltas, anchor_boxes, matched_boxes, positive,
+                loc_normalizer, **box_loss_options(self)
             ),
         }
         scalars = {
@@ -296,7 +249,7 @@ class BalancedRPN(RPN):
             "rpn/cls_normalizer": cls_normalizer,
             "rpn/loc_normalizer": loc_normalizer,
         }
-        if self.adaptive_pos_weight:
+        if settings.adaptive_pos_weight:
             scalars["rpn/pos_weight"] = pos_weight
         put_tensor_scalars(**scalars)
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
