@@ -20,27 +20,25 @@ override the config. Starting points for MODEL.WEIGHTS:
 import logging
 import sys
 
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from balanced_rcnn import Trainer, add_balanced_rcnn_config
+from balanced_rcnn import Trainer
+from balanced_rcnn.config import load_project_config
 from balanced_rcnn.config_checks import check_config_choices
 from balanced_rcnn.data import register_datasets_from_config
-from balanced_rcnn.reliability.checkpoint import AtomicCheckpointer, check_weights_file
 from balanced_rcnn.errors import TrainingHealthError
 from balanced_rcnn.health.check_images import check_health_images
+from balanced_rcnn.reliability.checkpoint import AtomicCheckpointer, check_weights_file
 from balanced_rcnn.reliability.launch import collective_timeout, launch, refused_together
 from balanced_rcnn.reliability.output_dir import claim_output_dir, remove_earlier_run
 
 
 def load_config(args) -> CfgNode:
-    cfg = get_cfg()
-    add_balanced_rcnn_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_project_config(args.config_file, args.opts)
     cfg.freeze()
     return cfg
 

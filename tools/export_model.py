@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
-from balanced_rcnn import Trainer, add_balanced_rcnn_config, register_datasets_from_config
+from balanced_rcnn import Trainer, register_datasets_from_config
+from balanced_rcnn.config import load_project_config
 from balanced_rcnn.deploy import (
     EXPORT_METHODS,
     FORMATS,
@@ -43,10 +44,9 @@ from balanced_rcnn.deploy import (
     export,
     preprocess,
 )
-from balanced_rcnn.errors import ExportError
-from balanced_rcnn.errors import CheckpointError, CheckpointMismatchError
+from balanced_rcnn.errors import CheckpointError, CheckpointMismatchError, ExportError
 from balanced_rcnn.reliability.checkpoint import AtomicCheckpointer, check_checkpoint_fits
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
@@ -74,14 +74,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
-    if not args.config_file.is_file():
-        raise ExportError(f"config file not found: {args.config_file} (--config-file)")
-    cfg = get_cfg()
-    add_balanced_rcnn_config(cfg)
-    cfg.merge_from_file(str(args.config_file))
-    cfg.merge_from_list(args.opts)
-    if args.weights is not None:
-        cfg.MODEL.WEIGHTS = str(args.weights)
+    try:
+        cfg = load_project_config(str(args.config_file), args.opts, args.weights)
+    except FileNotFoundError as e:
+        raise ExportError(str(e)) from None
     source = "--weights" if args.weights is not None else "MODEL.WEIGHTS"
     if not cfg.MODEL.WEIGHTS:
         raise ExportError("no checkpoint given: pass --weights or set MODEL.WEIGHTS")

@@ -35,12 +35,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import torch
-from balanced_rcnn import add_balanced_rcnn_config, register_datasets_from_config
+from balanced_rcnn import register_datasets_from_config
+from balanced_rcnn.config import load_project_config
 from balanced_rcnn.config_checks import check_config_choices
 from balanced_rcnn.deploy import ExportedPredictor
 from balanced_rcnn.errors import CheckpointError, CheckpointMismatchError
 from balanced_rcnn.reliability.checkpoint import check_checkpoint_fits
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, Metadata, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
@@ -80,14 +81,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
-    if not args.config_file.is_file():
-        raise FileNotFoundError(f"config file not found: {args.config_file} (--config-file)")
-    cfg = get_cfg()
-    add_balanced_rcnn_config(cfg)
-    cfg.merge_from_file(str(args.config_file))
-    cfg.merge_from_list(args.opts)
-    if args.weights is not None:
-        cfg.MODEL.WEIGHTS = str(args.weights)
+    cfg = load_project_config(str(args.config_file), args.opts, args.weights)
     weights = cfg.MODEL.WEIGHTS
     if args.exported is not None:
         if args.weights is not None:

@@ -1,8 +1,13 @@
 """
 All yacs keys of the project. ``add_balanced_rcnn_config(cfg)`` adds them with their defaults;
-calling it twice is harmless (keys already present keep their values).
+calling it twice is harmless (keys already present keep their values). ``load_project_config``
+is what train_net.py and the tools start from.
 """
+import os
+from typing import Optional, Sequence
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 
 def _add_balanced_loss_config(cfg: CN) -> None:
@@ -22,7 +27,7 @@ def _add_balanced_loss_config(cfg: CN) -> None:
     cfg.MODEL.BALANCED_LOSS.ROI_LOSS_BBOX_WEIGHT = 1.0
     # Multiplier of loss_mask.
     cfg.MODEL.BALANCED_LOSS.ROI_LOSS_MASK_WEIGHT = 1.0
-    # Added to every count normalizer: loss = sum / (max(count, 1) + EPS). Must be > 0.
+    # Added to every count normalizer (the formulas: modeling/losses.py). Must be > 0.
     cfg.MODEL.BALANCED_LOSS.EPS = 1e-6
     # Replace every count by its mean over workers (one all-reduce) so that DDP's gradient
     # averaging equals training on one large batch.
@@ -92,7 +97,7 @@ def _add_data_config(cfg: CN) -> None:
 
 
 def _add_health_config(cfg: CN) -> None:
-    # The training-health monitor (engine/health.py): periodic detection checks, collapse
+    # The training-health monitor (health/monitor.py): periodic detection checks, collapse
     # warnings/stop, per-step balance measures, stop on non-finite losses or gradient norm.
     cfg.HEALTH = CN()
     cfg.HEALTH.ENABLED = True  # off: detectron2's plain training loop and no health/ scalars
@@ -103,7 +108,7 @@ def _add_health_config(cfg: CN) -> None:
     # Score of the collapse rule; 0.05 is detectron2's SCORE_THRESH_TEST (what COCO AP sees).
     cfg.HEALTH.MAIN_THRESHOLD = 0.05
     # A check is collapsed when detections per image are 0 or below this x the best earlier one,
-    # capped at the ground-truth objects per check image (engine/health.py, is_collapsed_check).
+    # capped at the ground-truth objects per check image (health/collapse.py, is_collapsed_check).
     cfg.HEALTH.COLLAPSE_FRACTION = 0.05
     cfg.HEALTH.PATIENCE = 3  # K: consecutive collapsed checks that make a collapse
     cfg.HEALTH.WARMUP_ITERS = 100  # checks before this many iterations are logged, not judged
@@ -113,7 +118,7 @@ def _add_health_config(cfg: CN) -> None:
     # Take the check images only among the images that hold an object (a non-crowd annotation):
     # on a mostly empty val set the first NUM_IMAGES say little about lost detections.
     cfg.HEALTH.OBJECT_IMAGES_ONLY = False
-    # Stop (exit code 4) on a loss that explodes while finite (engine/divergence.py): a total loss
+    # Stop (exit code 4) on a loss that explodes while finite (health/divergence.py): a total loss
     # above LOSS_CEILING, or above LOSS_JUMP_FACTOR x the largest total of every earlier step of
     # the run. 0 turns the ceiling / the jump rule off.
     cfg.HEALTH.LOSS_CEILING = 1000.0
@@ -137,7 +142,7 @@ def _add_reliability_config(cfg: CN) -> None:
     # bounds a wait on a peer that is alive but stuck. Keep it above the longest evaluation.
     cfg.RELIABILITY.COLLECTIVE_TIMEOUT_MIN = 30.0
     # Training without --resume into an OUTPUT_DIR that holds checkpoints is refused; True
-    # deletes that run's checkpoints and metrics.json instead (engine/output_dir.py).
+    # deletes that run's checkpoints and metrics.json instead (reliability/output_dir.py).
     cfg.RELIABILITY.OVERWRITE_OUTPUT = False
 
 
@@ -156,3 +161,23 @@ def add_balanced_rcnn_config(cfg: CN) -> None:
         _add_health_config(cfg)
     if "RELIABILITY" not in cfg:
         _add_reliability_config(cfg)
+
+
+def load_project_config(config_file: str, opts: Sequence[str] = (),
+                        weights: Optional[str] = None) -> CN:
+    """
+    detectron2's defaults with the project's keys, ``config_file`` merged over them and then the
+    KEY VALUE pairs ``opts`` (unfrozen); ``weights``, a tool's --weights, replaces MODEL.WEIGHTS.
+
+    Raises:
+        FileNotFoundError: ``config_file`` does not exist (named with --config-file).
+    """
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"config file not found: {config_file} (--config-file)")
+    cfg = get_cfg()
+    add_balanced_rcnn_config(cfg)
+    cfg.merge_from_file(str(config_file))
+    cfg.merge_from_list(list(opts))
+    if weights is not None:
+        cfg.MODEL.WEIGHTS = str(weights)
+    return cfg
