@@ -55,3 +55,21 @@ def test_count_runs_in_eval_mode_without_gradients_and_the_mask_branch():
     assert counts == {"images": 3.0, "detections": [3.0, 2.0], "images_with_detections": 2.0}
     assert model.calls == [(2, False, False, False), (1, False, False, False)]
     assert model.training and model.roi_heads.mask_on  # both restored
+
+
+def test_a_detectron2_model_is_counted_before_the_rescaling_to_the_original_size(tiny_cfg):
+    """GeneralizedRCNN's own postprocessing rescales boxes and drops those that became empty:
+    the count uses the detections at the network's input size (as before training)."""
+    from balanced_rcnn.health.detection_check import UnscaledDetections
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg).eval()
+    batch = [{"image": torch.rand(3, 64, 96) * 255, "height": 128, "width": 192}]
+    with torch.no_grad():
+        (output,) = UnscaledDetections(model)(batch)
+        (unscaled,) = model.inference(batch, do_postprocess=False)
+        (rescaled,) = model(batch)
+    assert output["instances"].image_size == (64, 96)
+    assert rescaled["instances"].image_size == (128, 192)
+    assert torch.equal(output["instances"].scores, unscaled.scores)

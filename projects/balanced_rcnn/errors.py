@@ -1,6 +1,7 @@
 """
-Every exception the project raises on purpose, and the exit codes of train_net.py
-(docs/reliability.md, "Exit codes"). The modules that raise them import them from here.
+Every exception the package raises on purpose, and the exit codes of train_net.py
+(docs/reliability.md, "Exit codes"). The modules that raise them import them from here. (The
+command-line tools' own one-line errors, exit code 2, stay in the tools.)
 
     exit code   meaning                                           raised as
     0           training or evaluation finished
@@ -11,6 +12,7 @@ Every exception the project raises on purpose, and the exit codes of train_net.p
     75          a DDP peer was lost (sysexits.h EX_TEMPFAIL:      exit_peer_lost (os._exit)
                 rerunning with --resume is expected to work)
     130 / 143   Ctrl-C / SIGTERM, after a checkpoint              TrainingInterrupted
+    128 + N     a worker was killed by signal N (137: SIGKILL)    (reliability/launch.py)
 """
 
 __all__ = [

@@ -14,7 +14,8 @@ from .builtin import (
     register_synthetic_shapes,
 )
 from .loader import build_test_loader, build_train_loader
-from .mapper import SkippingDatasetMapper, TooManySkippedImages
+from ..errors import TooManySkippedImages
+from .mapper import SkippingDatasetMapper
 from .register import register_coco_dataset, register_datasets_from_config
 from .synthetic import SyntheticShapesParams, generate_synthetic_shapes
 

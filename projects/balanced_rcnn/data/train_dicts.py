@@ -15,8 +15,9 @@ among all the images, before those filters: the skip allowance is a fraction of 
 "no image left" says how many images each step removed. So detectron2 is called with both filters
 off (its "No valid data found" cannot fire then), and its own filter functions run here, after
 the missing files are dropped. The one difference from running them inside: detectron2 logs the
-class histogram before the missing files are dropped, so it counts their instances too (the
-crowd filter does not change it: it counts non-crowd instances only).
+class histogram before the missing files are dropped, so it counts their instances too, and
+with MODEL.KEYPOINT_ON those of images with too few keypoints (the crowd filter does not change
+it: it counts non-crowd instances only).
 """
 import logging
 import os

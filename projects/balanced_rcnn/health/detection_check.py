@@ -1,7 +1,7 @@
 """
 The monitor's detection count (health/monitor.py), run by detectron2's own inference loop:
-``inference_on_dataset`` (eval mode, no gradients, the model's postprocessing) with a
-:class:`DetectionCounter` over this worker's share of the check images.
+``inference_on_dataset`` (eval mode, no gradients) with a :class:`DetectionCounter` over this
+worker's share of the check images.
 """
 
 import contextlib
@@ -9,9 +9,12 @@ from typing import Any, Dict, Iterator, List, Sequence
 
 import torch
 from detectron2.evaluation import DatasetEvaluator, inference_on_dataset
+from detectron2.modeling import GeneralizedRCNN
+from detectron2.structures import Instances
 from detectron2.utils import comm
+from torch import nn
 
-__all__ = ["DetectionCounter", "boxes_only", "count_detections"]
+__all__ = ["DetectionCounter", "UnscaledDetections", "boxes_only", "count_detections"]
 
 
 class DetectionCounter(DatasetEvaluator):
@@ -76,10 +79,28 @@ def boxes_only(model: torch.nn.Module) -> Iterator[None]:
             setattr(roi_heads, name, value)
 
 
-def count_detections(model: torch.nn.Module, inputs: Sequence[Dict[str, Any]], batch_size: int,
+class UnscaledDetections(nn.Module):
+    """
+    A GeneralizedRCNN's detections at the network's input size: ``model.inference(...,
+    do_postprocess=False)``, without the rescaling to the original image size, whose filter
+    drops boxes that became empty (a count must not depend on it). Other models: their own
+    outputs. A module, so that inference_on_dataset switches the model to eval mode and back.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: List[Dict[str, Any]]) -> List[Dict[str, Instances]]:
+        if isinstance(self.model, GeneralizedRCNN):
+            return [{"instances": r} for r in self.model.inference(batch, do_postprocess=False)]
+        return self.model(batch)
+
+
+def count_detections(model: nn.Module, inputs: Sequence[Dict[str, Any]], batch_size: int,
                      counter: DetectionCounter) -> Dict[str, Any]:
     """``counter``'s sums over every worker's ``inputs`` (mapped model inputs), run in batches
     of ``batch_size`` with the box branch only. Every worker must call it at the same point."""
     batches = [list(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
     with boxes_only(model):
-        return inference_on_dataset(model, batches, counter)
+        return inference_on_dataset(UnscaledDetections(model), batches, counter)

@@ -11,7 +11,7 @@ write, which runs after ``after_backward`` and before ``optimizer.step()``:
   one ``.item()`` per term: no synchronization is added;
 - the workers exchange their values with one ``all_gather`` where detectron2 does one
   ``gather``, so every worker sees every worker's values and all of them take the same decision;
-- a non-finite value raises :class:`~balanced_rcnn.health.monitor.NonFiniteTrainingError`, on
+- a non-finite value raises :class:`~balanced_rcnn.errors.NonFiniteTrainingError`, on
   every worker at the same step, naming the terms, the workers and the iteration. The optimizer
   step is not applied, so the weights are still those of the last finite step; the Trainer saves
   them before letting the error through.
@@ -130,7 +130,7 @@ class NonFiniteGuardMixin:
     # detectron2's only call between after_backward and optimizer.step() with the step's loss
     # dict: no public hook sees the losses before the step is applied. A private method, so the
     # tests pin the behaviour relied on: a NaN loss term stops before the weights change
-    # (tests/test_health.py, test_nan_in_one_loss_term_stops_with_its_name).
+    # (tests/test_nonfinite_guard.py; tests/test_health_runs.py through train_net.py).
     def _write_metrics(
         self,
         loss_dict: Mapping[str, torch.Tensor],

@@ -26,7 +26,7 @@ from detectron2.engine import launch as detectron2_launch
 from detectron2.utils import comm
 from torch.multiprocessing import ProcessExitedException
 
-from ..errors import SetupRefusedElsewhere
+from ..errors import SetupRefusedElsewhere, exit_code_of
 from .signals import forward_signals_to_workers
 
 __all__ = ["collective_timeout", "launch", "refused_together",
@@ -67,7 +67,7 @@ def collective_timeout(cfg: CfgNode) -> datetime.timedelta:
 
 def worker_exit_status(e: ProcessExitedException) -> int:
     """The exit status a shell would report for the worker: its code, or 128 + N for signal N."""
-    return e.exit_code if e.exit_code > 0 else 128 - e.exit_code
+    return e.exit_code if e.exit_code > 0 else exit_code_of(-e.exit_code)
 
 
 def launch(

@@ -30,6 +30,7 @@ signals on to them instead of dying, which would leave them orphaned in the midd
 """
 
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -55,9 +56,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+@functools.lru_cache()
 def cpu_process_group() -> Optional[dist.ProcessGroup]:
     """A group of all workers whose collectives take CPU tensors: the default group (None)
-    under gloo, else a new gloo group. Every worker must call it at the same point."""
+    under gloo, else a gloo group, made once per process (as detectron2's own helper). Every
+    worker must make its first call at the same point."""
     return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
 
@@ -93,6 +96,9 @@ class CheckpointOnSignal(HookBase):
     def before_train(self) -> None:
         self._received = None
         self._pid = os.getpid()
+        # Now, by every worker at the same point (making a group is a collective), and also when
+        # no handler is installed below: after_step's all-reduce runs either way.
+        self._group = cpu_process_group() if comm.get_world_size() > 1 else None
         if threading.current_thread() is not threading.main_thread():
             # Python delivers signals to the main thread only; a trainer run from another thread
             # keeps the default actions.
@@ -101,8 +107,6 @@ class CheckpointOnSignal(HookBase):
             return
         for signum in self._signals:
             self._previous[signum] = signal.signal(signum, self._on_signal)
-        # Created now, by every worker at the same point (creating a group is a collective).
-        self._group = cpu_process_group() if comm.get_world_size() > 1 else None
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous.items():
