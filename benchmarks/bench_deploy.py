@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from detectron2.config import get_cfg
 
-from balanced_rcnn import Trainer, add_balanced_rcnn_config
+from balanced_rcnn import Trainer
+from balanced_rcnn.config import load_project_config
 from balanced_rcnn.deploy import DetectionOutputs, export, load_exported
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
@@ -44,10 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     side = 64 if args.tiny else 128
     repeats = args.repeats or (2 if args.tiny else 20)
 
-    cfg = get_cfg()
-    add_balanced_rcnn_config(cfg)
-    cfg.merge_from_file(str(common.REPO / CONFIG))
-    cfg.merge_from_list(["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.DEVICE", "cpu"])
+    cfg = load_project_config(str(common.REPO / CONFIG),
+                              ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.DEVICE", "cpu"])
     torch.manual_seed(0)
     model = Trainer.build_model(cfg).eval()
     image = torch.rand(3, side, side, generator=torch.Generator().manual_seed(0)) * 255

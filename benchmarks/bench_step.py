@@ -41,13 +41,14 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.utils.events import EventStorage
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from balanced_rcnn import Trainer, add_balanced_rcnn_config
+from balanced_rcnn import Trainer
+from balanced_rcnn.config import load_project_config
 from balanced_rcnn.data import register_builtin_synthetic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
@@ -73,9 +74,7 @@ SETUPS = {
 
 def build_cfg(config: str, mode: str, device: str, balanced: bool, output_dir: str) -> CfgNode:
     config_file, side, batch, _, _ = SETUPS[config, mode]
-    cfg = get_cfg()
-    add_balanced_rcnn_config(cfg)
-    cfg.merge_from_file(str(common.REPO / "configs" / config_file))
+    cfg = load_project_config(str(common.REPO / "configs" / config_file))
     if not balanced:
         cfg.merge_from_list([x for kv in STOCK_HEADS.items() for x in kv])
     cfg.MODEL.DEVICE = device

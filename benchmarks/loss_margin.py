@@ -30,6 +30,7 @@ from detectron2.config import get_cfg
 from detectron2.utils.env import seed_all_rng
 
 from balanced_rcnn import Trainer, add_balanced_rcnn_config
+from balanced_rcnn.config import load_project_config
 from balanced_rcnn.data import register_datasets_from_config
 from balanced_rcnn.health.divergence import JUMP_REFERENCE_FLOOR
 
@@ -43,10 +44,7 @@ NAME = "loss_margin"
 
 def step_losses(command: List[str], output_dir: Path) -> Dict[str, np.ndarray]:
     """Train ``command``'s config (a train_net.py command line) here; every step's losses."""
-    cfg = get_cfg()
-    add_balanced_rcnn_config(cfg)
-    cfg.merge_from_file(command[3])
-    cfg.merge_from_list(command[4:])
+    cfg = load_project_config(command[3], command[4:])
     # Only the training steps are measured: no detection checks, no final evaluation, and no
     # stop (a run past the limits is reported with a margin below 1).
     cfg.merge_from_list(["HEALTH.PERIOD", "0", "HEALTH.CHECK_AT_START", "False",

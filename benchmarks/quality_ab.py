@@ -54,13 +54,12 @@ import common  # noqa: E402
 import quality_arms  # noqa: E402
 from quality_arms import ARMS, PRETRAINS, SETTINGS, TINY_SETTINGS, Arm, Setting  # noqa: E402
 
-from balanced_rcnn import add_balanced_rcnn_config
+from balanced_rcnn.config import load_project_config
 from balanced_rcnn.data import BUILTIN_SYNTHETIC
 from balanced_rcnn.errors import EXIT_COLLAPSE, EXIT_NON_FINITE
 from balanced_rcnn.health.check_images import check_records
 from balanced_rcnn.health.collapse import count_collapses, objects_per_image
 from balanced_rcnn.health.grad_shares import GRAD_SHARE_PREFIX
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 
 NAME = "quality_ab"
@@ -178,10 +177,7 @@ def resolved_config(cmd: List[str]) -> Dict[str, object]:
     OUTPUT_DIR: what makes two runs the same (a changed default or config file makes them
     differ)."""
     config_file, opts = cmd[3], cmd[4:]
-    cfg = get_cfg()
-    add_balanced_rcnn_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
+    cfg = load_project_config(config_file, opts)
     flat: Dict[str, object] = {}
 
     def walk(node, prefix: str) -> None:

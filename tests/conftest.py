@@ -43,14 +43,10 @@ def repo_root():
 def load_project_config(repo_root):
     """``load_project_config("swin_balanced.yaml")``: a file of configs/ merged over detectron2's
     defaults and the project's keys (unfrozen)."""
-    from balanced_rcnn import add_balanced_rcnn_config
-    from detectron2.config import get_cfg
+    from balanced_rcnn.config import load_project_config
 
     def load(relative_path):
-        cfg = get_cfg()
-        add_balanced_rcnn_config(cfg)
-        cfg.merge_from_file(str(repo_root / "configs" / relative_path))
-        return cfg
+        return load_project_config(str(repo_root / "configs" / relative_path))
 
     return load
 

@@ -64,15 +64,10 @@ def trained(datasets, tmp_path_factory, load_project_config_module):
 
 @pytest.fixture(scope="module")
 def load_project_config_module(repo_root):
-    from balanced_rcnn import add_balanced_rcnn_config
-    from detectron2.config import get_cfg
+    from balanced_rcnn.config import load_project_config
 
     def load(relative_path, opts=()):
-        cfg = get_cfg()
-        add_balanced_rcnn_config(cfg)
-        cfg.merge_from_file(str(repo_root / "configs" / relative_path))
-        cfg.merge_from_list(list(opts))
-        return cfg
+        return load_project_config(str(repo_root / "configs" / relative_path), opts)
 
     return load
 
@@ -107,13 +102,10 @@ def test_traced_export_gives_the_eager_detections(trained, datasets, tmp_path, f
     if fmt == "onnx":
         assert saved["onnx_opset"] == 17
     # Another input size than the sample's, through the predictor tools/predict.py uses.
-    from balanced_rcnn import add_balanced_rcnn_config
-    from detectron2.config import get_cfg
+    from balanced_rcnn.config import load_project_config
 
-    run_cfg = get_cfg()
-    add_balanced_rcnn_config(run_cfg)
-    run_cfg.merge_from_file(str(trained / "config.yaml"))
-    run_cfg.MODEL.WEIGHTS = str(trained / "model_final.pth")
+    run_cfg = load_project_config(str(trained / "config.yaml"),
+                                  weights=str(trained / "model_final.pth"))
     wide = _wide_image(datasets)
     ours = ExportedPredictor(run_cfg, Path(saved["file"]))(wide)["instances"]
     eager = DefaultPredictor(run_cfg)(wide)["instances"]

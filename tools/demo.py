@@ -19,8 +19,9 @@ from typing import Dict, List, Optional, Sequence
 
 import cv2
 import numpy as np
-from balanced_rcnn import add_balanced_rcnn_config, register_datasets_from_config
-from detectron2.config import CfgNode, get_cfg
+from balanced_rcnn import register_datasets_from_config
+from balanced_rcnn.config import load_project_config
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
@@ -70,10 +71,8 @@ def final_metrics(metrics_json: Path) -> Dict[str, float]:
 
 def draw_ground_truth_beside_predictions(output_dir: Path, num_images: int,
                                          score_threshold: float) -> List[Path]:
-    cfg = get_cfg()
-    add_balanced_rcnn_config(cfg)
-    cfg.merge_from_file(str(output_dir / "config.yaml"))
-    cfg.MODEL.WEIGHTS = str(output_dir / "model_final.pth")
+    cfg = load_project_config(str(output_dir / "config.yaml"),
+                              weights=str(output_dir / "model_final.pth"))
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_threshold
     register_datasets_from_config(cfg)
     dataset = cfg.DATASETS.TEST[0]

@@ -94,14 +94,10 @@ def train_args(args: argparse.Namespace) -> List[str]:
 
 
 def _output_dir(args: argparse.Namespace) -> str:
-    from balanced_rcnn import add_balanced_rcnn_config
-    from detectron2.config import get_cfg
+    from balanced_rcnn.config import load_project_config
 
-    cfg = get_cfg()
-    add_balanced_rcnn_config(cfg)
     try:
-        cfg.merge_from_file(str(args.config_file))
-        cfg.merge_from_list(list(args.opts))
+        cfg = load_project_config(str(args.config_file), args.opts)
     except Exception as e:  # yacs: unknown key, wrong type, odd number of overrides
         raise SubmitError(f"{args.config_file}: {type(e).__name__}: {e}") from None
     return str(Path(cfg.OUTPUT_DIR).resolve())

@@ -19,7 +19,6 @@ __all__ = [
     "EXIT_COLLAPSE",
     "EXIT_NON_FINITE",
     "EXIT_PEER_LOST",
-    "EXIT_SIGINT",
     "EXIT_SIGTERM",
     "CheckpointError",
     "CheckpointMismatchError",
@@ -49,8 +48,7 @@ def exit_code_of(signum: int) -> int:
     return 128 + signum
 
 
-EXIT_SIGTERM = exit_code_of(signal.SIGTERM)
-EXIT_SIGINT = exit_code_of(signal.SIGINT)
+EXIT_SIGTERM = exit_code_of(signal.SIGTERM)  # 143; Ctrl-C (SIGINT) gives 130
 
 
 # -- training stopped by the health checks (health/) --

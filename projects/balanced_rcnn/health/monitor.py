@@ -98,8 +98,6 @@ class TrainingHealthMonitor(HookBase):
         self._num_images = num_images
         self._mapper = mapper
         self._batch_size = max(1, batch_size)
-        self._thresholds = self._counter.thresholds
-        self._main_index = self._counter.main_index
         self._main_threshold = float(main_threshold)
         self._action = action
         self._check_at_start = check_at_start
@@ -228,7 +226,7 @@ class TrainingHealthMonitor(HookBase):
 
     def _check_start(self) -> None:
         counts = self._count_detections()
-        dets = counts["detections"][self._main_index] / max(counts["images"], 1.0)
+        dets = counts["detections"][self._counter.main_index] / max(counts["images"], 1.0)
         self._collapses.state["start"] = dets
         self.trainer.storage.put_scalar("health/start_dets_per_image", dets, smoothing_hint=False)
         logger.info(
@@ -241,11 +239,11 @@ class TrainingHealthMonitor(HookBase):
         num_images = max(counts["images"], 1.0)
         per_threshold = [c / num_images for c in counts["detections"]]
         with_detections = counts["images_with_detections"] / num_images
-        dets = per_threshold[self._main_index]
+        dets = per_threshold[self._counter.main_index]
         report = self._collapses.record(iteration, dets, with_detections)
         state = self._collapses.state
         scalars = {f"health/dets_per_image@{t:g}": v
-                   for t, v in zip(self._thresholds, per_threshold)}
+                   for t, v in zip(self._counter.thresholds, per_threshold)}
         scalars.update({"health/dets_per_image": dets, "health/images_with_dets": with_detections,
                         "health/min_dets_per_image": state["lowest"][0],
                         "health/collapse_streak": state["streak"],
@@ -254,7 +252,7 @@ class TrainingHealthMonitor(HookBase):
             scalars["health/best_dets_per_image"] = state["best"][0]
         self.trainer.storage.put_scalars(smoothing_hint=False, **scalars)
         per_score = ", ".join(f"{v:.2f} at score >= {t:g}"
-                              for t, v in zip(self._thresholds, per_threshold))
+                              for t, v in zip(self._counter.thresholds, per_threshold))
         logger.info(
             f"Training health check at iteration {iteration}: detections per image {per_score}; "
             f"{100 * with_detections:.0f}% of the images have one"

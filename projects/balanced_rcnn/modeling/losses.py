@@ -57,7 +57,7 @@ computed in float32 whatever the dtype of the predictions (AMP).
 """
 
 import math
-from typing import Any, Union
+from typing import Union
 
 import torch
 import torch.distributed as dist
@@ -228,13 +228,9 @@ def classification_loss(
 
 
 def box_regression_loss(
-    box2box_transform: Box2BoxTransform,
-    pred_deltas: torch.Tensor,
-    src_boxes: torch.Tensor,
-    gt_boxes: torch.Tensor,
-    foreground: torch.Tensor,
-    normalizer: torch.Tensor,
-    **term_options: Any,
+    box2box_transform: Box2BoxTransform, pred_deltas: torch.Tensor, src_boxes: torch.Tensor,
+    gt_boxes: torch.Tensor, foreground: torch.Tensor, normalizer: torch.Tensor, *,
+    loss_type: str = "smooth_l1", smooth_l1_beta: float = 0.0,
 ) -> torch.Tensor:
     """
     ``sum over foreground of boxloss_i / normalizer``.
@@ -244,13 +240,13 @@ def box_regression_loss(
         foreground: (S,) bool, the terms that count. ``gt_boxes`` elsewhere may be anything
             (detectron2 leaves them undefined, e.g. all zeros in images without annotations).
         normalizer: 0-dim tensor, the divisor of loss_rpn_loc or loss_box_reg (module docstring).
-        term_options: ``loss_type`` and ``smooth_l1_beta`` of :func:`box_regression_terms`.
+        loss_type, smooth_l1_beta: as in :func:`box_regression_terms`.
     """
     # A box regressed onto itself has finite targets for every loss type; masking the terms
     # alone would not do: 0 * inf is NaN, and so is the gradient of a where() over an inf.
     gt_boxes = torch.where(foreground[:, None], gt_boxes, src_boxes)
     terms = box_regression_terms(
-        box2box_transform, pred_deltas, src_boxes, gt_boxes, **term_options
+        box2box_transform, pred_deltas, src_boxes, gt_boxes, loss_type, smooth_l1_beta
     )
     return weighted_sum(terms, foreground.to(torch.float32), normalizer)
 

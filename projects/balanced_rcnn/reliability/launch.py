@@ -29,8 +29,7 @@ from torch.multiprocessing import ProcessExitedException
 from ..errors import SetupRefusedElsewhere, exit_code_of
 from .signals import forward_signals_to_workers
 
-__all__ = ["collective_timeout", "launch", "refused_together",
-           "worker_exit_status"]
+__all__ = ["collective_timeout", "launch", "refused_together", "worker_exit_status"]
 
 
 @contextlib.contextmanager
