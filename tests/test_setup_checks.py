@@ -38,9 +38,10 @@ def test_every_shipped_config_passes(load_project_config, config):
     ("HEALTH.ACTION", "stpo", "HEALTH.ACTION must be one of 'stop', 'warn'; got 'stpo'. Did you "
                               "mean 'stop'?"),
     ("DATALOADER.SAMPLER_TRAIN", "ObjectShareSampler",
-     "DATALOADER.SAMPLER_TRAIN must be one of 'ObjectShareTrainingSampler', 'RandomSubsetTraining"
-     "Sampler', 'RepeatFactorTrainingSampler', 'TrainingSampler'; got 'ObjectShareSampler'. Did "
-     "you mean 'ObjectShareTrainingSampler'?"),
+     "DATALOADER.SAMPLER_TRAIN must be one of 'ClassAwareObjectShareTrainingSampler', "
+     "'ObjectShareTrainingSampler', 'RandomSubsetTrainingSampler', 'RepeatFactorTrainingSampler', "
+     "'TrainingSampler'; got 'ObjectShareSampler'. Did you mean 'ObjectShareTrainingSampler' or "
+     "'ClassAwareObjectShareTrainingSampler'?"),
     ("INPUT.RANDOM_FLIP", "horizontall", "INPUT.RANDOM_FLIP must be one of 'horizontal', 'none', "
                                          "'vertical'; got 'horizontall'. Did you mean "
                                          "'horizontal'?"),

@@ -91,9 +91,13 @@ def _add_data_config(cfg: CN) -> None:
     cfg.DATASETS.REGISTER_COCO = []
     # Cache folder of the generated synthetic datasets; "" = $BALANCED_RCNN_DATASETS or datasets/.
     cfg.DATASETS.SYNTHETIC_ROOT = ""
-    # With DATALOADER.SAMPLER_TRAIN "ObjectShareTrainingSampler" (data/samplers.py): the share of
-    # sampled training images that hold objects, in (0, 1].
+    # With DATALOADER.SAMPLER_TRAIN "ObjectShareTrainingSampler" or
+    # "ClassAwareObjectShareTrainingSampler" (data/samplers.py): the share of sampled training
+    # images that hold objects, in (0, 1].
     cfg.DATALOADER.OBJECT_IMAGE_SHARE = 0.5
+    # The score at which a deployment keeps detections: every evaluation reports the image-level
+    # metrics there (false-alarm images, object recall; evaluation/image_level.py).
+    cfg.TEST.DEPLOYMENT_SCORE_THRESH = 0.5
 
 
 def _add_health_config(cfg: CN) -> None:

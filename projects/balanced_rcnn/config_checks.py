@@ -30,7 +30,7 @@ from detectron2.modeling import (
 )
 
 from .data.checks import BAD_ANNOTATION_POLICIES
-from .data.samplers import OBJECT_SHARE_SAMPLER
+from .data.samplers import CLASS_AWARE_OBJECT_SHARE_SAMPLER, OBJECT_SHARE_SAMPLER
 from .health.collapse import ACTIONS
 from .engine.optimizer import CLIP_TYPES, OPTIMIZERS
 from .engine.trainer import AMP_PRECISIONS
@@ -51,7 +51,8 @@ CHOICES: Dict[str, Sequence[str]] = {
     "RELIABILITY.BAD_ANNOTATIONS": BAD_ANNOTATION_POLICIES,
     # detectron2's keys (detectron2/data/build.py, solver/build.py, layers/batch_norm.py, ...).
     "DATALOADER.SAMPLER_TRAIN": ("TrainingSampler", "RepeatFactorTrainingSampler",
-                                 "RandomSubsetTrainingSampler", OBJECT_SHARE_SAMPLER),
+                                 "RandomSubsetTrainingSampler", OBJECT_SHARE_SAMPLER,
+                                 CLASS_AWARE_OBJECT_SHARE_SAMPLER),
     "SOLVER.LR_SCHEDULER_NAME": ("WarmupMultiStepLR", "WarmupCosineLR",
                                  "WarmupStepWithFixedGammaLR"),
     "SOLVER.WARMUP_METHOD": ("linear", "constant"),

@@ -1,7 +1,8 @@
 """
 The project's data loaders: detectron2's, fed with checked dataset dicts (data/train_dicts.py), a
 mapper that skips or names the images it cannot use (data/mapper.py) and, with DATALOADER.
-SAMPLER_TRAIN "ObjectShareTrainingSampler", the project's image rebalancing (data/samplers.py).
+SAMPLER_TRAIN "ObjectShareTrainingSampler" or "ClassAwareObjectShareTrainingSampler", the
+project's image rebalancing (data/samplers.py).
 """
 
 from detectron2.config import CfgNode
