@@ -136,6 +136,10 @@ def test_train_writes_checkpoints_and_metrics(trained):
     assert train[-1]["optim/grad_norm"] > 0
     evaluation = [m for m in metrics if "bbox/AP" in m]
     assert len(evaluation) == 1 and "segm/AP" in evaluation[0]
+    # Every evaluation also writes AP by class frequency and the image-level metrics.
+    assert {"bbox/APr", "bbox/APc", "bbox/APf", "segm/APf", "image_level/false_alarm_images",
+            "image_level/object_images_detected", "image_level/recall50",
+            "image_level/dets_per_empty_image"} <= set(evaluation[0])
 
 
 def test_eval_only_evaluates_model_weights(repo_root, coco_dataset, trained, tmp_path):

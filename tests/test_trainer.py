@@ -9,6 +9,7 @@ import torch
 from balanced_rcnn import Trainer
 from balanced_rcnn.data import register_datasets_from_config
 from balanced_rcnn.engine import GRAD_NORM_SCALAR, GradientNormHook, build_optimizer
+from balanced_rcnn.evaluation import FrequencyGroupCOCOEvaluator, ImageLevelEvaluator
 from balanced_rcnn.utils.events import flush_tensor_scalars
 from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase, SimpleTrainer, hooks
@@ -205,15 +206,21 @@ def test_trainer_logs_grad_norm_every_step_and_skips_eval_without_test_set(synth
         Trainer.test(synthetic_cfg, trainer.model)
 
 
-def test_build_evaluator_is_pycocotools_bbox_and_segm(synthetic_cfg):
+def test_build_evaluator_is_pycocotools_bbox_and_segm_and_image_level(synthetic_cfg):
     DatasetCatalog.get("synthetic_shapes_tiny_val")  # generates the images and the json
-    evaluator = Trainer.build_evaluator(synthetic_cfg, "synthetic_shapes_tiny_val")
-    assert isinstance(evaluator, COCOEvaluator)
-    assert evaluator._tasks == ("bbox", "segm")
-    assert evaluator._use_fast_impl is False
-    assert evaluator._output_dir.endswith("output/inference/synthetic_shapes_tiny_val")
+    synthetic_cfg.TEST.DEPLOYMENT_SCORE_THRESH = 0.7
+    coco, image_level = Trainer.build_evaluator(synthetic_cfg,
+                                                "synthetic_shapes_tiny_val")._evaluators
+    assert isinstance(coco, FrequencyGroupCOCOEvaluator) and isinstance(coco, COCOEvaluator)
+    assert coco._tasks == ("bbox", "segm")
+    assert coco._use_fast_impl is False
+    assert coco._output_dir.endswith("output/inference/synthetic_shapes_tiny_val")
+    assert isinstance(image_level, ImageLevelEvaluator)
+    assert (image_level.dataset_name, image_level.score_threshold) == (
+        "synthetic_shapes_tiny_val", 0.7)
     synthetic_cfg.MODEL.MASK_ON = False
-    assert Trainer.build_evaluator(synthetic_cfg, "synthetic_shapes_tiny_val")._tasks == ("bbox",)
+    coco, _ = Trainer.build_evaluator(synthetic_cfg, "synthetic_shapes_tiny_val")._evaluators
+    assert coco._tasks == ("bbox",)
 
 
 def test_resume_after_the_last_iteration_writes_the_missing_model_final(synthetic_cfg):

@@ -20,6 +20,7 @@ from detectron2.data.datasets import load_coco_json
 
 from .builtin import BUILTIN_SYNTHETIC, register_builtin_synthetic
 from .catalog import DatasetRegistry, coco_metadata
+from .class_counts import set_class_image_count_metadata
 from .checks import check_coco_annotations
 
 __all__ = [
@@ -187,3 +188,5 @@ def register_datasets_from_config(cfg: CfgNode) -> None:
     for key, names in splits:
         _check_names(names, key)
         _check_num_classes(cfg, names, key)
+    if cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS:
+        set_class_image_count_metadata(cfg.DATASETS.TRAIN)

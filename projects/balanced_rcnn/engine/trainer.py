@@ -22,13 +22,14 @@ from detectron2.engine import (
     create_ddp_model,
     hooks,
 )
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from fvcore.nn.precise_bn import get_bn_modules
 
 from ..data.loader import build_test_loader, build_train_loader
 from ..errors import NonFiniteTrainingError
+from ..evaluation import FrequencyGroupCOCOEvaluator, ImageLevelEvaluator
 from ..health import (
     GuardedAMPTrainer,
     GuardedSimpleTrainer,
@@ -201,14 +202,19 @@ class Trainer(DefaultTrainer):
     def build_evaluator(
         cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None
     ) -> DatasetEvaluator:
+        """COCO AP with AP by class frequency (APr/APc/APf, evaluation/frequency_groups.py) and
+        the image-level metrics at TEST.DEPLOYMENT_SCORE_THRESH (evaluation/image_level.py)."""
         # use_fast_impl=False: the compiled COCO-eval speed-up lives in detectron2._C, which
         # the pure-Python install lacks; pycocotools gives the reference numbers.
-        return COCOEvaluator(
+        coco = FrequencyGroupCOCOEvaluator(
             dataset_name,
+            train_datasets=cfg.DATASETS.TRAIN,
             tasks=("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",),
             output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name),
             use_fast_impl=False,
         )
+        return DatasetEvaluators([coco, ImageLevelEvaluator(
+            dataset_name, cfg.TEST.DEPLOYMENT_SCORE_THRESH)])
 
     @classmethod
     def test(cls, cfg: CfgNode, model: torch.nn.Module, evaluators=None) -> OrderedDict:
