@@ -34,6 +34,7 @@ also for reused runs.
 """
 
 import argparse
+import gzip
 import json
 import math
 import os
@@ -74,6 +75,12 @@ DETS_SCALAR = "health/dets_per_image"
 START_SCALAR = "health/start_dets_per_image"
 COLLAPSES_SCALAR = "health/num_collapses"
 AP_KEYS = ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50")
+# Every evaluation's AP by class frequency and image-level metrics at TEST.DEPLOYMENT_SCORE_THRESH
+# (evaluation/); absent from runs made before they existed. NaN stays NaN (not 0): a group
+# without a class, or a run with no predictions (then every image-level metric is 0 anyway).
+GROUP_KEYS = ("bbox/APr", "bbox/APc", "bbox/APf")
+IMAGE_LEVEL_KEYS = ("image_level/false_alarm_images", "image_level/object_images_detected",
+                    "image_level/recall50", "image_level/dets_per_empty_image")
 LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask")
 # The final table: stock, stock with image rebalancing, the design's form and what ships
 # (configs/swin_balanced.yaml: the balanced heads with stock's normalization, weights 1, and half
@@ -122,6 +129,7 @@ class Study:
     pretrains: Dict[str, quality_arms.Pretrain]
     schedule: Schedule
     output: Path
+    archive: Optional[Path] = None  # RUNS_ARCHIVE, or None: run folders only
 
 
 def run_overrides(study: Study, setting: Setting, arm: Arm, seed: int, run_dir: Path,
@@ -200,9 +208,9 @@ def _unused_keys(config: Dict[str, object]) -> List[str]:
     if not any(str(h).startswith("Balanced") for h in heads):
         unused.append("MODEL.BALANCED_LOSS.")
     sampler = config.get("DATALOADER.SAMPLER_TRAIN")
-    if sampler != "ObjectShareTrainingSampler":
+    if sampler not in ("ObjectShareTrainingSampler", "ClassAwareObjectShareTrainingSampler"):
         unused.append("DATALOADER.OBJECT_IMAGE_SHARE")
-    if sampler != "RepeatFactorTrainingSampler":
+    if sampler not in ("RepeatFactorTrainingSampler", "ClassAwareObjectShareTrainingSampler"):
         unused += ["DATALOADER.REPEAT_THRESHOLD", "DATALOADER.REPEAT_SQRT"]
     return unused
 
@@ -275,8 +283,13 @@ def parse_metrics(records: List[dict], health_warmup: int, rule: Optional[dict] 
         for key, value in r.items():
             if key.startswith(GRAD_SHARE_PREFIX):
                 shares.setdefault(key[len(GRAD_SHARE_PREFIX):], []).append(value)
+    extra = {k: (float(final[k]) if final.get(k) is not None else None)
+             for k in GROUP_KEYS + IMAGE_LEVEL_KEYS}
+    if bool(final) and math.isnan(final.get("bbox/AP", 0.0)):
+        extra.update({k: 0.0 for k in GROUP_KEYS})  # no predictions: every AP is 0
     return {
         **ap,
+        **extra,
         "evaluated": bool(final),
         "no_predictions": bool(final) and math.isnan(final.get("bbox/AP", 0.0)),
         "health_checks": checks,
@@ -309,6 +322,34 @@ def load_result(run_dir: Path, spec: dict, schedule: Schedule) -> Optional[dict]
         return None
     return {**result, **parse_metrics(read_metrics(run_dir / "metrics.json"),
                                       schedule.health_warmup, collapse_rule(spec["config"]))}
+
+
+# Finished runs kept in git (result.json and metrics.json, gzipped, a few kB each), so that a
+# study spread over sessions on fresh clones reuses them as it reuses a run folder; the
+# pretraining runs are not kept (the fine-tune needs their model_final.pth).
+RUNS_ARCHIVE = common.REPO / "benchmarks" / "results" / "runs"
+
+
+def archive_run(archive: Optional[Path], name: str, run_dir: Path) -> None:
+    if archive is None or name.startswith("pretrain_"):
+        return
+    archive.mkdir(parents=True, exist_ok=True)
+    data = {"result": json.loads((run_dir / "result.json").read_text()),
+            "metrics": read_metrics(run_dir / "metrics.json")}
+    with gzip.open(archive / f"{name}.json.gz", "wt") as f:
+        json.dump(data, f)
+
+
+def restore_run(archive: Optional[Path], name: str, run_dir: Path) -> None:
+    """Lay out an archived run's result.json and metrics.json in an empty ``run_dir``."""
+    path = archive / f"{name}.json.gz" if archive else None
+    if path is None or not path.is_file() or (run_dir / "result.json").exists():
+        return
+    with gzip.open(path, "rt") as f:
+        data = json.load(f)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in data["metrics"]))
+    (run_dir / "result.json").write_text(json.dumps(data["result"], indent=2) + "\n")
 
 
 def finish(name: str, run_dir: Path, spec: dict, returncode: int, seconds: float,
@@ -355,11 +396,13 @@ class _Job:
 
 
 def execute(jobs_todo: List[Tuple[str, Path, List[str], Optional[str]]], schedule: Schedule,
-            jobs: int, threads: int, reuse_only: bool = False) -> Dict[str, dict]:
+            jobs: int, threads: int, reuse_only: bool = False,
+            archive: Optional[Path] = None) -> Dict[str, dict]:
     """
     Run (or reuse) every (name, folder, command, name of the job it must wait for or None),
     ``jobs`` at a time, in order except that a job waits for its predecessor; {name: result}.
     With ``reuse_only`` nothing is trained: the runs without a result are reported as not run.
+    ``archive``: a folder of finished runs (RUNS_ARCHIVE) to reuse from and add to.
     """
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONUNBUFFERED="1")
@@ -367,6 +410,7 @@ def execute(jobs_todo: List[Tuple[str, Path, List[str], Optional[str]]], schedul
     todo: List[_Job] = []
     for name, run_dir, cmd, after in jobs_todo:
         spec = _spec(cmd, threads)
+        restore_run(archive, name, run_dir)
         done = load_result(run_dir, spec, schedule)
         if done is not None:
             results[name] = done
@@ -408,6 +452,8 @@ def execute(jobs_todo: List[Tuple[str, Path, List[str], Optional[str]]], schedul
                 result = finish(job.name, job.run_dir, job.spec, job.proc.returncode,
                                 time.perf_counter() - job.began, schedule)
                 results[job.name] = result
+                if result["status"] == "ok":
+                    archive_run(archive, job.name, job.run_dir)
                 finished += 1
                 elapsed = time.perf_counter() - start
                 left = len(todo) + len(running)
@@ -436,7 +482,7 @@ def execute_study(study: Study, runs: List[Run], jobs: int, threads: int,
                      study.pretrains[key].name if key else None))
     # The runs without a predecessor first, so that no core waits while a pretraining runs.
     todo.sort(key=lambda job: job[3] is not None)
-    results = execute(todo, study.schedule, jobs, threads, reuse_only)
+    results = execute(todo, study.schedule, jobs, threads, reuse_only, study.archive)
     for key in needed:
         pre = results.pop(study.pretrains[key].name)
         if pre["status"] != "ok":
@@ -463,6 +509,10 @@ def _mean_std(values: List[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def _finite(results: List[dict], key: str) -> List[float]:
+    return [r[key] for r in results if r.get(key) is not None and math.isfinite(r[key])]
+
+
 def _dets(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -484,6 +534,8 @@ def _group_row(label: List[str], group: List[dict]) -> List[str]:
     not_run = sum(1 for r in group if r["status"].startswith("not run"))
     failed = len(group) - len(ok) - not_run
     cells = [_mean_std([r[k] for r in ok]) for k in AP_KEYS]
+    cells += [_mean_std(_finite(ok, k)) for k in ("bbox/APr", "image_level/false_alarm_images",
+                                                   "image_level/recall50")]
     collapsed = sum(1 for r in ok if r["collapsed"])
     runs = (f"{len(ok)}" + (f" (+{failed} failed)" if failed else "")
             + (f" (+{not_run} not run)" if not_run else ""))
@@ -502,9 +554,11 @@ def _by_seed(runs: List[Run], results: Dict[str, dict], setting: str) -> Dict[in
     return out
 
 
-def _paired(by_seed: Dict[int, Dict[str, dict]], arm: str, reference: str) -> List[float]:
-    return [p[arm]["bbox/AP"] - p[reference]["bbox/AP"]
-            for _, p in sorted(by_seed.items()) if arm in p and reference in p]
+def _paired(by_seed: Dict[int, Dict[str, dict]], arm: str, reference: str,
+            key: str = "bbox/AP") -> List[float]:
+    pairs = [_finite([p[arm], p[reference]], key) for _, p in sorted(by_seed.items())
+             if arm in p and reference in p]
+    return [a - b for a, b in (pair for pair in pairs if len(pair) == 2)]
 
 
 def _diff_cell(diffs: List[float]) -> str:
@@ -517,7 +571,8 @@ def _diff_cell(diffs: List[float]) -> str:
 def render(study: Study, runs: List[Run], results: Dict[str, dict], threads: int,
            jobs: int) -> Tuple[str, List[str]]:
     schedule = study.schedule
-    metric_headers = ["bbox AP", "bbox AP50", "segm AP", "segm AP50", "dets/img before",
+    metric_headers = ["bbox AP", "bbox AP50", "segm AP", "segm AP50", "bbox APr",
+                      "false-alarm images", "recall50", "dets/img before",
                       "lowest dets/img", "last dets/img", "checks at 0", "collapsed"]
     settings = list(dict.fromkeys(r.setting for r in runs))
     arms = list(dict.fromkeys(r.arm for r in runs))
@@ -539,16 +594,19 @@ def render(study: Study, runs: List[Run], results: Dict[str, dict], threads: int
         for arm in arms:
             if arm == "stock":
                 continue
+            versus_best = best and best != arm
             diff_rows.append([setting, study.arms[arm].label,
                               _diff_cell(_paired(by_seed, arm, "stock")),
                               study.arms[best].label if best else "-",
-                              _diff_cell(_paired(by_seed, arm, best)) if best and best != arm
-                              else "-"])
+                              _diff_cell(_paired(by_seed, arm, best)) if versus_best else "-",
+                              _diff_cell(_paired(by_seed, arm, best, "bbox/APr"))
+                              if versus_best else "-"])
     body = common.markdown_table(["setting", "arm", "runs", *metric_headers], rows)
     if diff_rows:
         body += ("\n\nbbox AP differences paired by seed (mean ± std, then each seed):\n\n"
                  + common.markdown_table(["setting", "arm", "minus stock", "better baseline",
-                                          "minus the better baseline"], diff_rows))
+                                          "minus the better baseline",
+                                          "bbox APr minus the better baseline"], diff_rows))
     if share_rows:
         body += ("\n\nGradient share of each loss term on the backbone + FPN (mean over the "
                  "checks and seeds; health/grad_shares.py):\n\n"
@@ -566,7 +624,12 @@ def render(study: Study, runs: List[Run], results: Dict[str, dict], threads: int
         f"the last check, per seed; checks at 0: checks after the warm-up that found no "
         f"detection, all seeds together; collapsed: runs with a collapse by the health monitor's "
         f"rule (HEALTH.PATIENCE 3 consecutive checks at 0 or below 5% of the best earlier check, "
-        f"capped at the objects per check image), applied to the logged checks; the per-run table "
+        f"capped at the objects per check image), applied to the logged checks; bbox APr: the "
+        f"bbox AP of the rarest third of the classes by training images (evaluation/"
+        f"frequency_groups.py; 2-class settings have no rare class); false-alarm images: "
+        f"images without objects with a detection at score >= 0.5, recall50: objects found at "
+        f"IoU 0.5 by a detection of their class at score >= 0.5, both in percent over all val "
+        f"images (evaluation/image_level.py); the per-run table "
         f"also gives what the monitor reported while training, where it differs. The check images "
         f"hold " + ", ".join(
             f"{objects_per_check_image(study.settings[s], schedule):.2f} ({s})" for s in settings
@@ -589,13 +652,16 @@ def _collapsed(result: dict) -> str:
 
 def per_run_table(results: Dict[str, dict]) -> str:
     rows = [[name, r["status"], *(f"{r.get(k, 0):.1f}" for k in AP_KEYS),
+             *(_mean_std(_finite([r], k)) for k in ("bbox/APr", "image_level/false_alarm_images",
+                                                    "image_level/recall50")),
              _dets(r.get("start_dets_per_image")), _dets(r.get("lowest_dets_per_image")),
              _dets(r.get("last_dets_per_image")),
              f"{r.get('zero_checks', 0)}/{r.get('judged_checks', 0)}",
              _collapsed(r), f"{r['seconds'] / 60:.1f}"]
             for name, r in results.items()]
     return common.markdown_table(
-        ["run", "status", *AP_KEYS, "dets/img before", "lowest dets/img", "last dets/img",
+        ["run", "status", *AP_KEYS, "bbox/APr", "false-alarm images", "recall50",
+         "dets/img before", "lowest dets/img", "last dets/img",
          "checks at 0", "collapsed", "minutes"],
         rows)
 
@@ -729,6 +795,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         pretrains=quality_arms.TINY_PRETRAINS if args.tiny else PRETRAINS,
         schedule=schedule,
         output=output.resolve(),
+        # The study's own runs only: tiny runs, other schedules and probes are not kept.
+        archive=None if args.tiny or args.iters or args.output_dir else RUNS_ARCHIVE,
     )
     seeds = args.seeds or ([0] if args.tiny else [0, 1, 2, 3, 4])
     runs = plan_runs(args.settings, names, seeds)

@@ -140,6 +140,14 @@ SHARE: Overrides = (("DATALOADER.SAMPLER_TRAIN", "ObjectShareTrainingSampler"),
                     ("DATALOADER.OBJECT_IMAGE_SHARE", "0.5"))
 
 
+def class_aware_share(share: float) -> Overrides:
+    """The project's ClassAwareObjectShareTrainingSampler (data/samplers.py): the object images
+    at ``share`` of the sampled ones, each drawn by RFS's factor at RFS's threshold here (1)."""
+    return (("DATALOADER.SAMPLER_TRAIN", "ClassAwareObjectShareTrainingSampler"),
+            ("DATALOADER.OBJECT_IMAGE_SHARE", str(share)),
+            ("DATALOADER.REPEAT_THRESHOLD", "1.0"))
+
+
 @dataclass(frozen=True)
 class Arm:
     heads: str  # "stock" or "balanced"
@@ -184,6 +192,9 @@ _LOSSES: Dict[str, Arm] = {
 _SAMPLERS = {
     "rfs": (RFS, "RFS", "detectron2's RepeatFactorTrainingSampler, t = 1 (LVIS, Gupta et al. 2019)"),
     "share": (SHARE, "share 0.5", "ObjectShareTrainingSampler, OBJECT_IMAGE_SHARE 0.5"),
+    "cshare": (class_aware_share(0.5), "class-aware share 0.5",
+               "ClassAwareObjectShareTrainingSampler, OBJECT_IMAGE_SHARE 0.5, RFS's factors "
+               "(t = 1) within the object images"),
 }
 
 # Every loss variant alone ("<loss>", with detectron2's TrainingSampler whatever the config file
@@ -194,6 +205,20 @@ for _loss, _arm in _LOSSES.items():
     for _key, (_sampler, _name, _about) in _SAMPLERS.items():
         ARMS[f"{_loss}_{_key}"] = Arm(_arm.heads, _arm.overrides + _sampler,
                                       f"{_arm.label} + {_name}", f"{_arm.about}; {_about}")
+
+
+# The sweep of OBJECT_IMAGE_SHARE: stock's loss (the shipped "samples") with either object-share
+# sampler at other shares ("samples_share_0.25", "samples_cshare_0.75", ...).
+SWEEP_SHARES = (0.1, 0.25, 0.75)
+for _share in SWEEP_SHARES:
+    for _key, _sampler, _name in (
+            ("share", (("DATALOADER.SAMPLER_TRAIN", "ObjectShareTrainingSampler"),
+                       ("DATALOADER.OBJECT_IMAGE_SHARE", str(_share))), "share"),
+            ("cshare", class_aware_share(_share), "class-aware share")):
+        ARMS[f"samples_{_key}_{_share:g}"] = Arm(
+            "balanced", _LOSSES["samples"].overrides + _sampler,
+            f"samples + {_name} {_share:g}", f"{_LOSSES['samples'].about}; {_sampler[0][1]}, "
+            f"OBJECT_IMAGE_SHARE {_share:g}")
 
 
 def weight_pair_arm(pos: float, bbox: float) -> Tuple[str, Arm]:

@@ -182,16 +182,18 @@ def test_loss_margin_tiny_measures_every_step(one_thread, tmp_path):
 def test_quality_ab_tiny_runs_tabulates_and_resumes(one_thread, datasets_root, tmp_path, capsys):
     quality_ab = _load("quality_ab")
     argv = ["--tiny", "--settings", "severe", "many", "finetune",
-            "--arms", "stock", "samples_adaptive", "--ab-balanced", "3:0.25",
+            "--arms", "stock", "samples_adaptive", "samples_cshare", "--ab-balanced", "3:0.25",
             "--output-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")]
     results = quality_ab.main(argv)
     assert set(results) == {f"{s}_{a}_s0" for s in ("severe", "many", "finetune")
-                            for a in ("stock", "samples_adaptive", "balanced_w3_b0.25")}
+                            for a in ("stock", "samples_adaptive", "samples_cshare",
+                                      "balanced_w3_b0.25")}
     for r in results.values():
         assert r["status"] == "ok" and r["evaluated"], r
         assert r["health_checks"] and r["lowest_dets_per_image"] is not None
         assert r["start_dets_per_image"] is not None  # HEALTH.CHECK_AT_START
         assert all(not math.isnan(r[k]) for k in quality_ab.AP_KEYS)
+        assert all(r[k] is not None for k in quality_ab.IMAGE_LEVEL_KEYS + ("bbox/APf",))
         assert set(r["grad_shares"]) == set(quality_ab.LOSS_NAMES)
         assert sum(r["grad_shares"].values()) == pytest.approx(1.0, abs=1e-3)
 
@@ -205,6 +207,9 @@ def test_quality_ab_tiny_runs_tabulates_and_resumes(one_thread, datasets_root, t
     adaptive = config("severe_samples_adaptive_s0")
     assert "REG_NORMALIZER: samples" in adaptive and "ADAPTIVE_POS_WEIGHT: true" in adaptive
     assert "RPN_CLS_POS_WEIGHT: 1.0" in adaptive and "ROI_LOSS_BBOX_WEIGHT: 1.0" in adaptive
+    cshare = config("many_samples_cshare_s0")
+    assert "SAMPLER_TRAIN: ClassAwareObjectShareTrainingSampler" in cshare
+    assert "REPEAT_THRESHOLD: 1.0" in cshare and "OBJECT_IMAGE_SHARE: 0.5" in cshare
     assert "FILTER_EMPTY_ANNOTATIONS: false" in config("severe_stock_s0")
     assert "NUM_CLASSES: 20" in config("many_stock_s0")
     # The fine-tune starts from the pretraining run, trained once, with 2 new classes.
@@ -228,14 +233,14 @@ def test_quality_ab_tiny_runs_tabulates_and_resumes(one_thread, datasets_root, t
 
     again = quality_ab.main(argv)  # every result is reused: no training
     out = capsys.readouterr().out
-    assert "10 of 10 runs already done; 0 to run" in out  # 9 runs and the pretraining
+    assert "13 of 13 runs already done; 0 to run" in out  # 12 runs and the pretraining
     assert {k: v["bbox/AP"] for k, v in again.items()} == {
         k: v["bbox/AP"] for k, v in results.items()
     }
     # --reuse-only trains nothing: seed 1 was never run.
     partial = quality_ab.main(argv + ["--seeds", "0", "1", "--reuse-only"])
     out = capsys.readouterr().out
-    assert "10 of 19 runs done; --reuse-only: 9 not run" in out
+    assert "13 of 25 runs done; --reuse-only: 12 not run" in out
     assert partial["severe_stock_s1"]["status"] == "not run (--reuse-only)"
     assert partial["severe_stock_s0"]["bbox/AP"] == results["severe_stock_s0"]["bbox/AP"]
     assert not (tmp_path / "runs" / "severe_stock_s1").exists()
@@ -261,6 +266,30 @@ def test_quality_ab_reuse_needs_the_same_resolved_config():
                                                  "BalancedRPN"})
     share = {**stock, "DATALOADER.SAMPLER_TRAIN": "ObjectShareTrainingSampler"}
     assert not quality_ab.same_config(share, {**share, "DATALOADER.OBJECT_IMAGE_SHARE": 0.7})
+    # The class-aware share reads both the share and RFS's threshold.
+    cshare = {**stock, "DATALOADER.SAMPLER_TRAIN": "ClassAwareObjectShareTrainingSampler",
+              "DATALOADER.REPEAT_THRESHOLD": 1.0}
+    assert not quality_ab.same_config(cshare, {**cshare, "DATALOADER.OBJECT_IMAGE_SHARE": 0.7})
+    assert not quality_ab.same_config(cshare, {**cshare, "DATALOADER.REPEAT_THRESHOLD": 0.5})
+
+
+def test_archived_runs_are_restored_into_an_empty_run_folder(tmp_path):
+    quality_ab = _load("quality_ab")
+    run = tmp_path / "runs" / "sparse_stock_s0"
+    run.mkdir(parents=True)
+    records = [{"iteration": 99, "health/dets_per_image": 1.5}, {"iteration": 799, "bbox/AP": 3.0}]
+    (run / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "result.json").write_text(json.dumps({"name": "sparse_stock_s0", "status": "ok"}))
+    archive = tmp_path / "archive"
+    quality_ab.archive_run(archive, "sparse_stock_s0", run)
+    quality_ab.archive_run(archive, "pretrain_mild_stock_1500it_s0", run)  # never archived
+    assert sorted(p.name for p in archive.iterdir()) == ["sparse_stock_s0.json.gz"]
+    fresh = tmp_path / "fresh" / "sparse_stock_s0"
+    quality_ab.restore_run(archive, "sparse_stock_s0", fresh)
+    assert quality_ab.read_metrics(fresh / "metrics.json") == records
+    assert json.loads((fresh / "result.json").read_text())["status"] == "ok"
+    quality_ab.restore_run(archive, "severe_stock_s0", tmp_path / "fresh" / "severe_stock_s0")
+    assert not (tmp_path / "fresh" / "severe_stock_s0").exists()  # nothing archived
 
 
 def test_tracked_results_are_written_with_update_md_only(tmp_path):
