@@ -5,7 +5,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from balanced_rcnn.health.detection_check import DetectionCounter, count_detections
+from balanced_rcnn.health.detection_check import (
+    DetectionCounter,
+    count_detections,
+    detections_by_image_kind,
+)
 from detectron2.structures import Instances
 from torch import nn
 
@@ -22,10 +26,32 @@ def test_counter_counts_per_threshold_and_images_with_a_detection():
     counter.process([{}] * 3, _outputs(SCORES))
     # at 0.05: 2 + 0 + 1; at 0.5: 1 + 0 + 1; images with one at 0.05: the first and the last
     assert counter.evaluate() == {"images": 3.0, "detections": [3.0, 2.0],
-                                  "images_with_detections": 2.0}
+                                  "images_with_detections": 2.0, "empty_images": 0.0,
+                                  "detections_on_empty_images": 0.0}
     counter.reset()
     assert counter.evaluate() == {"images": 0.0, "detections": [0.0, 0.0],
-                                  "images_with_detections": 0.0}
+                                  "images_with_detections": 0.0, "empty_images": 0.0,
+                                  "detections_on_empty_images": 0.0}
+
+
+def test_counter_counts_the_images_without_objects_apart():
+    # Images 10 and 12 hold no object: 2 detections at 0.05 on image 10, 1 on image 12.
+    counter = DetectionCounter(score_thresholds=(0.5,), main_threshold=0.05,
+                               empty_image_ids={10, 12})
+    counter.process([{"image_id": 10}, {"image_id": 11}, {"image_id": 12}], _outputs(SCORES))
+    counts = counter.evaluate()
+    assert (counts["empty_images"], counts["detections_on_empty_images"]) == (2.0, 3.0)
+    # 3 detections at 0.05 in all, all on the 2 empty images; none on the object image.
+    assert detections_by_image_kind(counts, counter.main_index) == {
+        "health/dets_per_object_image": 0.0, "health/dets_per_empty_image": 1.5}
+    counter = DetectionCounter((0.5,), 0.05, empty_image_ids={11})
+    counter.process([{"image_id": 10}, {"image_id": 11}, {"image_id": 12}], _outputs(SCORES))
+    assert detections_by_image_kind(counter.evaluate(), counter.main_index) == {
+        "health/dets_per_object_image": 1.5, "health/dets_per_empty_image": 0.0}
+    # Only object images (HEALTH.OBJECT_IMAGES_ONLY): no value for the empty ones.
+    assert detections_by_image_kind({"images": 2.0, "detections": [4.0], "empty_images": 0.0,
+                                     "detections_on_empty_images": 0.0}, 0) == {
+        "health/dets_per_object_image": 2.0}
 
 
 def test_scores_outside_zero_one_are_refused():
@@ -52,7 +78,8 @@ def test_count_runs_in_eval_mode_without_gradients_and_the_mask_branch():
     model = _Detector().train()
     counts = count_detections(model, [{"index": i} for i in range(3)], batch_size=2,
                               counter=DetectionCounter((0.5,), 0.05))
-    assert counts == {"images": 3.0, "detections": [3.0, 2.0], "images_with_detections": 2.0}
+    assert counts == {"images": 3.0, "detections": [3.0, 2.0], "images_with_detections": 2.0,
+                      "empty_images": 0.0, "detections_on_empty_images": 0.0}
     assert model.calls == [(2, False, False, False), (1, False, False, False)]
     assert model.training and model.roi_heads.mask_on  # both restored
 

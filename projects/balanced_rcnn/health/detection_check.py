@@ -5,7 +5,7 @@ worker's share of the check images.
 """
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Sequence
 
 import torch
 from detectron2.evaluation import DatasetEvaluator, inference_on_dataset
@@ -14,19 +14,22 @@ from detectron2.structures import Instances
 from detectron2.utils import comm
 from torch import nn
 
-__all__ = ["DetectionCounter", "UnscaledDetections", "boxes_only", "count_detections"]
+__all__ = ["DetectionCounter", "UnscaledDetections", "boxes_only", "count_detections",
+           "detections_by_image_kind"]
 
 
 class DetectionCounter(DatasetEvaluator):
     """
     Counts, over the images it is shown, the detections at each score of ``thresholds`` (the
-    sorted scores and ``main_threshold``) and the images with a detection at ``main_threshold``.
-    :meth:`evaluate` sums the counts of all workers (one transfer, then one all_gather, which
-    every worker must enter) and returns them on every worker, so that all of them judge the
-    same numbers.
+    sorted scores and ``main_threshold``), the images with a detection at ``main_threshold``,
+    and, apart, the images whose ``image_id`` is in ``empty_image_ids`` and their detections at
+    ``main_threshold``. :meth:`evaluate` sums the counts of all workers (one transfer, then one
+    all_gather, which every worker must enter) and returns them on every worker, so that all of
+    them judge the same numbers.
     """
 
-    def __init__(self, score_thresholds: Sequence[float], main_threshold: float):
+    def __init__(self, score_thresholds: Sequence[float], main_threshold: float,
+                 empty_image_ids: Iterable[Any] = ()):
         thresholds = sorted(set(float(t) for t in score_thresholds) | {float(main_threshold)})
         if not all(0.0 <= t <= 1.0 for t in thresholds):
             raise ValueError(
@@ -35,30 +38,55 @@ class DetectionCounter(DatasetEvaluator):
             )
         self.thresholds = thresholds
         self.main_index = thresholds.index(float(main_threshold))
+        self.empty_image_ids = frozenset(empty_image_ids)
         self.reset()
 
     def reset(self) -> None:
-        self._counts = None  # on the device of the outputs: [images, per threshold..., with one]
+        # On the device of the outputs: [images, per threshold (T)..., images with one, empty
+        # images, detections on them]
+        self._counts = None
         self._thresholds_on_device = None
 
     def process(self, inputs: List[Dict[str, Any]], outputs: List[Dict[str, Any]]) -> None:
-        for output in outputs:
+        num_thresholds = len(self.thresholds)
+        for inp, output in zip(inputs, outputs):
             scores = output["instances"].scores
             if self._counts is None:
                 self._thresholds_on_device = torch.tensor(self.thresholds, device=scores.device)
-                self._counts = torch.zeros(len(self.thresholds) + 2, device=scores.device,
+                self._counts = torch.zeros(num_thresholds + 4, device=scores.device,
                                            dtype=torch.float64)
             # (D, 1) >= (T,) -> (D, T) -> (T,): this image's detections per threshold
             per_threshold = (scores[:, None] >= self._thresholds_on_device).sum(dim=0)
             self._counts[0] += 1
-            self._counts[1:-1] += per_threshold
-            self._counts[-1] += per_threshold[self.main_index] > 0
+            self._counts[1 : 1 + num_thresholds] += per_threshold
+            self._counts[1 + num_thresholds] += per_threshold[self.main_index] > 0
+            if inp.get("image_id") in self.empty_image_ids:
+                self._counts[2 + num_thresholds] += 1
+                self._counts[3 + num_thresholds] += per_threshold[self.main_index]
 
     def evaluate(self) -> Dict[str, Any]:
-        local = ([0.0] * (len(self.thresholds) + 2) if self._counts is None
+        num_thresholds = len(self.thresholds)
+        local = ([0.0] * (num_thresholds + 4) if self._counts is None
                  else self._counts.cpu().tolist())
         sums = [sum(values) for values in zip(*comm.all_gather(local))]
-        return {"images": sums[0], "detections": sums[1:-1], "images_with_detections": sums[-1]}
+        return {"images": sums[0], "detections": sums[1 : 1 + num_thresholds],
+                "images_with_detections": sums[1 + num_thresholds],
+                "empty_images": sums[2 + num_thresholds],
+                "detections_on_empty_images": sums[3 + num_thresholds]}
+
+
+def detections_by_image_kind(counts: Dict[str, Any], main_index: int) -> Dict[str, float]:
+    """From :meth:`DetectionCounter.evaluate`'s sums: detections per check image at the main
+    threshold on the images with objects and on those without, each only where there are such
+    images (``health/dets_per_object_image``, ``health/dets_per_empty_image``)."""
+    main = counts["detections"][main_index]
+    empty, on_empty = counts.get("empty_images", 0.0), counts.get("detections_on_empty_images", 0.0)
+    split = {}
+    if counts["images"] > empty:
+        split["health/dets_per_object_image"] = (main - on_empty) / (counts["images"] - empty)
+    if empty:
+        split["health/dets_per_empty_image"] = on_empty / empty
+    return split
 
 
 @contextlib.contextmanager

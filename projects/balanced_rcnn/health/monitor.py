@@ -34,11 +34,12 @@ from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.mapper import SkippingDatasetMapper
+from ..data.samplers import holds_objects
 from ..errors import EXIT_COLLAPSE, DetectionCollapseError
 from ..reliability.checkpoint import save_checkpoint_and_synchronize
 from .check_images import health_dataset, load_check_records
 from .collapse import ACTIONS, CollapseTracker, objects_per_image
-from .detection_check import DetectionCounter, count_detections
+from .detection_check import DetectionCounter, count_detections, detections_by_image_kind
 from .grad_shares import LossGradientShares, loss_scale, shares_measurable
 from .step_measures import step_measures
 
@@ -159,11 +160,14 @@ class TrainingHealthMonitor(HookBase):
         self._inputs = [self._mapper(copy.deepcopy(r)) for r in records[rank::world_size]]
         self._num_check_images = len(records)
         self._collapses.objects = objects_per_image(records)
+        self._counter.empty_image_ids = frozenset(
+            r["image_id"] for r in records if "image_id" in r and not holds_objects(r))
+        num_empty = len(self._counter.empty_image_ids)
         logger.info(
             f"Training health: a detection check every {self._period} iterations on "
             f"{len(records)} images of {self._dataset_name} ({len(self._inputs)} on this "
-            f"worker; {self._collapses.objects:.2f} objects per image), collapse rule at score "
-            f">= {self._main_threshold:g}."
+            f"worker; {self._collapses.objects:.2f} objects per image, {num_empty} images "
+            f"without objects), collapse rule at score >= {self._main_threshold:g}."
         )
         model = self._unwrapped_model()
         if getattr(model, "backbone", None) is not None and shares_measurable(model.backbone):
@@ -250,13 +254,18 @@ class TrainingHealthMonitor(HookBase):
                         "health/num_collapses": state["num_collapses"]})
         if state["best"] is not None:
             scalars["health/best_dets_per_image"] = state["best"][0]
+        split = detections_by_image_kind(counts, self._counter.main_index)
+        scalars.update(split)
         self.trainer.storage.put_scalars(smoothing_hint=False, **scalars)
         per_score = ", ".join(f"{v:.2f} at score >= {t:g}"
                               for t, v in zip(self._counter.thresholds, per_threshold))
+        apart = ", ".join(f"{split[key]:.2f} per image {what}" for key, what in (
+            ("health/dets_per_object_image", "with objects"),
+            ("health/dets_per_empty_image", "without")) if key in split)
         logger.info(
             f"Training health check at iteration {iteration}: detections per image {per_score}; "
-            f"{100 * with_detections:.0f}% of the images have one"
-        )
+            f"{100 * with_detections:.0f}% of the images have one; at score >= "
+            f"{self._main_threshold:g}: {apart}")
         if report:
             self._report_collapse(iteration, dets)
 
