@@ -95,6 +95,10 @@ def _add_data_config(cfg: CN) -> None:
     # "ClassAwareObjectShareTrainingSampler" (data/samplers.py): the share of sampled training
     # images that hold objects, in (0, 1].
     cfg.DATALOADER.OBJECT_IMAGE_SHARE = 0.5
+    # Simple copy-paste (Ghiasi et al. 2021; data/copy_paste.py): the probability that an empty
+    # training image gets the objects of a random object image pasted; 0: off.
+    cfg.INPUT.COPY_PASTE = CN()
+    cfg.INPUT.COPY_PASTE.PROBABILITY = 0.0
     # The score at which a deployment keeps detections: every evaluation reports the image-level
     # metrics there (false-alarm images, object recall; evaluation/image_level.py).
     cfg.TEST.DEPLOYMENT_SCORE_THRESH = 0.5

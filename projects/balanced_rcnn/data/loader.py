@@ -2,7 +2,8 @@
 The project's data loaders: detectron2's, fed with checked dataset dicts (data/train_dicts.py), a
 mapper that skips or names the images it cannot use (data/mapper.py) and, with DATALOADER.
 SAMPLER_TRAIN "ObjectShareTrainingSampler" or "ClassAwareObjectShareTrainingSampler", the
-project's image rebalancing (data/samplers.py).
+project's image rebalancing (data/samplers.py), and with INPUT.COPY_PASTE.PROBABILITY > 0 objects
+pasted onto empty training images (data/copy_paste.py).
 """
 
 from detectron2.config import CfgNode
@@ -10,6 +11,7 @@ from detectron2.data import build_detection_test_loader, build_detection_train_l
 from torch.utils.data import DataLoader
 
 from .train_dicts import load_train_dicts
+from .copy_paste import CopyPasteDatasetMapper
 from .mapper import SkippingDatasetMapper, SkipTrackingLoader
 from .samplers import build_object_share_sampler
 
@@ -20,7 +22,10 @@ def build_train_loader(cfg: CfgNode) -> SkipTrackingLoader:
     """The training loader; its ``skipped`` attribute tallies the images skipped so far."""
     dicts, skipped = load_train_dicts(cfg)
     # Each mapper may skip what the up-front check has left of the allowance.
-    mapper = SkippingDatasetMapper(cfg, True, max_skipped=skipped.remaining())
+    if cfg.INPUT.COPY_PASTE.PROBABILITY != 0:  # the mapper refuses values outside [0, 1]
+        mapper = CopyPasteDatasetMapper(cfg, True, max_skipped=skipped.remaining(), donors=dicts)
+    else:
+        mapper = SkippingDatasetMapper(cfg, True, max_skipped=skipped.remaining())
     # None: detectron2 builds the sampler DATALOADER.SAMPLER_TRAIN names.
     sampler = build_object_share_sampler(cfg, dicts)
     loader = build_detection_train_loader(cfg, dataset=dicts, mapper=mapper, sampler=sampler)
