@@ -1,4 +1,5 @@
-"""tools/schedule.py: epochs -> MAX_ITER / STEPS / periods for a dataset and batch."""
+"""tools/schedule.py: epochs -> MAX_ITER / STEPS / periods for a dataset and batch (the
+arithmetic of balanced_rcnn.preflight.schedule, which the pre-flight report shares)."""
 
 import importlib.util
 import json
@@ -18,7 +19,9 @@ def _tool():
 
 def test_coco_1x_is_the_published_schedule():
     # 118287 train2017 images at 16 per step, 12 epochs, drops at epochs 8 and 11.
-    out = _tool().schedule(118287, 16, 12, [8, 11], 1, 1)
+    from balanced_rcnn.preflight.schedule import schedule_keys
+
+    out = schedule_keys(118287, 16, 12, [8, 11], 1, 1)
     assert out["iterations_per_epoch"] == 7393
     assert (out["SOLVER.MAX_ITER"], out["SOLVER.STEPS"]) == (88716, (59144, 81323))
     assert out["SOLVER.CHECKPOINT_PERIOD"] == out["TEST.EVAL_PERIOD"] == 7393

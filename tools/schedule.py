@@ -21,10 +21,11 @@ after train_net.py's arguments.
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence
+
+from balanced_rcnn.preflight.schedule import schedule_keys
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -55,23 +56,6 @@ def count_images(coco: Dict, drop_empty: bool) -> Dict[str, int]:
             "trained": with_objects if drop_empty else len(ids)}
 
 
-def schedule(num_images: int, batch: int, epochs: float, steps: Sequence[float],
-             eval_every: float, checkpoint_every: float) -> Dict[str, object]:
-    """The iteration keys for ``epochs`` over ``num_images`` at ``batch`` images per step."""
-    per_epoch = math.ceil(num_images / batch)
-
-    def iters(e: float) -> int:
-        return max(1, round(e * per_epoch))
-
-    return {
-        "iterations_per_epoch": per_epoch,
-        "SOLVER.MAX_ITER": iters(epochs),
-        "SOLVER.STEPS": tuple(iters(s) for s in steps),
-        "SOLVER.CHECKPOINT_PERIOD": iters(checkpoint_every),
-        "TEST.EVAL_PERIOD": iters(eval_every),
-    }
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args = parse_args(argv)
     try:
@@ -93,7 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         print(f"schedule: --steps must lie inside (0, {args.epochs:g}) epochs, got {steps}",
               file=sys.stderr)
         sys.exit(2)
-    out = schedule(images["trained"], args.batch, args.epochs, steps, args.eval_every,
+    out = schedule_keys(images["trained"], args.batch, args.epochs, steps, args.eval_every,
                    args.checkpoint_every)
     print(f"{args.json}: {images['images']} images, {images['with_objects']} with annotations "
           f"({100 * images['with_objects'] / max(images['images'], 1):.1f}%); training on "

@@ -6,21 +6,29 @@ project's image rebalancing (data/samplers.py), and with INPUT.COPY_PASTE.PROBAB
 pasted onto empty training images (data/copy_paste.py).
 """
 
+import logging
+
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.utils import comm
 from torch.utils.data import DataLoader
 
-from .train_dicts import load_train_dicts
+from ..preflight.report import preflight_summary
 from .copy_paste import CopyPasteDatasetMapper
 from .mapper import SkippingDatasetMapper, SkipTrackingLoader
 from .samplers import build_object_share_sampler
+from .train_dicts import load_train_dicts
 
 __all__ = ["build_test_loader", "build_train_loader"]
+
+logger = logging.getLogger(__name__)
 
 
 def build_train_loader(cfg: CfgNode) -> SkipTrackingLoader:
     """The training loader; its ``skipped`` attribute tallies the images skipped so far."""
     dicts, skipped = load_train_dicts(cfg)
+    if comm.is_main_process():
+        logger.info(preflight_summary(cfg, dicts))
     # Each mapper may skip what the up-front check has left of the allowance.
     if cfg.INPUT.COPY_PASTE.PROBABILITY != 0:  # the mapper refuses values outside [0, 1]
         mapper = CopyPasteDatasetMapper(cfg, True, max_skipped=skipped.remaining(), donors=dicts)

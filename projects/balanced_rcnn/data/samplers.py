@@ -41,6 +41,7 @@ __all__ = [
     "build_object_share_sampler",
     "class_aware_object_share_repeat_factors",
     "holds_objects",
+    "object_share_factors_from_config",
     "object_share_repeat_factors",
 ]
 
@@ -119,19 +120,28 @@ def _log_factors(sampler: str, dataset_dicts: List[Dict], factors: torch.Tensor,
         + " for them" + (f", {float(rest[0]):.2f} for the others" if len(rest) else ""))
 
 
+def object_share_factors_from_config(cfg: CfgNode, dataset_dicts: List[Dict]) -> Optional[
+        torch.Tensor]:
+    """The repeat factors of DATALOADER.SAMPLER_TRAIN "ObjectShareTrainingSampler" or
+    "ClassAwareObjectShareTrainingSampler" on ``dataset_dicts``; None for other samplers."""
+    name = cfg.DATALOADER.SAMPLER_TRAIN
+    share = cfg.DATALOADER.OBJECT_IMAGE_SHARE
+    if name == OBJECT_SHARE_SAMPLER:
+        return object_share_repeat_factors(dataset_dicts, share)
+    if name == CLASS_AWARE_OBJECT_SHARE_SAMPLER:
+        return class_aware_object_share_repeat_factors(
+            dataset_dicts, share, cfg.DATALOADER.REPEAT_THRESHOLD, cfg.DATALOADER.REPEAT_SQRT)
+    return None
+
+
 def build_object_share_sampler(cfg: CfgNode, dataset_dicts: List[Dict]) -> Optional[
         RepeatFactorTrainingSampler]:
     """The sampler for DATALOADER.SAMPLER_TRAIN "ObjectShareTrainingSampler" or
     "ClassAwareObjectShareTrainingSampler", else None (then detectron2 builds the one it
     names)."""
-    name = cfg.DATALOADER.SAMPLER_TRAIN
-    share = cfg.DATALOADER.OBJECT_IMAGE_SHARE
-    if name == OBJECT_SHARE_SAMPLER:
-        factors = object_share_repeat_factors(dataset_dicts, share)
-    elif name == CLASS_AWARE_OBJECT_SHARE_SAMPLER:
-        factors = class_aware_object_share_repeat_factors(
-            dataset_dicts, share, cfg.DATALOADER.REPEAT_THRESHOLD, cfg.DATALOADER.REPEAT_SQRT)
-    else:
+    factors = object_share_factors_from_config(cfg, dataset_dicts)
+    if factors is None:
         return None
-    _log_factors(name, dataset_dicts, factors, share)
+    _log_factors(cfg.DATALOADER.SAMPLER_TRAIN, dataset_dicts, factors,
+                 cfg.DATALOADER.OBJECT_IMAGE_SHARE)
     return RepeatFactorTrainingSampler(factors, seed=cfg.SEED if cfg.SEED >= 0 else None)

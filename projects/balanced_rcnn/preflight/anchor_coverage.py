@@ -1,0 +1,162 @@
+"""
+Object sizes against the RPN's anchors. Each ground-truth box of a training image, resized as
+the config resizes it (INPUT.MIN_SIZE_TRAIN's smallest and largest short edge, MAX_SIZE_TRAIN),
+is matched against the anchors of detectron2's own anchor generator (MODEL.ANCHOR_GENERATOR on the
+levels of MODEL.RPN.IN_FEATURES) by detectron2's own RPN matcher (MODEL.RPN.IOU_THRESHOLDS and
+IOU_LABELS, with the low-quality matches detectron2's RPN allows), which gives per object:
+
+- ``best_iou``: its highest anchor IoU;
+- ``above``: its anchors at IoU >= the foreground threshold (the last of RPN.IOU_THRESHOLDS);
+- ``positives``: the anchors the matcher labels foreground for it, the low-quality matches
+  included (an object with no anchor above the threshold still gets its best anchors, at an IoU
+  that may be far below it).
+
+The anchors cover the resized image (the few extra anchors over the model's padding at the bottom
+and right edges are left out). Objects are binned by the square root of their resized area.
+"""
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from detectron2.config import CfgNode
+from detectron2.data.transforms import ResizeShortestEdge
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_backbone
+from detectron2.modeling.anchor_generator import build_anchor_generator
+from detectron2.modeling.matcher import Matcher
+from detectron2.structures import Boxes, BoxMode, pairwise_iou
+
+from ..data.samplers import holds_objects
+
+__all__ = ["SIZE_BANDS", "AnchorMatching", "anchor_coverage", "training_scales"]
+
+# sqrt(area) bands in resized pixels: COCO's small / medium / large (32, 96), small split at 16.
+SIZE_BANDS = (("< 16 px", 0, 16), ("16-32 px", 16, 32), ("32-96 px", 32, 96),
+              ("> 96 px", 96, math.inf))
+
+
+def _level_strides(cfg: CfgNode) -> List[int]:
+    names = cfg.MODEL.RPN.IN_FEATURES
+    # detectron2's FPN names its level of stride 2^k "p<k>" (modeling/backbone/fpn.py).
+    if all(re.fullmatch(r"p\d+", n) for n in names):
+        return [2 ** int(n[1:]) for n in names]
+    shapes = build_backbone(cfg).output_shape()  # other backbones: ask the built one
+    return [shapes[n].stride for n in names]
+
+
+@dataclass
+class AnchorMatching:
+    """The anchor generator and RPN matcher of a config, and the anchors per image size."""
+
+    generator: torch.nn.Module
+    matcher: Matcher
+    fg_threshold: float
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> "AnchorMatching":
+        shapes = [ShapeSpec(stride=s) for s in _level_strides(cfg)]
+        return cls(build_anchor_generator(cfg, shapes),
+                   Matcher(cfg.MODEL.RPN.IOU_THRESHOLDS, cfg.MODEL.RPN.IOU_LABELS,
+                           allow_low_quality_matches=True),
+                   float(cfg.MODEL.RPN.IOU_THRESHOLDS[-1]))
+
+    def __post_init__(self):
+        self._anchors: Dict[Tuple[int, int], Tuple[torch.Tensor, List[Tuple[int, ...]]]] = {}
+        # Per level: the cell anchors' widths and heights, (A, 2).
+        self._cells = [torch.stack([c[:, 2] - c[:, 0], c[:, 3] - c[:, 1]], dim=1)
+                       for c in self.generator.cell_anchors]
+
+    def anchors(self, height: int, width: int) -> Tuple[torch.Tensor, List[Tuple[int, ...]]]:
+        """All the generator's anchors for an image of this size, (N, 4) in its order (level by
+        level, then row, column, cell anchor), and per level (first index, rows, columns)."""
+        if (height, width) not in self._anchors:
+            grids = [(math.ceil(height / s), math.ceil(width / s)) for s in self.generator.strides]
+            # The generator reads only the feature maps' sizes: empty maps of those sizes.
+            levels = self.generator([torch.empty(1, 0, h, w) for h, w in grids])
+            starts = np.cumsum([0] + [len(b) for b in levels])
+            self._anchors[(height, width)] = (Boxes.cat(levels).tensor, [
+                (int(start), h, w) for start, (h, w) in zip(starts, grids)])
+        return self._anchors[(height, width)]
+
+    def _candidates(self, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(K, 4) anchors that can matter to ``boxes``: per box, the anchors that overlap it on
+        the levels whose best possible IoU with it (centres aligned) reaches the foreground
+        threshold or half of its best level's. Any other anchor is below the threshold for
+        every box and far from any box's best IoU, so the matcher's labels for ``boxes`` are
+        those it gives on all anchors."""
+        anchors, layout = self.anchors(height, width)
+        wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-6)  # (G, 2)
+        bounds = []
+        for cells in self._cells:  # (G, A) aligned-centre IoU of each box with each shape
+            inter = torch.minimum(wh[:, None, :], cells[None]).prod(dim=2)
+            union = wh.prod(dim=1)[:, None] + cells.prod(dim=1)[None] - inter
+            bounds.append((inter / union).max(dim=1).values)
+        bounds = torch.stack(bounds, dim=1)  # (G, L)
+        keep = bounds >= torch.clamp(0.5 * bounds.max(dim=1, keepdim=True).values,
+                                     max=self.fg_threshold)
+        parts = []
+        for level, ((start, rows, cols), stride, cells) in enumerate(zip(
+                layout, self.generator.strides, self._cells)):
+            offset = self.generator.offset * stride
+            half_w, half_h = (cells.max(dim=0).values / 2).tolist()  # the widest shape's
+            for x0, y0, x1, y1 in boxes[keep[:, level]].tolist():
+                c = torch.arange(max(0, math.floor((x0 - half_w - offset) / stride)),
+                                 min(cols, math.ceil((x1 + half_w - offset) / stride) + 1))
+                r = torch.arange(max(0, math.floor((y0 - half_h - offset) / stride)),
+                                 min(rows, math.ceil((y1 + half_h - offset) / stride) + 1))
+                # (R, C, A) indices into the level's (rows, columns, A) layout
+                cell = (r[:, None] * cols + c[None, :])[..., None] * len(cells)
+                parts.append((start + cell + torch.arange(len(cells))).flatten())
+        return anchors[torch.unique(torch.cat(parts))]
+
+    def match(self, boxes: torch.Tensor, height: int, width: int) -> Tuple[torch.Tensor, ...]:
+        """(G, 4) XYXY boxes in a (height, width) image -> best IoU, anchors above the
+        threshold and positive anchors, each (G,)."""
+        iou = pairwise_iou(Boxes(boxes), Boxes(self._candidates(boxes, height, width)))  # (G, K)
+        matched, labels = self.matcher(iou)
+        positives = torch.bincount(matched[labels == 1], minlength=len(boxes))
+        return iou.max(dim=1).values, (iou >= self.fg_threshold).sum(dim=1), positives
+
+
+def training_scales(cfg: CfgNode) -> List[int]:
+    """The smallest and largest short edge INPUT.MIN_SIZE_TRAIN trains at (one if equal)."""
+    sizes = cfg.INPUT.MIN_SIZE_TRAIN
+    return sorted({int(min(sizes)), int(max(sizes))})
+
+
+def anchor_coverage(cfg: CfgNode, dataset_dicts: Sequence[Dict[str, Any]], max_images: int = 0,
+                    seed: int = 0, scales: Optional[Sequence[int]] = None
+                    ) -> Dict[int, Dict[str, np.ndarray]]:
+    """
+    Per training scale (``scales``, default :func:`training_scales`): every non-crowd object's
+    resized ``size`` (sqrt of the area), ``best_iou``, ``above`` and ``positives`` (module
+    docstring), as arrays, over the images that hold objects, or a random sample of
+    ``max_images`` of them (0: all).
+    """
+    matching = AnchorMatching.from_config(cfg)
+    images = [r for r in dataset_dicts if holds_objects(r)]
+    if 0 < max_images < len(images):
+        rng = np.random.default_rng(seed)
+        images = [images[i] for i in sorted(rng.choice(len(images), max_images, replace=False))]
+    out = {}
+    for scale in scales or training_scales(cfg):
+        columns: Dict[str, List[np.ndarray]] = {"size": [], "best_iou": [], "above": [],
+                                                "positives": []}
+        for record in images:
+            h, w = record["height"], record["width"]
+            new_h, new_w = ResizeShortestEdge.get_output_shape(h, w, scale,
+                                                               cfg.INPUT.MAX_SIZE_TRAIN)
+            boxes = torch.tensor([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+                                  for a in record["annotations"] if a.get("iscrowd", 0) == 0],
+                                 dtype=torch.float32)
+            boxes *= torch.tensor([new_w / w, new_h / h, new_w / w, new_h / h])
+            best, above, positives = matching.match(boxes, new_h, new_w)
+            columns["size"].append(Boxes(boxes).area().sqrt().numpy())
+            for key, value in (("best_iou", best), ("above", above), ("positives", positives)):
+                columns[key].append(value.numpy())
+        out[scale] = {k: np.concatenate(v) if v else np.zeros(0) for k, v in columns.items()}
+    return out

@@ -1,0 +1,57 @@
+"""
+The images and the classes of a training set (and its evaluation sets): how imbalanced it is
+between empty and object images and between classes, before anything is trained.
+"""
+
+from typing import Any, Dict, List, Mapping, Sequence
+
+from ..data.class_counts import class_image_counts
+from ..data.samplers import holds_objects
+from ..evaluation.frequency_groups import frequency_groups
+
+__all__ = ["FEW_IMAGES", "dataset_statistics"]
+
+# Classes with fewer training images than this are named: a handful of images is too few to
+# learn a class from, whatever the sampler.
+FEW_IMAGES = 5
+
+
+def dataset_statistics(train_dicts: Sequence[Dict[str, Any]], class_names: Sequence[str],
+                       test_dicts: Mapping[str, Sequence[Dict[str, Any]]] = {}) -> Dict[str, Any]:
+    """
+    Counts of ``train_dicts`` (detectron2 dicts, contiguous category ids): images, the share
+    without a non-crowd object, objects per object image, crowd share, per class the instances and
+    images (most images first) with the head/tail ratio and the frequency groups of AP by class
+    frequency, the classes with fewer than FEW_IMAGES training images, and per test set the
+    classes without any object there (their AP is undefined).
+    """
+    num_classes = len(class_names)
+    anns = [a for r in train_dicts for a in r.get("annotations", [])]
+    objects = [a for a in anns if a.get("iscrowd", 0) == 0]
+    object_images = sum(holds_objects(r) for r in train_dicts)
+    instances = [0] * num_classes
+    for a in objects:
+        instances[a["category_id"]] += 1
+    images = class_image_counts(train_dicts, num_classes)
+    order = sorted(range(num_classes), key=lambda c: (-images[c], c))
+    present = [images[c] for c in order if images[c] > 0]
+    groups = frequency_groups(images)
+    absent_in_test = {}
+    for name, dicts in test_dicts.items():
+        seen = set(c for c, n in enumerate(class_image_counts(dicts, num_classes)) if n)
+        absent_in_test[name] = [class_names[c] for c in range(num_classes) if c not in seen]
+    return {
+        "images": len(train_dicts),
+        "object_images": object_images,
+        "empty_share": 1.0 - object_images / len(train_dicts) if train_dicts else 0.0,
+        "objects": len(objects),
+        "objects_per_object_image": len(objects) / object_images if object_images else 0.0,
+        "crowd_share": (len(anns) - len(objects)) / len(anns) if anns else 0.0,
+        "classes": [{"name": class_names[c], "instances": instances[c], "images": images[c],
+                     "group": next(g for g, members in groups.items() if c in members)}
+                    for c in order],
+        "head_tail_ratio": present[0] / present[-1] if present else None,
+        "classes_without_images": [class_names[c] for c in order if images[c] == 0],
+        "classes_with_few_images": [class_names[c] for c in order if 0 < images[c] < FEW_IMAGES],
+        "absent_in_test": absent_in_test,
+    }
