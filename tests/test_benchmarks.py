@@ -302,3 +302,13 @@ def test_tracked_results_are_written_with_update_md_only(tmp_path):
     args.results_dir = tmp_path
     assert common.results_dir(args) == tmp_path
     assert "/output/" in (common.REPO / ".gitignore").read_text().split()
+
+
+def test_bench_preflight_tiny_times_the_report_and_the_summary(one_thread, tmp_path):
+    result = _load("bench_preflight").main(["--tiny", "--results-dir", str(tmp_path)])
+    assert (result["images"], result["boxes"], result["summary_images"]) == (2000, 14000, 1000)
+    assert result["report_s"] > 0 and result["summary_s"] > 0
+    # 5% of the generated images are empty; the first 1000 records hold about as many.
+    assert result["summary"].startswith("Pre-flight: 1000 training images, ")
+    assert "| `tools/analyze_data.py`, end to end (new process) | 2000 | 14000 |" in (
+        tmp_path / "bench_preflight.md").read_text()

@@ -84,3 +84,50 @@ def test_template_trains_on_a_coco_json_after_editing_paths_and_classes(repo_roo
     # model may have no detection at SCORE_THRESH_TEST, which COCOEvaluator reports so.
     assert "Start inference on 6 batches" in log
     assert ("Evaluation results for segm" in log) or ("No predictions from the model!" in log)
+
+
+def _edited_copy(repo_root, tmp_path, template):
+    """The template copied beside itself (in a copy of configs/) with EDITS applied."""
+    train_json, val_json, images = _write_coco(tmp_path)
+    configs = tmp_path / "configs"
+    if not configs.exists():
+        shutil.copytree(repo_root / "configs", configs)
+    text = (repo_root / template).read_text()
+    for old, new in EDITS.items():
+        assert old in text, old
+        text = text.replace(old, new.format(train_json=json.dumps(str(train_json)),
+                                            val_json=json.dumps(str(val_json)),
+                                            images=json.dumps(str(images))))
+    mine = configs / "my_data" / "mine.yaml"
+    mine.write_text(text)
+    return mine
+
+
+def test_cpu_twin_trains_and_evaluates_as_it_is(repo_root, tmp_path):
+    mine = _edited_copy(repo_root, tmp_path, "configs/my_data/imbalanced_coco_cpu.yaml")
+    out = tmp_path / "out"
+    # Only the run's length and folder change: the twin needs no CPU overrides.
+    result = subprocess.run([sys.executable, "train_net.py", "--config-file", str(mine),
+                             "SOLVER.MAX_ITER", "2", "HEALTH.PERIOD", "1", "OUTPUT_DIR", str(out)],
+                            cwd=repo_root, capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert (out / "model_final.pth").is_file()
+    records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    evaluation = [r for r in records if "bbox/AP" in r]
+    assert evaluation and "image_level/false_alarm_images" in evaluation[-1]
+    # The set-up log's pre-flight summary: 6 training images, 4 of them empty.
+    assert "Pre-flight: 6 training images, 66.7% without objects; " in log
+
+
+def test_pre_flight_report_on_the_template_as_readme_says(repo_root, tmp_path):
+    """README, "Train on your data": the report is the first step, on the edited copy."""
+    mine = _edited_copy(repo_root, tmp_path, "configs/my_data/imbalanced_coco.yaml")
+    result = subprocess.run([sys.executable, "tools/analyze_data.py", "--config-file", str(mine),
+                             "--output", str(tmp_path / "preflight")],
+                            cwd=repo_root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "6 training images, 66.7% without objects; 2 objects" in result.stdout
+    report = json.loads((tmp_path / "preflight" / "report.json").read_text())
+    assert [c["name"] for c in report["dataset"]["classes"]] == ["box", "disc"]
+    assert cv2.imread(str(tmp_path / "preflight" / "report.png")) is not None
