@@ -106,3 +106,27 @@ def test_federated_loss_gets_the_class_image_counts_it_reads(tmp_path, monkeypat
         "synthetic_shapes_tiny_train").class_image_count] == counts
     weights = get_fed_loss_cls_weights(("synthetic_shapes_tiny_train",), 0.5)
     torch.testing.assert_close(weights, torch.tensor(counts, dtype=torch.float32) ** 0.5)
+
+
+def test_an_unreadable_training_set_leaves_the_groups_out(tmp_path, monkeypatch, caplog,
+                                                          forget_bad_datasets):
+    # --eval-only on a machine that holds the val json only.
+    monkeypatch.setenv("BALANCED_RCNN_DATASETS", str(tmp_path))
+    DatasetCatalog.get("synthetic_shapes_tiny_val")
+
+    def missing():
+        raise FileNotFoundError("/data/train.json")
+
+    DatasetCatalog.register("bad_train", missing)
+    MetadataCatalog.get("bad_train").thing_classes = list(
+        MetadataCatalog.get("synthetic_shapes_tiny_val").thing_classes)
+    with caplog.at_level(logging.WARNING, logger="balanced_rcnn.evaluation.frequency_groups"):
+        evaluator = FrequencyGroupCOCOEvaluator(
+            "synthetic_shapes_tiny_val", train_datasets=("bad_train",), tasks=("bbox",),
+            distributed=False, use_fast_impl=False)
+    assert ("AP by class frequency: cannot read the training set (/data/train.json); not "
+            "computed") in caplog.text
+    records = DatasetCatalog.get("synthetic_shapes_tiny_val")
+    evaluator.reset()
+    evaluator.process([{"image_id": r["image_id"]} for r in records], _perfect_outputs(records))
+    assert evaluator.evaluate()["bbox"]["AP"] == pytest.approx(100.0)

@@ -13,7 +13,7 @@ by class id. A group without a class, or without a class with an AP, reports NaN
 """
 
 import logging
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -44,6 +44,20 @@ def group_ap(per_class_ap: Sequence[float], groups: Dict[str, List[int]]) -> Dic
     return out
 
 
+# Per process, by the training sets' registered loaders (a dataset registered anew is read
+# anew): every evaluation of a run builds this evaluator, and a COCO-sized json takes seconds
+# to read.
+_COUNTS: Dict[tuple, List[int]] = {}
+
+
+def _training_counts(names: Tuple[str, ...], num_classes: int) -> List[int]:
+    key = (tuple((name, DatasetCatalog[name]) for name in names), num_classes)
+    if key not in _COUNTS:
+        _COUNTS[key] = class_image_counts(
+            [r for name in names for r in DatasetCatalog.get(name)], num_classes)
+    return _COUNTS[key]
+
+
 class FrequencyGroupCOCOEvaluator(COCOEvaluator):
     """COCOEvaluator whose bbox and segm results also hold APr / APc / APf (module docstring),
     grouped by the class counts of ``train_datasets``."""
@@ -62,8 +76,12 @@ class FrequencyGroupCOCOEvaluator(COCOEvaluator):
                     f"AP by class frequency: the classes of training set {name!r} differ from "
                     f"those of {dataset_name!r}; not computed")
                 return
-        counts = class_image_counts(
-            [r for name in train_datasets for r in DatasetCatalog.get(name)], len(classes))
+        try:
+            counts = _training_counts(tuple(train_datasets), len(classes))
+        except (OSError, ValueError, KeyError) as e:  # e.g. --eval-only without the train json
+            logger.warning(f"AP by class frequency: cannot read the training set ({e}); not "
+                           "computed")
+            return
         self._groups = frequency_groups(counts)
         logger.info("AP by class frequency on %s (training images per class): %s", dataset_name,
                     "; ".join(f"{g}: " + ", ".join(f"{classes[c]} {counts[c]}" for c in members)
