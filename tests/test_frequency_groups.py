@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.structures import Boxes, BoxMode, Instances
 
 from balanced_rcnn.data.class_counts import class_image_counts
 from balanced_rcnn.evaluation.frequency_groups import (
@@ -16,6 +15,7 @@ from balanced_rcnn.evaluation.frequency_groups import (
     frequency_groups,
     group_ap,
 )
+from coco_builders import ground_truth_as_predictions
 
 
 def test_class_image_counts_count_images_not_objects():
@@ -43,17 +43,7 @@ def test_group_ap_by_hand():
 
 
 def _perfect_outputs(records):
-    outputs = []
-    for r in records:
-        inst = Instances((r["height"], r["width"]))
-        boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
-                 for a in r["annotations"]]
-        inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-        inst.scores = torch.ones(len(boxes))
-        inst.pred_classes = torch.tensor([a["category_id"] for a in r["annotations"]],
-                                         dtype=torch.long)
-        outputs.append({"instances": inst})
-    return outputs
+    return [{"instances": ground_truth_as_predictions(r)} for r in records]
 
 
 def test_evaluator_adds_the_groups_to_coco_results(tmp_path, monkeypatch, caplog):

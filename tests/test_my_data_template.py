@@ -48,12 +48,13 @@ def _write_coco(tmp_path):
     return tmp_path / "train.json", tmp_path / "val.json", images_dir
 
 
-def test_template_trains_on_a_coco_json_after_editing_paths_and_classes(repo_root, tmp_path):
+def _edited_copy(repo_root, tmp_path, template):
+    """The template copied beside itself, as it says, in a copy of configs/, with EDITS
+    applied to point it at a tiny COCO json."""
     train_json, val_json, images = _write_coco(tmp_path)
-    # The copy sits beside the template, as the template says, in a copy of configs/.
     configs = tmp_path / "configs"
     shutil.copytree(repo_root / "configs", configs)
-    text = (repo_root / TEMPLATE).read_text()
+    text = (repo_root / template).read_text()
     for old, new in EDITS.items():
         assert old in text, old
         text = text.replace(old, new.format(train_json=json.dumps(str(train_json)),
@@ -61,6 +62,11 @@ def test_template_trains_on_a_coco_json_after_editing_paths_and_classes(repo_roo
                                             images=json.dumps(str(images))))
     mine = configs / "my_data" / "mine.yaml"
     mine.write_text(text)
+    return mine
+
+
+def test_template_trains_on_a_coco_json_after_editing_paths_and_classes(repo_root, tmp_path):
+    mine = _edited_copy(repo_root, tmp_path, TEMPLATE)
 
     out = tmp_path / "out"
     # What a CPU machine without the ImageNet weights changes on the command line.
@@ -84,23 +90,6 @@ def test_template_trains_on_a_coco_json_after_editing_paths_and_classes(repo_roo
     # model may have no detection at SCORE_THRESH_TEST, which COCOEvaluator reports so.
     assert "Start inference on 6 batches" in log
     assert ("Evaluation results for segm" in log) or ("No predictions from the model!" in log)
-
-
-def _edited_copy(repo_root, tmp_path, template):
-    """The template copied beside itself (in a copy of configs/) with EDITS applied."""
-    train_json, val_json, images = _write_coco(tmp_path)
-    configs = tmp_path / "configs"
-    if not configs.exists():
-        shutil.copytree(repo_root / "configs", configs)
-    text = (repo_root / template).read_text()
-    for old, new in EDITS.items():
-        assert old in text, old
-        text = text.replace(old, new.format(train_json=json.dumps(str(train_json)),
-                                            val_json=json.dumps(str(val_json)),
-                                            images=json.dumps(str(images))))
-    mine = configs / "my_data" / "mine.yaml"
-    mine.write_text(text)
-    return mine
 
 
 def test_cpu_twin_trains_and_evaluates_as_it_is(repo_root, tmp_path):

@@ -5,7 +5,6 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 from balanced_rcnn import add_balanced_rcnn_config

@@ -7,10 +7,7 @@ import multiprocessing
 import re
 from pathlib import Path
 
-import numpy as np
-import pycocotools.mask as mask_util
 import pytest
-import torch
 from balanced_rcnn import register_datasets_from_config
 from balanced_rcnn.data import (
     BUILTIN_SYNTHETIC,
@@ -23,9 +20,14 @@ from balanced_rcnn.data import (
 from balanced_rcnn.data.cache import build_cached, read_manifest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
-from detectron2.structures import Boxes, BoxMode, Instances
 
-from coco_builders import coco_cfg, forgetting_datasets, tiny_synthetic_cfg, write_coco
+from coco_builders import (
+    coco_cfg,
+    forgetting_datasets,
+    ground_truth_as_predictions,
+    tiny_synthetic_cfg,
+    write_coco,
+)
 
 TINY = SyntheticShapesParams(num_images=4, image_size=(32, 32), object_size=(6, 12), seed=1)
 
@@ -189,18 +191,8 @@ def test_builtin_val_ground_truth_scores_ap_100_with_coco_evaluator(synthetic_ro
                               use_fast_impl=False)
     evaluator.reset()
     for d in dicts:
-        h, w = d["height"], d["width"]
-        inst = Instances((h, w))
-        boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
-                 for a in d["annotations"]]
-        inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-        inst.scores = torch.ones(len(boxes))
-        inst.pred_classes = torch.tensor([a["category_id"] for a in d["annotations"]],
-                                         dtype=torch.int64)
-        masks = [mask_util.decode(mask_util.merge(mask_util.frPyObjects(a["segmentation"], h, w)))
-                 for a in d["annotations"]]
-        inst.pred_masks = torch.from_numpy(np.array(masks, dtype=bool).reshape(-1, h, w))
-        evaluator.process([{"image_id": d["image_id"]}], [{"instances": inst}])
+        evaluator.process([{"image_id": d["image_id"]}],
+                          [{"instances": ground_truth_as_predictions(d, with_masks=True)}])
     results = evaluator.evaluate()
     assert results["bbox"]["AP"] == pytest.approx(100.0)
     assert results["segm"]["AP"] == pytest.approx(100.0)

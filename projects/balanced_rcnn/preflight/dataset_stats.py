@@ -3,7 +3,7 @@ The images and the classes of a training set (and its evaluation sets): how imba
 between empty and object images and between classes, before anything is trained.
 """
 
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, Mapping, Sequence
 
 from ..data.class_counts import class_image_counts
 from ..data.samplers import holds_objects

@@ -96,7 +96,7 @@ def render_report(report: Dict[str, Any]) -> str:
         f"{d['images']} training images, {_pct(d['empty_share'])} without objects; "
         f"{d['objects']} objects, {d['objects_per_object_image']:.2f} per object image; crowd "
         f"share {_pct(d['crowd_share'])}",
-        f"classes by training images (head/tail ratio "
+        "classes by training images (head/tail ratio "
         + (f"{d['head_tail_ratio']:.1f}" if d["head_tail_ratio"] else "-")
         + "; group = the AP by class frequency group):",
     ]
