@@ -68,7 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     start = time.perf_counter()
     write_coco(json_file, args.images, args.boxes)
     generate_s = time.perf_counter() - start
-    opts = ["DATASETS.REGISTER_COCO", str([["bench_train", str(json_file), str(folder / "images")]]),
+    entry = [["bench_train", str(json_file), str(folder / "images")]]
+    opts = ["DATASETS.REGISTER_COCO", str(entry),
             "DATASETS.TRAIN", "('bench_train',)", "DATASETS.TEST", "()",
             "MODEL.ROI_HEADS.NUM_CLASSES", "80", "MODEL.MASK_ON", "False", "MODEL.WEIGHTS", "",
             "DATALOADER.FILTER_EMPTY_ANNOTATIONS", "False", "OUTPUT_DIR", str(folder)]

@@ -22,6 +22,10 @@ def test_demo_writes_every_artifact_and_prints_the_ap(repo_root, tmp_path):
     assert {"bbox/AP50", "segm/AP"} <= set(final)
     summary = result.stdout.split("Done. Everything is in")[1]
     assert f"bbox/AP {final['bbox/AP']:.1f}, bbox/AP50 {final['bbox/AP50']:.1f}" in summary
+    # What a deployment sees, at TEST.DEPLOYMENT_SCORE_THRESH.
+    assert (f"at score >= 0.5  false_alarm_images "
+            f"{final['image_level/false_alarm_images']:.1f}%, object_images_detected "
+            f"{final['image_level/object_images_detected']:.1f}%") in summary
     assert list(output.glob("events.out.tfevents.*"))
     for name in ("total_loss", "losses", "lr", "grad_norm"):
         assert cv2.imread(str(output / "plots" / f"{name}.png")) is not None, name

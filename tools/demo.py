@@ -118,6 +118,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     print(f"  COCO results      {output_dir / 'inference'}")
     summary = {k: metrics[k] for k in ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50") if k in metrics}
     print("  val AP            " + ", ".join(f"{k} {v:.1f}" for k, v in summary.items()))
+    deployed = {k.split("/")[1]: metrics[k] for k in metrics if k.startswith("image_level/")}
+    if deployed:
+        cfg = load_project_config(str(output_dir / "config.yaml"))
+        print(f"  at score >= {cfg.TEST.DEPLOYMENT_SCORE_THRESH:g}  " + ", ".join(
+            f"{name} {value:.2f}" if name.startswith("dets") else f"{name} {value:.1f}%"
+            for name, value in deployed.items()))
     return summary
 
 

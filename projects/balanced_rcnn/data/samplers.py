@@ -52,7 +52,8 @@ CLASS_AWARE_OBJECT_SHARE_SAMPLER = "ClassAwareObjectShareTrainingSampler"
 
 
 def holds_objects(record: Dict) -> bool:
-    """What detectron2's FILTER_EMPTY_ANNOTATIONS keeps (filter_images_with_only_crowd_annotations)."""
+    """Whether a record holds a non-crowd object: what detectron2's FILTER_EMPTY_ANNOTATIONS
+    keeps (filter_images_with_only_crowd_annotations)."""
     return any(ann.get("iscrowd", 0) == 0 for ann in record.get("annotations", []))
 
 
