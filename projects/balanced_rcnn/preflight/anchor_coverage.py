@@ -134,11 +134,12 @@ def anchor_coverage(cfg: CfgNode, dataset_dicts: Sequence[Dict[str, Any]], max_i
     """
     Per training scale (``scales``, default :func:`training_scales`): every non-crowd object's
     resized ``size`` (sqrt of the area), ``best_iou``, ``above`` and ``positives`` (module
-    docstring), as arrays, over the images that hold objects, or a random sample of
-    ``max_images`` of them (0: all).
+    docstring), as arrays, over the images that hold objects and state their size, or a random
+    sample of ``max_images`` of them (0: all).
     """
     matching = AnchorMatching.from_config(cfg)
-    images = [r for r in dataset_dicts if holds_objects(r)]
+    # A record without its size (detectron2 reads it from the image then) cannot be resized here.
+    images = [r for r in dataset_dicts if holds_objects(r) and "height" in r and "width" in r]
     if 0 < max_images < len(images):
         rng = np.random.default_rng(seed)
         images = [images[i] for i in sorted(rng.choice(len(images), max_images, replace=False))]
