@@ -58,6 +58,7 @@ from quality_arms import ARMS, PRETRAINS, SETTINGS, TINY_SETTINGS, Arm, Setting 
 from balanced_rcnn.config import load_project_config
 from balanced_rcnn.data import BUILTIN_SYNTHETIC
 from balanced_rcnn.errors import EXIT_COLLAPSE, EXIT_NON_FINITE
+from balanced_rcnn.evaluation.frequency_groups import frequency_groups
 from balanced_rcnn.health.check_images import check_records
 from balanced_rcnn.health.collapse import count_collapses, objects_per_image
 from balanced_rcnn.health.grad_shares import GRAD_SHARE_PREFIX
@@ -263,7 +264,8 @@ def collapse_rule(config: Dict[str, object]) -> dict:
             "patience": int(config["HEALTH.PATIENCE"]), "objects": objects}
 
 
-def parse_metrics(records: List[dict], health_warmup: int, rule: Optional[dict] = None) -> dict:
+def parse_metrics(records: List[dict], health_warmup: int, rule: Optional[dict] = None,
+                  num_classes: int = 0) -> dict:
     """The final AP and the health checks of one run (see the module docstring). ``rule``
     (:func:`collapse_rule`): judge the logged checks by the monitor's rule as it is now; None:
     the collapses the monitor reported while training."""
@@ -285,8 +287,10 @@ def parse_metrics(records: List[dict], health_warmup: int, rule: Optional[dict] 
                 shares.setdefault(key[len(GRAD_SHARE_PREFIX):], []).append(value)
     extra = {k: (float(final[k]) if final.get(k) is not None else None)
              for k in GROUP_KEYS + IMAGE_LEVEL_KEYS}
-    if bool(final) and math.isnan(final.get("bbox/AP", 0.0)):
-        extra.update({k: 0.0 for k in GROUP_KEYS})  # no predictions: every AP is 0
+    if bool(final) and math.isnan(final.get("bbox/AP", 0.0)) and num_classes:
+        # No predictions: the AP of every group that has classes is 0 (2 classes: no rare one).
+        groups = frequency_groups([0] * num_classes)
+        extra.update({f"bbox/{g}": 0.0 for g, members in groups.items() if members})
     return {
         **ap,
         **extra,
@@ -311,6 +315,10 @@ def _spec(cmd: List[str], threads: int) -> dict:
     return {"config": resolved_config(cmd), "threads": threads}
 
 
+def _num_classes(spec: dict) -> int:
+    return int(spec["config"].get("MODEL.ROI_HEADS.NUM_CLASSES", 0))
+
+
 def load_result(run_dir: Path, spec: dict, schedule: Schedule) -> Optional[dict]:
     path = run_dir / "result.json"
     if not path.is_file():
@@ -321,7 +329,8 @@ def load_result(run_dir: Path, spec: dict, schedule: Schedule) -> Optional[dict]
                                                                    spec["config"]):
         return None
     return {**result, **parse_metrics(read_metrics(run_dir / "metrics.json"),
-                                      schedule.health_warmup, collapse_rule(spec["config"]))}
+                                      schedule.health_warmup, collapse_rule(spec["config"]),
+                                      _num_classes(spec))}
 
 
 # Finished runs kept in git (result.json and metrics.json, gzipped, a few kB each), so that a
@@ -343,8 +352,8 @@ def archive_run(archive: Optional[Path], name: str, run_dir: Path) -> None:
 def restore_run(archive: Optional[Path], name: str, run_dir: Path) -> None:
     """Lay out an archived run's result.json and metrics.json in an empty ``run_dir``."""
     path = archive / f"{name}.json.gz" if archive else None
-    if path is None or not path.is_file() or (run_dir / "result.json").exists():
-        return
+    if path is None or not path.is_file() or (run_dir.exists() and any(run_dir.iterdir())):
+        return  # nothing archived, or a folder in use (a finished or an interrupted run)
     with gzip.open(path, "rt") as f:
         data = json.load(f)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -361,7 +370,7 @@ def finish(name: str, run_dir: Path, spec: dict, returncode: int, seconds: float
     parsed = {}
     if metrics.exists():
         parsed = parse_metrics(read_metrics(metrics), schedule.health_warmup,
-                               collapse_rule(spec["config"]))
+                               collapse_rule(spec["config"]), _num_classes(spec))
     result = {"name": name, "status": status, "seconds": seconds, "commit": common.git_commit(),
               "spec": spec, **parsed}
     if status == "ok":  # only finished runs are reused; others run again next time
@@ -416,6 +425,13 @@ def execute(jobs_todo: List[Tuple[str, Path, List[str], Optional[str]]], schedul
             results[name] = done
         else:
             todo.append(_Job(name, run_dir, cmd, spec, after))
+    # A run others start from (the fine-tune's pretraining) is not trained when every run that
+    # starts from it is done already (e.g. restored from the archive).
+    predecessors = {after for *_, after in jobs_todo if after}
+    needed = {job.after for job in todo if job.after}
+    for job in [j for j in todo if j.name in predecessors - needed]:
+        todo.remove(job)
+        results[job.name] = {"name": job.name, "status": "not needed", "seconds": 0.0}
     if reuse_only:
         for job in todo:
             results[job.name] = {"name": job.name, "status": "not run (--reuse-only)",
@@ -485,7 +501,7 @@ def execute_study(study: Study, runs: List[Run], jobs: int, threads: int,
     results = execute(todo, study.schedule, jobs, threads, reuse_only, study.archive)
     for key in needed:
         pre = results.pop(study.pretrains[key].name)
-        if pre["status"] != "ok":
+        if pre["status"] not in ("ok", "not needed"):
             print(f"pretraining {pre['name']} failed: the runs that start from it were skipped",
                   file=sys.stderr)
     return results

@@ -312,3 +312,38 @@ def test_bench_preflight_tiny_times_the_report_and_the_summary(one_thread, tmp_p
     assert result["summary"].startswith("Pre-flight: 1000 training images, ")
     assert "| `tools/analyze_data.py`, end to end (new process) | 2000 | 14000 |" in (
         tmp_path / "bench_preflight.md").read_text()
+
+
+def test_no_predictions_count_as_zero_ap_in_the_groups_that_have_classes():
+    quality_ab = _load("quality_ab")
+    records = [{"iteration": 799, "bbox/AP": float("nan"), "bbox/APr": float("nan"),
+                "bbox/APc": float("nan"), "bbox/APf": float("nan")}]
+    two = quality_ab.parse_metrics(records, health_warmup=100, num_classes=2)
+    assert (two["bbox/APf"], two["bbox/APc"]) == (0.0, 0.0) and math.isnan(two["bbox/APr"])
+    assert quality_ab.parse_metrics(records, health_warmup=100, num_classes=20)["bbox/APr"] == 0.0
+
+
+def test_a_pretraining_whose_runs_are_all_done_is_not_trained(tmp_path, repo_root):
+    import sys
+
+    quality_ab = _load("quality_ab")
+    cmd = [sys.executable, "train_net.py", "--config-file",
+           str(repo_root / "configs/quick_schedules/swin_tiny_balanced_instant_test.yaml")]
+    done = tmp_path / "finetune_s0"
+    done.mkdir()
+    (done / "result.json").write_text(json.dumps(
+        {"name": "finetune_s0", "status": "ok", "seconds": 1.0,
+         "spec": quality_ab._spec(cmd, 1)}))
+    (done / "metrics.json").write_text(json.dumps({"iteration": 5, "bbox/AP": 1.0}) + "\n")
+    results = quality_ab.execute([("pretrain", tmp_path / "pretrain", cmd, None),
+                                  ("finetune_s0", done, cmd, "pretrain")],
+                                 quality_ab.TINY_SCHEDULE, jobs=1, threads=1)
+    assert results["pretrain"]["status"] == "not needed"
+    assert results["finetune_s0"]["status"] == "ok" and results["finetune_s0"]["bbox/AP"] == 1.0
+    assert not (tmp_path / "pretrain").exists()  # nothing was trained
+    # An archived run is not laid over a folder in use.
+    archive = tmp_path / "archive"
+    quality_ab.archive_run(archive, "finetune_s0", done)
+    (done / "metrics.json").write_text("")
+    quality_ab.restore_run(archive, "finetune_s0", done)
+    assert (done / "metrics.json").read_text() == ""

@@ -105,3 +105,23 @@ def test_threshold_outside_zero_one_is_refused(threshold, forget_bad_datasets):
     with pytest.raises(ValueError, match=rf"TEST.DEPLOYMENT_SCORE_THRESH must be a score in "
                                          rf"\[0, 1\], got {threshold}"):
         ImageLevelEvaluator("bad_image_level", threshold)
+
+
+def test_records_without_their_own_image_id_are_refused(forget_bad_datasets):
+    shared = [dict(RECORDS[0], file_name="a.png"), dict(RECORDS[0], file_name="b.png")]
+    DatasetCatalog.register("bad_shared_id", lambda: shared)
+    with pytest.raises(ValueError, match=r"Image-level evaluation of bad_shared_id: 'b.png' has "
+                                         r"image_id 1, as 'a.png'; every image needs its own"):
+        ImageLevelEvaluator("bad_shared_id", 0.5)
+    DatasetCatalog.register("bad_no_id", lambda: [{"file_name": "c.png", "annotations": []}])
+    with pytest.raises(ValueError, match="'c.png' has no image_id"):
+        ImageLevelEvaluator("bad_no_id", 0.5)
+
+
+def test_a_bad_threshold_is_refused_at_set_up(tiny_cfg):
+    from balanced_rcnn.config_checks import check_config_choices
+
+    tiny_cfg.TEST.DEPLOYMENT_SCORE_THRESH = 5.0
+    with pytest.raises(ValueError, match=r"TEST.DEPLOYMENT_SCORE_THRESH must be a score in "
+                                         r"\[0, 1\], got 5.0"):
+        check_config_choices(tiny_cfg)

@@ -169,27 +169,35 @@ def test_summary_line(tiny):
     cfg = tiny("SOLVER.MAX_ITER", "30", "SOLVER.IMS_PER_BATCH", "4")
     line = preflight_summary(cfg, _records(), anchor_images=20)
     assert line.startswith("Pre-flight: 10 training images, 70.0% without objects; ")
-    assert "of 5 objects (in 20 images) without an anchor at IoU >= 0.5" in line
+    assert "20.0% of 5 objects (in 3 images) without an anchor at IoU >= 0.5" in line
     assert "SOLVER.MAX_ITER 30 = 10.00 epochs" in line
 
 
-def test_matching_on_the_candidate_anchors_equals_matching_on_all(repo_root):
+@pytest.mark.parametrize("opts", [
+    [],  # the COCO config: anchors 8x the stride, RPN IoU 0.7
+    # Anchors as large as the stride: a box's best anchor can sit on a level whose bound is far
+    # below the best level's (the grid misses the box there).
+    ["MODEL.ANCHOR_GENERATOR.SIZES", "[[4], [8], [16], [32], [64]]"],
+])
+def test_matching_on_the_candidate_anchors_equals_matching_on_all(repo_root, opts):
     """AnchorMatching matches each image's boxes against the anchors near them only; detectron2's
-    matcher on every anchor of the image gives the same numbers (COCO config, 800 px)."""
+    matcher on every anchor of the image gives the same numbers (800 px)."""
     from balanced_rcnn.config import load_project_config
     from detectron2.structures import Boxes, pairwise_iou
 
     matching = AnchorMatching.from_config(
-        load_project_config(str(repo_root / "configs/swin_balanced.yaml")))
+        load_project_config(str(repo_root / "configs/swin_balanced.yaml"), opts))
     anchors, _ = matching.anchors(800, 1216)
     generator = torch.Generator().manual_seed(0)
+    images = [torch.tensor([[300.9, 306.4, 317.5, 319.3], [10.0, 10.0, 10.0, 30.0]])]
     for _ in range(5):
         xy = torch.rand(7, 2, generator=generator) * 600
         wh = torch.exp(torch.rand(7, 2, generator=generator) * 4.6 + 1.4)  # 4-400 px
-        boxes = torch.cat([xy, xy + wh], dim=1)
+        images.append(torch.cat([xy, xy + wh], dim=1))
+    for boxes in images:  # the first with a box of no area: every anchor its match
         iou = pairwise_iou(Boxes(boxes), Boxes(anchors))
         matched, labels = matching.matcher(iou)
         everything = (iou.max(dim=1).values, (iou >= matching.fg_threshold).sum(dim=1),
-                      torch.bincount(matched[labels == 1], minlength=7))
+                      torch.bincount(matched[labels == 1], minlength=len(boxes)))
         for ours, theirs in zip(matching.match(boxes, 800, 1216), everything):
             assert torch.equal(ours, theirs)

@@ -14,8 +14,8 @@ Usage:
 The training images are those of the json, without the images that have no annotation when
 --drop-empty says that DATALOADER.FILTER_EMPTY_ANNOTATIONS is True (by default they are kept, as
 the imbalanced-data template configs/my_data/imbalanced_coco.yaml does). Image rebalancing
-(ObjectShareTrainingSampler, RepeatFactorTrainingSampler) keeps the expected epoch length, so
-the formula holds with it too. Prints the counts and a line of KEY VALUE overrides to paste
+(ObjectShareTrainingSampler, RepeatFactorTrainingSampler) does not change the formula: an
+epoch here is as many images drawn as the training set holds, whatever the sampler. Prints the counts and a line of KEY VALUE overrides to paste
 after train_net.py's arguments.
 """
 

@@ -34,6 +34,7 @@ from .data.samplers import CLASS_AWARE_OBJECT_SHARE_SAMPLER, OBJECT_SHARE_SAMPLE
 from .health.collapse import ACTIONS
 from .engine.optimizer import CLIP_TYPES, OPTIMIZERS
 from .engine.trainer import AMP_PRECISIONS
+from .evaluation.image_level import check_deployment_score_thresh
 from .modeling.checks import check_balanced_loss_keys
 from .modeling.losses import BOX_REG_LOSS_TYPES, REG_NORMALIZERS
 
@@ -130,3 +131,4 @@ def check_config_choices(cfg: CfgNode) -> None:
     # The balanced heads check their section when they are built; a stock-heads run never
     # builds them, and would carry a bad value into the next config copied from it.
     check_balanced_loss_keys(cfg)
+    check_deployment_score_thresh(cfg.TEST.DEPLOYMENT_SCORE_THRESH)

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from detectron2.config import configurable
+from detectron2.data import DatasetFromList
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode, polygons_to_bitmask
@@ -36,7 +37,8 @@ class PasteTransform(T.Transform):
 
     def __init__(self, pixels: np.ndarray, mask: np.ndarray):
         super().__init__()
-        self._set_attributes(locals())
+        self.pixels = pixels
+        self.mask = mask
 
     def apply_image(self, img: np.ndarray) -> np.ndarray:
         out = img.copy()
@@ -97,7 +99,9 @@ class CopyPasteDatasetMapper(SkippingDatasetMapper):
             raise ValueError("INPUT.COPY_PASTE.PROBABILITY > 0 with MODEL.KEYPOINT_ON: pasted "
                              "objects carry no keypoints; turn one of them off")
         super().__init__(is_train, **kwargs)
-        self.donors = [d for d in donors if holds_objects(d)]
+        # Serialized as detectron2 keeps the dataset, so that forked loader workers share it
+        # instead of copying a list of dicts on read.
+        self.donors = DatasetFromList([d for d in donors if holds_objects(d)], copy=False)
         self.paste_probability = paste_probability
 
     @classmethod

@@ -13,7 +13,6 @@ from detectron2.data import build_detection_test_loader, build_detection_train_l
 from detectron2.utils import comm
 from torch.utils.data import DataLoader
 
-from ..preflight.report import preflight_summary
 from .copy_paste import CopyPasteDatasetMapper
 from .mapper import SkippingDatasetMapper, SkipTrackingLoader
 from .samplers import build_object_share_sampler
@@ -28,7 +27,7 @@ def build_train_loader(cfg: CfgNode) -> SkipTrackingLoader:
     """The training loader; its ``skipped`` attribute tallies the images skipped so far."""
     dicts, skipped = load_train_dicts(cfg)
     if comm.is_main_process():
-        logger.info(preflight_summary(cfg, dicts))
+        _log_preflight_summary(cfg, dicts)
     # Each mapper may skip what the up-front check has left of the allowance.
     if cfg.INPUT.COPY_PASTE.PROBABILITY != 0:  # the mapper refuses values outside [0, 1]
         mapper = CopyPasteDatasetMapper(cfg, True, max_skipped=skipped.remaining(), donors=dicts)
@@ -38,6 +37,16 @@ def build_train_loader(cfg: CfgNode) -> SkipTrackingLoader:
     sampler = build_object_share_sampler(cfg, dicts)
     loader = build_detection_train_loader(cfg, dataset=dicts, mapper=mapper, sampler=sampler)
     return SkipTrackingLoader(loader, skipped)
+
+
+def _log_preflight_summary(cfg: CfgNode, dicts) -> None:
+    # Imported here: preflight/ reads the data package. A diagnostic never stops a run.
+    
+    try:
+        logger.info(preflight_summary(cfg, dicts))
+    except Exception as e:  # noqa: BLE001
+        logger.warning(f"Pre-flight summary not computed ({type(e).__name__}: {e}); "
+                       "tools/analyze_data.py gives the full report")
 
 
 def build_test_loader(cfg: CfgNode, dataset_name: str) -> DataLoader:

@@ -18,14 +18,16 @@ factors the same way. The one formula of both:
 
     n_obj images with at least one non-crowd annotation, n_empty without, N = n_obj + n_empty
     b_i     base factor of object image i: 1 (ObjectShare), or RFS's
-            max(1, g(t / f_c)) over its categories c, f_c the share of all images holding c,
-            g = sqrt if REPEAT_SQRT else identity, t = REPEAT_THRESHOLD (ClassAwareObjectShare)
+            max(1, g(t / f_c)) over its categories c, f_c the share of all images holding c
+            (crowd annotations count, as detectron2 counts them), g = sqrt if REPEAT_SQRT else
+            identity, t = REPEAT_THRESHOLD (ClassAwareObjectShare)
     B       = sum of b_i over the object images, s = OBJECT_IMAGE_SHARE
     if B / (B + n_empty) >= s:  r_i = b_i, r_empty = 1  (already at least the share)
     else:   r_i = b_i * s * N / B,  r_empty = (1 - s) * N / n_empty
 
-An epoch then holds N images in expectation, s * N of them with objects, each object image drawn
-in proportion to b_i. With every b_i = 1 and n_obj / N >= s every factor is 1.
+In the second case an epoch of the sampler holds N images in expectation, s * N of them with
+objects; in the first it is RFS's (B + n_empty images). Either way each object image is drawn in
+proportion to b_i. With every b_i = 1 and n_obj / N >= s every factor is 1.
 """
 
 import logging

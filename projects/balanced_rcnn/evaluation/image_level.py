@@ -26,8 +26,8 @@ from detectron2.structures import Boxes, BoxMode, pairwise_iou
 from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
-__all__ = ["IMAGE_LEVEL_TASK", "ImageCounts", "ImageLevelEvaluator", "image_counts",
-           "image_level_metrics"]
+__all__ = ["IMAGE_LEVEL_TASK", "ImageCounts", "ImageLevelEvaluator",
+           "check_deployment_score_thresh", "image_counts", "image_level_metrics"]
 
 IMAGE_LEVEL_TASK = "image_level"
 logger = logging.getLogger(__name__)
@@ -92,17 +92,30 @@ def image_level_metrics(counts: List[ImageCounts]) -> "OrderedDict[str, float]":
     ])
 
 
+def check_deployment_score_thresh(value: float) -> None:
+    """TEST.DEPLOYMENT_SCORE_THRESH is a score; checked at set-up and by the evaluator."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"TEST.DEPLOYMENT_SCORE_THRESH must be a score in [0, 1], got {value}")
+
+
 class ImageLevelEvaluator(DatasetEvaluator):
     """The module docstring's metrics on a registered dataset, at ``score_threshold``."""
 
     def __init__(self, dataset_name: str, score_threshold: float, distributed: bool = True):
-        if not 0.0 <= score_threshold <= 1.0:
-            raise ValueError(
-                f"TEST.DEPLOYMENT_SCORE_THRESH must be a score in [0, 1], got {score_threshold}")
+        check_deployment_score_thresh(score_threshold)
         self.dataset_name = dataset_name
         self.score_threshold = float(score_threshold)
         self._distributed = distributed
-        self._records = {r["image_id"]: r for r in DatasetCatalog.get(dataset_name)}
+        self._records: Dict[Any, Dict[str, Any]] = {}
+        for record in DatasetCatalog.get(dataset_name):
+            image_id = record.get("image_id")
+            if image_id is None or image_id in self._records:
+                raise ValueError(
+                    f"Image-level evaluation of {dataset_name}: '{record.get('file_name')}' has "
+                    + ("no image_id" if image_id is None else
+                       f"image_id {image_id!r}, as '{self._records[image_id].get('file_name')}'")
+                    + "; every image needs its own")
+            self._records[image_id] = record
         self.reset()
 
     def reset(self) -> None:

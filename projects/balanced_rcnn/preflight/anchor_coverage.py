@@ -17,6 +17,7 @@ and right edges are left out). Objects are binned by the square root of their re
 
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -34,6 +35,7 @@ from ..data.samplers import holds_objects
 
 __all__ = ["SIZE_BANDS", "AnchorMatching", "anchor_coverage", "training_scales"]
 
+_CACHED_SIZES = 16  # image sizes whose anchors are kept (least recently used out)
 # sqrt(area) bands in resized pixels: COCO's small / medium / large (32, 96), small split at 16.
 SIZE_BANDS = (("< 16 px", 0, 16), ("16-32 px", 16, 32), ("32-96 px", 32, 96),
               ("> 96 px", 96, math.inf))
@@ -65,7 +67,8 @@ class AnchorMatching:
                    float(cfg.MODEL.RPN.IOU_THRESHOLDS[-1]))
 
     def __post_init__(self):
-        self._anchors: Dict[Tuple[int, int], Tuple[torch.Tensor, List[Tuple[int, ...]]]] = {}
+        self._anchors: "OrderedDict[Tuple[int, int], Tuple[torch.Tensor, List[Tuple[int, ...]]]]" \
+            = OrderedDict()
         # Per level: the cell anchors' widths and heights, (A, 2).
         self._cells = [torch.stack([c[:, 2] - c[:, 0], c[:, 3] - c[:, 1]], dim=1)
                        for c in self.generator.cell_anchors]
@@ -73,37 +76,41 @@ class AnchorMatching:
     def anchors(self, height: int, width: int) -> Tuple[torch.Tensor, List[Tuple[int, ...]]]:
         """All the generator's anchors for an image of this size, (N, 4) in its order (level by
         level, then row, column, cell anchor), and per level (first index, rows, columns)."""
-        if (height, width) not in self._anchors:
+        key = (height, width)
+        if key not in self._anchors:
             grids = [(math.ceil(height / s), math.ceil(width / s)) for s in self.generator.strides]
             # The generator reads only the feature maps' sizes: empty maps of those sizes.
             levels = self.generator([torch.empty(1, 0, h, w) for h, w in grids])
             starts = np.cumsum([0] + [len(b) for b in levels])
-            self._anchors[(height, width)] = (Boxes.cat(levels).tensor, [
+            self._anchors[key] = (Boxes.cat(levels).tensor, [
                 (int(start), h, w) for start, (h, w) in zip(starts, grids)])
-        return self._anchors[(height, width)]
+            if len(self._anchors) > _CACHED_SIZES:  # a few MB each at 800 px
+                self._anchors.popitem(last=False)
+        self._anchors.move_to_end(key)
+        return self._anchors[key]
 
-    def _candidates(self, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """(K, 4) anchors that can matter to ``boxes``: per box, the anchors that overlap it on
-        the levels whose best possible IoU with it (centres aligned) reaches the foreground
-        threshold or half of its best level's. Any other anchor is below the threshold for
-        every box and far from any box's best IoU, so the matcher's labels for ``boxes`` are
-        those it gives on all anchors."""
-        anchors, layout = self.anchors(height, width)
+    def _level_bounds(self, boxes: torch.Tensor) -> torch.Tensor:
+        """(G, L): the highest IoU each box can have with an anchor of each level (its centre
+        on the box's, the best of the level's shapes); an upper bound of the level's IoUs."""
         wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-6)  # (G, 2)
         bounds = []
-        for cells in self._cells:  # (G, A) aligned-centre IoU of each box with each shape
-            inter = torch.minimum(wh[:, None, :], cells[None]).prod(dim=2)
+        for cells in self._cells:  # (A, 2) shapes
+            inter = torch.minimum(wh[:, None, :], cells[None]).prod(dim=2)  # (G, A)
             union = wh.prod(dim=1)[:, None] + cells.prod(dim=1)[None] - inter
             bounds.append((inter / union).max(dim=1).values)
-        bounds = torch.stack(bounds, dim=1)  # (G, L)
-        keep = bounds >= torch.clamp(0.5 * bounds.max(dim=1, keepdim=True).values,
-                                     max=self.fg_threshold)
-        parts = []
+        return torch.stack(bounds, dim=1)
+
+    def _candidates(self, boxes: torch.Tensor, levels: torch.Tensor, height: int,
+                    width: int) -> torch.Tensor:
+        """(K, 4): the anchors that overlap a box, on the levels ``levels`` (G, L) marks for
+        it."""
+        anchors, layout = self.anchors(height, width)
+        parts = [torch.zeros(0, dtype=torch.long)]
         for level, ((start, rows, cols), stride, cells) in enumerate(zip(
                 layout, self.generator.strides, self._cells)):
             offset = self.generator.offset * stride
             half_w, half_h = (cells.max(dim=0).values / 2).tolist()  # the widest shape's
-            for x0, y0, x1, y1 in boxes[keep[:, level]].tolist():
+            for x0, y0, x1, y1 in boxes[levels[:, level]].tolist():
                 c = torch.arange(max(0, math.floor((x0 - half_w - offset) / stride)),
                                  min(cols, math.ceil((x1 + half_w - offset) / stride) + 1))
                 r = torch.arange(max(0, math.floor((y0 - half_h - offset) / stride)),
@@ -114,9 +121,30 @@ class AnchorMatching:
         return anchors[torch.unique(torch.cat(parts))]
 
     def match(self, boxes: torch.Tensor, height: int, width: int) -> Tuple[torch.Tensor, ...]:
-        """(G, 4) XYXY boxes in a (height, width) image -> best IoU, anchors above the
-        threshold and positive anchors, each (G,)."""
-        iou = pairwise_iou(Boxes(boxes), Boxes(self._candidates(boxes, height, width)))  # (G, K)
+        """
+        (G, 4) XYXY boxes in a (height, width) image -> best IoU, anchors above the threshold
+        and positive anchors, each (G,): detectron2's matcher on the anchors that can matter,
+        which gives what it gives on every anchor of the image. An anchor is positive at IoU >=
+        the threshold, or as a low-quality match at a box's best IoU; every level that could
+        hold either (its bound, :meth:`_level_bounds`, reaches the threshold or the best IoU
+        found so far) is matched, and the IoUs against every box decide which box an anchor
+        goes to. A box whose best IoU is 0 (no area) is matched on every anchor, as detectron2
+        makes every anchor its low-quality match.
+        """
+        bounds = self._level_bounds(boxes)
+        levels = bounds >= torch.clamp(0.5 * bounds.max(dim=1, keepdim=True).values,
+                                       max=self.fg_threshold)
+        while True:
+            iou = pairwise_iou(Boxes(boxes), Boxes(self._candidates(boxes, levels, height,
+                                                                    width)))  # (G, K)
+            best = iou.max(dim=1).values if iou.numel() else torch.zeros(len(boxes))
+            if not bool((best > 0).all()):
+                iou = pairwise_iou(Boxes(boxes), Boxes(self.anchors(height, width)[0]))
+                break
+            wider = levels | (bounds >= best[:, None])
+            if torch.equal(wider, levels):
+                break
+            levels = wider
         matched, labels = self.matcher(iou)
         positives = torch.bincount(matched[labels == 1], minlength=len(boxes))
         return iou.max(dim=1).values, (iou >= self.fg_threshold).sum(dim=1), positives

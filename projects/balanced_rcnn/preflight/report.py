@@ -159,12 +159,13 @@ def preflight_summary(cfg: CfgNode, kept: Sequence[Dict[str, Any]], anchor_image
     without an anchor at the smallest training scale (on ``anchor_images`` images), epochs."""
     empty = sum(not holds_objects(r) for r in kept) / max(len(kept), 1)
     scale = training_scales(cfg)[0]
-    coverage = anchor_coverage(cfg, kept, anchor_images)[scale]
+    coverage = anchor_coverage(cfg, kept, anchor_images, scales=[scale])[scale]
+    sampled = min(anchor_images, sum(holds_objects(r) for r in kept))
     epochs = cfg.SOLVER.MAX_ITER / iterations_per_epoch(max(len(kept), 1),
                                                         cfg.SOLVER.IMS_PER_BATCH)
     return (f"Pre-flight: {len(kept)} training images, {100 * empty:.1f}% without objects; "
             f"{100 * no_anchor_share(coverage):.1f}% of {len(coverage['size'])} objects (in "
-            f"{anchor_images} images) without an anchor at IoU >= "
+            f"{sampled} images) without an anchor at IoU >= "
             f"{cfg.MODEL.RPN.IOU_THRESHOLDS[-1]:g} at short edge {scale}; SOLVER.MAX_ITER "
             f"{cfg.SOLVER.MAX_ITER} = {epochs:.2f} epochs. The full report: "
             "python tools/analyze_data.py --config-file <this config>")

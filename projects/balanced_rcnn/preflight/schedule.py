@@ -4,11 +4,11 @@ The schedule in epochs, and how often the configured sampler shows each image.
     iterations per epoch = ceil(training images / SOLVER.IMS_PER_BATCH)
     epochs               = SOLVER.MAX_ITER / iterations per epoch
 
-The samplers (detectron2's and the project's) keep the expected epoch length, so the formula
-holds with any of them. An image i with repeat factor r_i (1 under TrainingSampler) is drawn with
-probability r_i / sum(r), so over the run it is seen MAX_ITER x IMS_PER_BATCH x r_i / sum(r) times
-in expectation. tools/schedule.py turns a schedule in epochs into these keys with the same
-arithmetic.
+An epoch here is N training images drawn, whatever the sampler (a repeat-factor sampler's own
+epochs hold sum(r) images), as detectron2's schedules count. An image i with repeat factor r_i
+(1 under TrainingSampler) is drawn with probability r_i / sum(r), so over the run it is seen
+MAX_ITER x IMS_PER_BATCH x r_i / sum(r) times in expectation. tools/schedule.py turns a schedule
+in epochs into these keys with the same arithmetic.
 """
 
 import math

@@ -104,10 +104,10 @@ def suggest(cfg: CfgNode, stats: Dict[str, Any], schedule: Dict[str, Any],
                     "reason": f"{100 * stats['empty_share']:.1f}% of the training images hold "
                               f"no object and {sampler} samples them as they come "
                               f"({100 * schedule.get('object_share_sampled', 0):.1f}% of the "
-                              "sampled images hold objects); at 95% empty images stock "
-                              "detectron2 lost its detections in 5 of 5 seeds, with half the "
-                              "sampled images holding objects in 0 of 5 (BENCHMARKS.md, the "
-                              "collapse study)"})
+                              "sampled images hold objects); on mostly empty data that is "
+                              "where detectron2 loses its detections, and half the sampled "
+                              "images holding objects kept them (BENCHMARKS.md, \"Keeping "
+                              "detections alive: the study\")"})
     out += _anchor_suggestion(cfg, coverage, recompute)
     if target_epochs > 0:
         per_epoch = schedule["iterations_per_epoch"]
