@@ -221,13 +221,16 @@ for _share in SWEEP_SHARES:
             f"OBJECT_IMAGE_SHARE {_share:g}")
 
 
-# Simple copy-paste (Ghiasi et al. 2021; data/copy_paste.py) on top of the class-aware share:
-# half of the sampled empty images get the objects of a random object image.
-ARMS["samples_cshare_paste"] = Arm(
-    "balanced", ARMS["samples_cshare"].overrides + (("INPUT.COPY_PASTE.PROBABILITY", "0.5"),),
-    "samples + class-aware share 0.5 + copy-paste 0.5",
-    f"{ARMS['samples_cshare'].about}; INPUT.COPY_PASTE.PROBABILITY 0.5 (simple copy-paste onto "
-    "empty images, Ghiasi et al. 2021)")
+# Simple copy-paste (Ghiasi et al. 2021; data/copy_paste.py) on top of either object share
+# ("samples_share_paste", "samples_cshare_paste"): half of the sampled empty images get the
+# objects of a random object image.
+for _key in ("share", "cshare"):
+    _base = ARMS[f"samples_{_key}"]
+    ARMS[f"samples_{_key}_paste"] = Arm(
+        "balanced", _base.overrides + (("INPUT.COPY_PASTE.PROBABILITY", "0.5"),),
+        f"{_base.label} + copy-paste 0.5",
+        f"{_base.about}; INPUT.COPY_PASTE.PROBABILITY 0.5 (simple copy-paste onto empty images, "
+        "Ghiasi et al. 2021)")
 
 
 def weight_pair_arm(pos: float, bbox: float) -> Tuple[str, Arm]:
