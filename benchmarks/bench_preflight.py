@@ -108,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     f"{generate_s:.0f} s; not timed); the image files do not exist (nothing "
                     "reads them). The end-to-end time includes Python's start, the imports, "
                     "loading and checking the json at registration, and writing the JSON and "
-                    "the figure; the anchor analysis samples 500 object images (the tool's "
+                    "the figure; the anchor analysis samples 200 object images (the tool's "
                     "default), the summary 20."], tiny=args.tiny)
     return result
 

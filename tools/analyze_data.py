@@ -32,8 +32,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True, type=Path)
     parser.add_argument("--output", type=Path, help="default: OUTPUT_DIR/preflight")
-    parser.add_argument("--anchor-images", type=int, default=500,
-                        help="object images sampled for the anchor analysis (0: all; default 500)")
+    parser.add_argument("--anchor-images", type=int, default=200,
+                        help="object images sampled for the anchor analysis (0: all; default 200)")
     parser.add_argument("--epochs", type=float, default=0.0,
                         help="suggest SOLVER.MAX_ITER (and STEPS) for this many epochs")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],

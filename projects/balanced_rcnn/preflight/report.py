@@ -57,7 +57,7 @@ def summarize_coverage(coverage: Dict[str, np.ndarray]) -> Dict[str, Any]:
                         for label, lo, hi in SIZE_BANDS}}
 
 
-def preflight_report(cfg: CfgNode, anchor_images: int = 500, target_epochs: float = 0.0,
+def preflight_report(cfg: CfgNode, anchor_images: int = 200, target_epochs: float = 0.0,
                      datasets: Optional[Tuple] = None) -> Dict[str, Any]:
     """The whole report (module docstring) of registered datasets; ``anchor_images`` object
     images sampled for the anchor analysis (0: all)."""
