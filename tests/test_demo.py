@@ -23,9 +23,10 @@ def test_demo_writes_every_artifact_and_prints_the_ap(repo_root, tmp_path):
     summary = result.stdout.split("Done. Everything is in")[1]
     assert f"bbox/AP {final['bbox/AP']:.1f}, bbox/AP50 {final['bbox/AP50']:.1f}" in summary
     # What a deployment sees, at TEST.DEPLOYMENT_SCORE_THRESH.
-    assert (f"at score >= 0.5  false_alarm_images "
-            f"{final['image_level/false_alarm_images']:.1f}%, object_images_detected "
-            f"{final['image_level/object_images_detected']:.1f}%") in summary
+    assert (f"at score >= 0.5  dets_per_empty_image {final['image_level/dets_per_empty_image']:.2f}, "
+            f"false_alarm_images {final['image_level/false_alarm_images']:.1f}%, "
+            f"object_images_detected {final['image_level/object_images_detected']:.1f}%, "
+            f"recall50 {final['image_level/recall50']:.1f}%") in summary
     assert list(output.glob("events.out.tfevents.*"))
     for name in ("total_loss", "losses", "lr", "grad_norm"):
         assert cv2.imread(str(output / "plots" / f"{name}.png")) is not None, name

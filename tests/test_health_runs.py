@@ -159,12 +159,13 @@ def test_healthy_run_of_the_same_length_is_not_flagged(repo_root, fault_env, tmp
         assert name in checks[-1], name
     assert checks[-1]["health/num_collapses"] == 0
     assert checks[-1]["health/min_dets_per_image"] > 0
-    # The 8 check images: 6 with objects, 2 without, counted apart at the main threshold.
-    assert "8 images of synthetic_shapes_tiny_val (8 on this worker; " in log
-    assert "2 images without objects)" in log
+    # The HEALTH.NUM_IMAGES=4 check images: 3 with objects, 1 without, counted apart at the
+    # main threshold.
+    assert "4 images of synthetic_shapes_tiny_val (4 on this worker; " in log
+    assert "1 images without objects)" in log
     last = checks[-1]
-    assert 8 * last["health/dets_per_image"] == pytest.approx(
-        6 * last["health/dets_per_object_image"] + 2 * last["health/dets_per_empty_image"])
+    assert 4 * last["health/dets_per_image"] == pytest.approx(
+        3 * last["health/dets_per_object_image"] + 1 * last["health/dets_per_empty_image"])
     # Each loss term's gradient share on the backbone, measured in the step of every check.
     for check in checks:
         shares = {k: v for k, v in check.items() if k.startswith("health/grad_share/")}

@@ -41,7 +41,8 @@ def build_train_loader(cfg: CfgNode) -> SkipTrackingLoader:
 
 def _log_preflight_summary(cfg: CfgNode, dicts) -> None:
     # Imported here: preflight/ reads the data package. A diagnostic never stops a run.
-    
+    from ..preflight.report import preflight_summary
+
     try:
         logger.info(preflight_summary(cfg, dicts))
     except Exception as e:  # noqa: BLE001
