@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from balanced_rcnn import register_datasets_from_config
+from balanced_rcnn.data.checks import check_coco_annotations
 from detectron2.data import DatasetCatalog
 
 from coco_builders import SIZE, annotation, coco_cfg, write_coco
@@ -113,3 +114,35 @@ def test_training_set_without_any_annotation_is_warned_about(tmp_path: Path, cap
     with caplog.at_level(logging.WARNING):
         register_datasets_from_config(cfg)
     assert "no annotation at all" not in caplog.text  # a test set may be unlabelled
+
+
+@pytest.mark.parametrize("box, problem", [
+    ([1, 2, 3, 4], None),
+    ([1.5, 2, 3.25, 4], None),
+    ([-5, -5, 6, 6], None),  # 1 x 1 pixel left after clipping
+    # Four finite values whose sum overflows: the exact path decides.
+    ([1e308, 0, 1e308, 10], "lies outside its 32x32 image"),
+    ([-5, 0, 5, 10], "lies outside its 32x32 image"),  # ends on the left edge
+    ([0, 32, 10, 10], "lies outside its 32x32 image"),  # starts on the bottom edge
+    ([True, 0, 5, 5], "is not [x, y, width, height]"),  # json's true is no coordinate
+    ([float("nan"), 0, 5, 5], "is not [x, y, width, height]"),
+    ([0, 0, float("inf"), 5], "is not [x, y, width, height]"),
+    (["1", 0, 5, 5], "is not [x, y, width, height]"),
+    ([0, 0, 5], "is not [x, y, width, height]"),
+    ((0, 0, 5, 5), "is not [x, y, width, height]"),  # json gives lists only
+    ([0, 0, 0, 5], "has zero area"),
+])
+def test_box_rule_on_each_kind_of_value(box, problem):
+    coco = {"images": [{"id": 1, "file_name": "1.png", "height": 32, "width": 32}],
+            "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": box,
+                             "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "thing"}]}
+    if problem is None:
+        assert check_coco_annotations(coco, "boxes.json") == set()
+        return
+    with pytest.raises(ValueError) as info:
+        check_coco_annotations(coco, "boxes.json")
+    assert str(info.value).startswith(
+        "'boxes.json' has 1 annotations that cannot be trained on:\n  annotation id 7 "
+        f"(image id 1, '1.png'): bbox {box!r} ")
+    assert problem in str(info.value)

@@ -41,6 +41,9 @@ def _listing(problems: Sequence[str], limit: int = _LISTED) -> str:
     return "\n  " + "\n  ".join(problems[:limit]) + (f"\n  ... and {more} more" if more > 0 else "")
 
 
+_JSON_NUMBERS = frozenset((int, float))  # not bool: type(True) is bool
+
+
 def _is_number(x: Any) -> bool:
     # json's own types first: the abstract Real check costs a microsecond, times a million boxes.
     if type(x) is float:
@@ -50,21 +53,40 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _is_box(box: Any) -> bool:
+    """Whether ``box`` is four finite numbers. The common case costs one type test per value:
+    json's own int and float, whose finite sum proves each finite (a non-finite sum of finite
+    values, an overflow, takes the exact path)."""
+    if type(box) is not list or len(box) != 4:
+        return False
+    x, y, w, h = box
+    if (type(x) in _JSON_NUMBERS and type(y) in _JSON_NUMBERS and type(w) in _JSON_NUMBERS
+            and type(h) in _JSON_NUMBERS and math.isfinite(x + y + w + h)):
+        return True
+    return all(_is_number(v) for v in box)
+
+
+def _clipped_length(start: float, length: float, size: float) -> float:
+    # min(start + length, size) - max(start, 0), without two calls per box side
+    end = start + length
+    return (end if end < size else size) - (start if start > 0 else 0)
+
+
 def _geometry_problem(ann: Dict[str, Any], image: Dict[str, Any], masks: bool) -> Optional[str]:
     """Why the box or the mask of a COCO annotation cannot be trained on, or None (``masks``:
     the model trains a mask head, so every non-crowd object needs a segmentation)."""
     box = ann.get("bbox")
-    if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+    if not _is_box(box):
         return f"bbox {box!r} is not [x, y, width, height] (four finite numbers)"
     if box[2] <= 0 or box[3] <= 0:
         return f"bbox {box} has zero area (width {box[2]}, height {box[3]})"
     crowd = ann.get("iscrowd", 0)
     # detectron2 clips every box to its image and drops the empty ones without a word (crowd
     # regions are not trained on).
-    width, height = image["width"], image["height"]
-    if not crowd and (min(box[0] + box[2], width) <= max(box[0], 0)
-                      or min(box[1] + box[3], height) <= max(box[1], 0)):
-        return f"bbox {box} lies outside its {width}x{height} image (zero area after clipping)"
+    if not crowd and (_clipped_length(box[0], box[2], image["width"]) <= 0
+                      or _clipped_length(box[1], box[3], image["height"]) <= 0):
+        return (f"bbox {box} lies outside its {image['width']}x{image['height']} image (zero "
+                "area after clipping)")
     segmentation = ann.get("segmentation")
     if masks and not crowd and not segmentation:
         return ("has no segmentation, which MODEL.MASK_ON needs for every non-crowd object "
@@ -81,6 +103,13 @@ def _geometry_problem(ann: Dict[str, Any], image: Dict[str, Any], masks: bool) -
 
 def _duplicates(entries: Sequence[Any], key: str, show: str) -> Dict[Any, List[Any]]:
     """id -> the ``show`` values of the entries that share it, for every id used twice."""
+    ids = [entry.get(key) for entry in entries if isinstance(entry, dict)]
+    ids = [i for i in ids if i is not None]
+    try:
+        if len(set(ids)) == len(ids):  # the common case, without grouping a million entries
+            return {}
+    except TypeError:  # an unhashable id: grouping below names it
+        pass
     groups: Dict[Any, List[Any]] = collections.defaultdict(list)
     for entry in entries:
         if isinstance(entry, dict) and entry.get(key) is not None:
@@ -121,28 +150,33 @@ def check_coco_annotations(
                       f"{', '.join(map(str, on[:3]))})")
     category_ids = {c["id"] for c in coco["categories"]}
     bad_geometry: List[Tuple[Any, str]] = []
+    masks = mask_format is not None
+    polygons_only = training and mask_format == "polygon"
+
+    def where(ann_id: Any, image: Dict[str, Any]) -> str:
+        return f"annotation id {ann_id} (image id {image['id']}, '{image['file_name']}')"
+
     for i, ann in enumerate(coco["annotations"]):
-        ann_id = ann.get("id", f"at index {i}")
         image = images.get(ann.get("image_id"))
         if image is None:
-            errors.append(f"annotation id {ann_id}: image_id {ann.get('image_id')!r} is not in "
-                          "'images'")
+            errors.append(f"annotation id {ann.get('id', f'at index {i}')}: image_id "
+                          f"{ann.get('image_id')!r} is not in 'images'")
             continue
-        where = f"annotation id {ann_id} (image id {image['id']}, '{image['file_name']}')"
         if ann.get("category_id") not in category_ids:
-            errors.append(f"{where}: category_id {ann.get('category_id')!r} is not in "
-                          f"'categories' (ids: {', '.join(map(str, sorted(category_ids)))})")
+            errors.append(f"{where(ann.get('id', f'at index {i}'), image)}: category_id "
+                          f"{ann.get('category_id')!r} is not in 'categories' (ids: "
+                          f"{', '.join(map(str, sorted(category_ids)))})")
             continue
-        segmentation = ann.get("segmentation")
-        if (training and mask_format == "polygon" and isinstance(segmentation, dict)
+        if (polygons_only and isinstance(ann.get("segmentation"), dict)
                 and not ann.get("iscrowd", 0)):
-            errors.append(f"{where}: its segmentation is an RLE mask, which INPUT.MASK_FORMAT "
-                          "polygon cannot use for a non-crowd object; set INPUT.MASK_FORMAT "
-                          "bitmask")
+            errors.append(f"{where(ann.get('id', f'at index {i}'), image)}: its segmentation "
+                          "is an RLE mask, which INPUT.MASK_FORMAT polygon cannot use for a "
+                          "non-crowd object; set INPUT.MASK_FORMAT bitmask")
             continue
-        problem = _geometry_problem(ann, image, masks=mask_format is not None)
+        problem = _geometry_problem(ann, image, masks)
         if problem is not None:
-            bad_geometry.append((ann_id, f"{where}: {problem}"))
+            ann_id = ann.get("id", f"at index {i}")
+            bad_geometry.append((ann_id, f"{where(ann_id, image)}: {problem}"))
 
     if errors:
         raise ValueError(f"'{json_file}' has {len(errors)} invalid image or annotation entries:"
