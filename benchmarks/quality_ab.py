@@ -55,13 +55,15 @@ import common  # noqa: E402
 import quality_arms  # noqa: E402
 from quality_arms import ARMS, PRETRAINS, SETTINGS, TINY_SETTINGS, Arm, Setting  # noqa: E402
 
-from balanced_rcnn.config import load_project_config
+from balanced_rcnn.config import add_balanced_rcnn_config, load_project_config
 from balanced_rcnn.data import BUILTIN_SYNTHETIC
 from balanced_rcnn.errors import EXIT_COLLAPSE, EXIT_NON_FINITE
 from balanced_rcnn.evaluation.frequency_groups import frequency_groups
 from balanced_rcnn.health.check_images import check_records
 from balanced_rcnn.health.collapse import count_collapses, objects_per_image
 from balanced_rcnn.health.grad_shares import GRAD_SHARE_PREFIX
+from balanced_rcnn.health.step_measures import FOREGROUND_SHARES
+from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 
 NAME = "quality_ab"
@@ -259,9 +261,51 @@ def collapse_rule(config: Dict[str, object]) -> dict:
     dataset = config.get("HEALTH.DATASET") or (config.get("DATASETS.TEST") or [""])[0]
     objects = _check_objects(dataset, int(config["HEALTH.NUM_IMAGES"]),
                              bool(config.get("HEALTH.OBJECT_IMAGES_ONLY", False))) if dataset else 0.0
+    # Runs made before the confident and no-foreground rules are judged by their defaults.
+    defaults = _health_defaults()
+    score = float(config.get("HEALTH.CONFIDENT_SCORE", defaults.CONFIDENT_SCORE))
     return {"warmup_iters": int(config["HEALTH.WARMUP_ITERS"]),
             "fraction": float(config["HEALTH.COLLAPSE_FRACTION"]),
-            "patience": int(config["HEALTH.PATIENCE"]), "objects": objects}
+            "patience": int(config["HEALTH.PATIENCE"]), "objects": objects,
+            "confident_fraction": float(config.get("HEALTH.CONFIDENT_FRACTION",
+                                                   defaults.CONFIDENT_FRACTION)),
+            "confident_after_iters": round(float(config.get(
+                "HEALTH.CONFIDENT_AFTER", defaults.CONFIDENT_AFTER)) * int(
+                config["SOLVER.MAX_ITER"])),
+            "confident_scalar": f"{DETS_SCALAR}@{float(config.get('TEST.DEPLOYMENT_SCORE_THRESH', 0.5)) if score == -1 else score:g}"}
+
+
+@lru_cache(maxsize=1)
+def _health_defaults():
+    cfg = get_cfg()
+    add_balanced_rcnn_config(cfg)
+    return cfg.HEALTH
+
+
+def rule_checks(records: List[dict], confident_scalar: str
+                ) -> List[Tuple[int, float, Optional[float], bool]]:
+    """The logged checks as the monitor's rules read them: (iteration, detections per image,
+    confident detections per image, starved). Starved is judged on the writer's 20-step medians
+    of the foreground shares between two checks (the monitor counts single steps): their median
+    is 0."""
+    out, previous = [], -1
+    for check in (r for r in records if DETS_SCALAR in r):
+        period = [r for r in records if previous < r["iteration"] <= check["iteration"]]
+        starved = any(
+            statistics.median(values) == 0
+            for values in ([r[k] for r in period if k in r] for k in FOREGROUND_SHARES) if values)
+        out.append((check["iteration"], check[DETS_SCALAR], check.get(confident_scalar), starved))
+        previous = check["iteration"]
+    return out
+
+
+def rule_flags(records: List[dict], rule: dict) -> Dict[str, int]:
+    """Collapses by each rule alone (the others neutralized) on a run's logged checks."""
+    checks = rule_checks(records, rule["confident_scalar"])
+    rule = {k: v for k, v in rule.items() if k != "confident_scalar"}
+    return {"confident": count_collapses([(it, math.inf, c) for it, _, c, _ in checks], **rule),
+            "no_foreground": count_collapses([(it, math.inf, None, s) for it, _, _, s in checks],
+                                             **rule)}
 
 
 def parse_metrics(records: List[dict], health_warmup: int, rule: Optional[dict] = None,
@@ -278,7 +322,10 @@ def parse_metrics(records: List[dict], health_warmup: int, rule: Optional[dict] 
     # The monitor judges a check made at `iteration` when iteration + 1 >= its warm-up.
     judged = [d for it, d in checks if it + 1 >= health_warmup]
     logged = max((r.get(COLLAPSES_SCALAR, 0) for r in records), default=0)
-    collapses = logged if rule is None else count_collapses(checks, **rule)
+    collapses = logged if rule is None else count_collapses(
+        checks, **{k: v for k, v in rule.items()
+                   if k in ("warmup_iters", "fraction", "patience", "objects")})
+    flags = rule_flags(records, rule) if rule is not None else {}
     start = next((r[START_SCALAR] for r in records if START_SCALAR in r), None)
     shares: Dict[str, List[float]] = {}
     for r in records:
@@ -304,6 +351,9 @@ def parse_metrics(records: List[dict], health_warmup: int, rule: Optional[dict] 
         "last_dets_per_image": checks[-1][1] if checks else None,
         "monitor_collapses": int(logged),  # as reported while training
         "collapsed": collapses > 0,
+        # The confident and no-foreground rules, each alone (None: not judged).
+        "flagged_confident": flags.get("confident", 0) > 0 if flags else None,
+        "flagged_no_foreground": flags.get("no_foreground", 0) > 0 if flags else None,
         # Mean over the checks of each term's gradient share on the backbone.
         "grad_shares": {k: statistics.mean(v) for k, v in shares.items()},
     }
@@ -558,7 +608,13 @@ def _group_row(label: List[str], group: List[dict]) -> List[str]:
     last = " / ".join(_dets(r.get("last_dets_per_image")) for r in ok) or "-"
     zeros = f"{sum(r['zero_checks'] for r in ok)}/{sum(r['judged_checks'] for r in ok)}"
     return [*label, runs, *cells, _start(ok), _lowest(ok), last, zeros,
-            f"{collapsed}/{len(ok)}"]
+            f"{collapsed}/{len(ok)}", _flag_count(ok, "flagged_confident"),
+            _flag_count(ok, "flagged_no_foreground")]
+
+
+def _flag_count(results: List[dict], key: str) -> str:
+    judged = [r[key] for r in results if r.get(key) is not None]
+    return f"{sum(judged)}/{len(judged)}" if judged else "-"
 
 
 def _by_seed(runs: List[Run], results: Dict[str, dict], setting: str) -> Dict[int, Dict[str, dict]]:
@@ -589,7 +645,8 @@ def render(study: Study, runs: List[Run], results: Dict[str, dict], threads: int
     schedule = study.schedule
     metric_headers = ["bbox AP", "bbox AP50", "segm AP", "segm AP50", "bbox APr",
                       "false-alarm images", "recall50", "dets/img before",
-                      "lowest dets/img", "last dets/img", "checks at 0", "collapsed"]
+                      "lowest dets/img", "last dets/img", "checks at 0", "collapsed",
+                      "confident rule", "no-foreground rule"]
     settings = list(dict.fromkeys(r.setting for r in runs))
     arms = list(dict.fromkeys(r.arm for r in runs))
     rows, diff_rows, share_rows = [], [], []
@@ -640,7 +697,12 @@ def render(study: Study, runs: List[Run], results: Dict[str, dict], threads: int
         f"the last check, per seed; checks at 0: checks after the warm-up that found no "
         f"detection, all seeds together; collapsed: runs with a collapse by the health monitor's "
         f"rule (HEALTH.PATIENCE 3 consecutive checks at 0 or below 5% of the best earlier check, "
-        f"capped at the objects per check image), applied to the logged checks; bbox APr: the "
+        f"capped at the objects per check image), applied to the logged checks; confident rule: "
+        f"runs the monitor's confident rule alone flags (health/collapse.py: from half the "
+        f"schedule on, 3 consecutive checks with detections at score >= 0.5 below 0.1 x the "
+        f"objects per check image); no-foreground rule: runs flagged by that rule alone (3 "
+        f"consecutive checks after whose period the logged median foreground share of the "
+        f"sampled anchors or ROIs is 0); bbox APr: the "
         f"bbox AP of the rarest third of the classes by training images (evaluation/"
         f"frequency_groups.py; 2-class settings have no rare class); false-alarm images: "
         f"images without objects with a detection at score >= 0.5, recall50: objects found at "
@@ -666,6 +728,10 @@ def _collapsed(result: dict) -> str:
     return verdict
 
 
+def _flag(value: Optional[bool]) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
 def per_run_table(results: Dict[str, dict]) -> str:
     rows = [[name, r["status"], *(f"{r.get(k, 0):.1f}" for k in AP_KEYS),
              *(_mean_std(_finite([r], k)) for k in ("bbox/APr", "image_level/false_alarm_images",
@@ -673,12 +739,13 @@ def per_run_table(results: Dict[str, dict]) -> str:
              _dets(r.get("start_dets_per_image")), _dets(r.get("lowest_dets_per_image")),
              _dets(r.get("last_dets_per_image")),
              f"{r.get('zero_checks', 0)}/{r.get('judged_checks', 0)}",
-             _collapsed(r), f"{r['seconds'] / 60:.1f}"]
+             _collapsed(r), _flag(r.get("flagged_confident")),
+             _flag(r.get("flagged_no_foreground")), f"{r['seconds'] / 60:.1f}"]
             for name, r in results.items()]
     return common.markdown_table(
         ["run", "status", *AP_KEYS, "bbox/APr", "false-alarm images", "recall50",
          "dets/img before", "lowest dets/img", "last dets/img",
-         "checks at 0", "collapsed", "minutes"],
+         "checks at 0", "collapsed", "confident rule", "no-foreground rule", "minutes"],
         rows)
 
 

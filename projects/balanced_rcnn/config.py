@@ -120,6 +120,15 @@ def _add_health_config(cfg: CN) -> None:
     cfg.HEALTH.COLLAPSE_FRACTION = 0.05
     cfg.HEALTH.PATIENCE = 3  # K: consecutive collapsed checks that make a collapse
     cfg.HEALTH.WARMUP_ITERS = 100  # checks before this many iterations are logged, not judged
+    # The confident rule: from CONFIDENT_AFTER x SOLVER.MAX_ITER on, a check also counts towards
+    # a collapse when its detections per image at CONFIDENT_SCORE (-1: TEST.DEPLOYMENT_SCORE_THRESH)
+    # are below CONFIDENT_FRACTION x the objects per check image (0: rule off).
+    cfg.HEALTH.CONFIDENT_SCORE = -1.0
+    cfg.HEALTH.CONFIDENT_FRACTION = 0.1
+    cfg.HEALTH.CONFIDENT_AFTER = 0.5
+    # The no-foreground rule: a check also counts when, in most steps since the previous one, the
+    # sampled anchors or ROIs held no foreground.
+    cfg.HEALTH.NO_FOREGROUND_RULE = True
     cfg.HEALTH.ACTION = "warn"  # on a collapse: "warn", or "stop" (checkpoint, exit code 3)
     # Also check once before the first step (logged, not judged): where fine-tuning starts from.
     cfg.HEALTH.CHECK_AT_START = False

@@ -132,3 +132,15 @@ def check_config_choices(cfg: CfgNode) -> None:
     # builds them, and would carry a bad value into the next config copied from it.
     check_balanced_loss_keys(cfg)
     check_deployment_score_thresh(cfg.TEST.DEPLOYMENT_SCORE_THRESH)
+    _check_health_rule_keys(cfg)
+
+
+def _check_health_rule_keys(cfg: CfgNode) -> None:
+    # Met only at the first judged check otherwise, which may be hours into a run.
+    health = cfg.HEALTH
+    if health.CONFIDENT_SCORE != -1 and not 0.0 <= health.CONFIDENT_SCORE <= 1.0:
+        raise ValueError("HEALTH.CONFIDENT_SCORE must be a score in [0, 1], or -1 for "
+                         f"TEST.DEPLOYMENT_SCORE_THRESH; got {health.CONFIDENT_SCORE}")
+    for key in ("CONFIDENT_FRACTION", "CONFIDENT_AFTER"):
+        if not 0.0 <= health[key] <= 1.0:
+            raise ValueError(f"HEALTH.{key} must be in [0, 1], got {health[key]}")

@@ -1,13 +1,25 @@
 """
-The collapse rule of the monitor's detection checks (health/monitor.py, docs/health.md): a
-judged check is collapsed when its detections per image are zero, or below a fraction of the
-reference, the best earlier judged count capped at the ground-truth objects per check image.
+The collapse rules of the monitor's detection checks (health/monitor.py, docs/health.md). A
+judged check counts towards a collapse when any of these holds:
+
+- *detections*: its detections per image at HEALTH.MAIN_THRESHOLD are zero, or below a fraction
+  of the reference, the best earlier judged count capped at the ground-truth objects per check
+  image (:func:`is_collapsed_check`);
+- *confident*: from HEALTH.CONFIDENT_AFTER of the schedule on, its detections per image at the
+  confident score are below HEALTH.CONFIDENT_FRACTION x the objects per check image
+  (:func:`is_unconfident_check`): low-score clutter keeps the first rule quiet on a run whose
+  deployable detections are gone;
+- *no foreground*: in more than half of the steps since the previous check, the sampled anchors
+  or the sampled ROIs held no foreground (:func:`is_starved_of_foreground`): the heads learn
+  from background alone.
+
+HEALTH.PATIENCE consecutive such checks make a collapse.
 """
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["ACTIONS", "CollapseTracker", "count_collapses", "is_collapsed_check",
-           "objects_per_image"]
+           "is_starved_of_foreground", "is_unconfident_check", "objects_per_image"]
 
 ACTIONS = ("warn", "stop")  # HEALTH.ACTION
 
@@ -34,6 +46,19 @@ def is_collapsed_check(dets: float, best: Optional[float], objects: float,
     return dets < fraction * reference
 
 
+def is_unconfident_check(confident: float, objects: float, fraction: float) -> bool:
+    """The confident rule for one check: ``confident`` detections per check image below
+    ``fraction`` x the ground-truth ``objects`` per check image (never with no objects, or with
+    ``fraction`` 0)."""
+    return confident < fraction * objects
+
+
+def is_starved_of_foreground(steps_without: int, steps: int) -> bool:
+    """The no-foreground rule for the steps since the previous check: the sampled anchors (or
+    ROIs) held no foreground in more than half of them (their median share is 0)."""
+    return 2 * steps_without > steps
+
+
 class CollapseTracker:
     """
     The running values of a run's detection checks and the collapse rule over them. ``state``
@@ -41,15 +66,20 @@ class CollapseTracker:
     its streak). ``objects``: ground-truth objects per check image, set before the checks.
     """
 
-    def __init__(self, *, warmup_iters: int, fraction: float, patience: int, objects: float = 0.0):
+    def __init__(self, *, warmup_iters: int, fraction: float, patience: int, objects: float = 0.0,
+                 confident_fraction: float = 0.0, confident_after_iters: int = 0):
         if warmup_iters < 0:
             raise ValueError(f"HEALTH.WARMUP_ITERS must be >= 0, got {warmup_iters}")
         if patience < 1:
             raise ValueError(f"HEALTH.PATIENCE must be >= 1, got {patience}")
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"HEALTH.COLLAPSE_FRACTION must be in [0, 1], got {fraction}")
+        for key, value in (("COLLAPSE_FRACTION", fraction),
+                           ("CONFIDENT_FRACTION", confident_fraction)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"HEALTH.{key} must be in [0, 1], got {value}")
         self.warmup_iters, self.fraction, self.patience = warmup_iters, fraction, patience
         self.objects = objects
+        self.confident_fraction = confident_fraction
+        self.confident_after_iters = max(confident_after_iters, warmup_iters)
         self.state = self.initial_state()
 
     @staticmethod
@@ -62,11 +92,16 @@ class CollapseTracker:
             "start": None,  # dets per image before training (HEALTH.CHECK_AT_START)
             "streak": 0,
             "num_collapses": 0,
+            "why": [],  # the rules that hold at the last judged check
         }
 
-    def record(self, iteration: int, dets: float, with_detections: float = 0.0) -> bool:
-        """Add the check made after ``iteration``; True if it is collapsed and the streak of
-        collapsed checks has reached the patience (a collapse to report)."""
+    def record(self, iteration: int, dets: float, with_detections: float = 0.0,
+               confident: Optional[float] = None, starved: bool = False) -> bool:
+        """Add the check made after ``iteration``: ``dets`` detections per image at the main
+        score, ``confident`` at the confident score (None: not counted), ``starved``: the
+        no-foreground rule holds for the steps since the previous check. True if the check
+        counts towards a collapse and the streak has reached the patience (a collapse to
+        report); the rules that hold are in ``state["why"]``."""
         state = self.state
         state["num_checks"] += 1
         state["last"] = (dets, iteration, with_detections)
@@ -75,16 +110,28 @@ class CollapseTracker:
         if iteration + 1 < self.warmup_iters:  # logged, not judged
             return False
         best = state["best"]
-        collapsed = is_collapsed_check(dets, None if best is None else best[0], self.objects,
-                                       self.fraction)
+        why = []
+        if is_collapsed_check(dets, None if best is None else best[0], self.objects,
+                              self.fraction):
+            why.append(self.reason(dets))
+        if (confident is not None and iteration + 1 >= self.confident_after_iters
+                and is_unconfident_check(confident, self.objects, self.confident_fraction)):
+            why.append(f"{confident:.2f} confident detections per image, below "
+                       f"{self.confident_fraction:g} x the {self.objects:.2f} objects per check "
+                       "image")
+        if starved:
+            why.append("no foreground among the sampled anchors or ROIs in most steps since the "
+                       "previous check")
         if best is None or dets > best[0]:
             state["best"] = (dets, iteration)
-        state["streak"] = state["streak"] + 1 if collapsed else 0
-        state["num_collapses"] += collapsed and state["streak"] == self.patience
-        return collapsed and state["streak"] >= self.patience
+        state["why"] = why
+        state["streak"] = state["streak"] + 1 if why else 0
+        state["num_collapses"] += bool(why) and state["streak"] == self.patience
+        return bool(why) and state["streak"] >= self.patience
 
     def reason(self, dets: float) -> str:
-        """Why a check with ``dets`` detections per image is collapsed, for the message."""
+        """Why a check with ``dets`` detections per image is collapsed under the detections
+        rule, for the message (before ``dets`` is recorded)."""
         if dets == 0:
             return "none at all"
         best = self.state["best"]  # there was a best earlier check
@@ -108,11 +155,15 @@ class CollapseTracker:
         ]
 
 
-def count_collapses(checks: Sequence[Tuple[int, float]], *, warmup_iters: int, fraction: float,
-                    patience: int, objects: float) -> int:
-    """The collapses the monitor reports for these (iteration, detections per image) checks."""
+def count_collapses(checks: Sequence[Tuple], *, warmup_iters: int, fraction: float,
+                    patience: int, objects: float, confident_fraction: float = 0.0,
+                    confident_after_iters: int = 0) -> int:
+    """The collapses the monitor reports for these checks: (iteration, detections per image[,
+    confident detections per image or None[, starved]]) tuples."""
     tracker = CollapseTracker(warmup_iters=warmup_iters, fraction=fraction, patience=patience,
-                              objects=objects)
-    for iteration, dets in checks:
-        tracker.record(iteration, dets)
+                              objects=objects, confident_fraction=confident_fraction,
+                              confident_after_iters=confident_after_iters)
+    for check in checks:
+        tracker.record(check[0], check[1], confident=check[2] if len(check) > 2 else None,
+                       starved=bool(check[3]) if len(check) > 3 else False)
     return tracker.state["num_collapses"]

@@ -38,14 +38,21 @@ from ..data.samplers import holds_objects
 from ..errors import EXIT_COLLAPSE, DetectionCollapseError
 from ..reliability.checkpoint import save_checkpoint_and_synchronize
 from .check_images import health_dataset, load_check_records
-from .collapse import ACTIONS, CollapseTracker, objects_per_image
+from .collapse import ACTIONS, CollapseTracker, is_starved_of_foreground, objects_per_image
 from .detection_check import DetectionCounter, count_detections, detections_by_image_kind
 from .grad_shares import LossGradientShares, loss_scale, shares_measurable
-from .step_measures import step_measures
+from .step_measures import FOREGROUND_SHARES, step_measures
 
 __all__ = ["TrainingHealthMonitor"]
 
 logger = logging.getLogger(__name__)
+
+
+def confident_score(cfg: CfgNode) -> float:
+    """The score of the confident rule: HEALTH.CONFIDENT_SCORE, or with -1 the deployment's
+    TEST.DEPLOYMENT_SCORE_THRESH."""
+    score = cfg.HEALTH.CONFIDENT_SCORE
+    return cfg.TEST.DEPLOYMENT_SCORE_THRESH if score == -1 else score
 
 class TrainingHealthMonitor(HookBase):
     """The hook described in the module docstring. Register it on every worker."""
@@ -66,6 +73,10 @@ class TrainingHealthMonitor(HookBase):
         action: str,
         check_at_start: bool = False,
         object_images_only: bool = False,
+        confident_threshold: float = 0.5,
+        confident_fraction: float = 0.0,
+        confident_after_iters: int = 0,
+        foreground_rule: bool = False,
     ):
         """
         Args:
@@ -86,6 +97,12 @@ class TrainingHealthMonitor(HookBase):
                 at iteration 0 (logged only).
             object_images_only: the check images are the first ``num_images`` records that
                 hold a non-crowd annotation.
+            confident_threshold, confident_fraction, confident_after_iters: the confident
+                rule (health/collapse.py): from ``confident_after_iters`` on, detections per
+                image at ``confident_threshold`` below ``confident_fraction`` x the objects
+                per check image count towards a collapse; fraction 0: off.
+            foreground_rule: periods in which most steps sampled no foreground anchor or ROI
+                count towards a collapse.
         """
         if action not in ACTIONS:
             raise ValueError(f"HEALTH.ACTION must be one of {ACTIONS}, got {action!r}")
@@ -93,7 +110,12 @@ class TrainingHealthMonitor(HookBase):
             raise ValueError(
                 f"HEALTH.PERIOD and HEALTH.NUM_IMAGES must be >= 0, got {period}, {num_images}"
             )
-        self._counter = DetectionCounter(score_thresholds, main_threshold)
+        self._counter = DetectionCounter([*score_thresholds, confident_threshold], main_threshold)
+        self._confident_index = self._counter.thresholds.index(float(confident_threshold))
+        self._foreground_rule = foreground_rule
+        # steps since the last check, and those without foreground, per measure (main worker)
+        self._fg_steps = dict.fromkeys(FOREGROUND_SHARES, 0)
+        self._fg_steps_without = dict.fromkeys(FOREGROUND_SHARES, 0)
         self._period = period if dataset_name and num_images > 0 else 0
         self._dataset_name = dataset_name
         self._num_images = num_images
@@ -108,8 +130,9 @@ class TrainingHealthMonitor(HookBase):
         self._num_check_images = 0  # on all workers together
         self._train_start = 0.0
         self._check_seconds = 0.0  # wall time spent in detection checks by this process
-        self._collapses = CollapseTracker(warmup_iters=warmup_iters, fraction=collapse_fraction,
-                                          patience=patience)
+        self._collapses = CollapseTracker(
+            warmup_iters=warmup_iters, fraction=collapse_fraction, patience=patience,
+            confident_fraction=confident_fraction, confident_after_iters=confident_after_iters)
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> "TrainingHealthMonitor":
@@ -137,6 +160,10 @@ class TrainingHealthMonitor(HookBase):
             collapse_fraction=health.COLLAPSE_FRACTION, patience=health.PATIENCE,
             warmup_iters=health.WARMUP_ITERS, action=health.ACTION,
             check_at_start=health.CHECK_AT_START,
+            confident_threshold=confident_score(cfg),
+            confident_fraction=health.CONFIDENT_FRACTION,
+            confident_after_iters=round(health.CONFIDENT_AFTER * cfg.SOLVER.MAX_ITER),
+            foreground_rule=health.NO_FOREGROUND_RULE,
         )
 
     # -- state, saved in checkpoints through the trainer's state_dict (a resumed run continues
@@ -163,6 +190,13 @@ class TrainingHealthMonitor(HookBase):
         self._counter.empty_image_ids = frozenset(
             r["image_id"] for r in records if "image_id" in r and not holds_objects(r))
         num_empty = len(self._counter.empty_image_ids)
+        if len(records) < self._num_images:
+            logger.info(
+                f"Training health: HEALTH.NUM_IMAGES is {self._num_images} but "
+                f"{self._dataset_name} has only {len(records)} "
+                + ("images that hold objects (HEALTH.OBJECT_IMAGES_ONLY)"
+                   if self._object_images_only else "images")
+                + f": the checks run on those {len(records)}.")
         logger.info(
             f"Training health: a detection check every {self._period} iterations on "
             f"{len(records)} images of {self._dataset_name} ({len(self._inputs)} on this "
@@ -190,6 +224,10 @@ class TrainingHealthMonitor(HookBase):
                                       if it == self.trainer.iter})
             if measures:
                 storage.put_scalars(**measures)
+            for name in FOREGROUND_SHARES:
+                if name in measures:
+                    self._fg_steps[name] += 1
+                    self._fg_steps_without[name] += measures[name] == 0
         next_iter = self.trainer.iter + 1
         if self._period and self._num_check_images and next_iter % self._period == 0:
             start = time.perf_counter()
@@ -238,13 +276,27 @@ class TrainingHealthMonitor(HookBase):
             f">= {self._main_threshold:g}"
         )
 
+    def _starved_of_foreground(self) -> bool:
+        """The no-foreground rule over the steps since the last check (measured on the main
+        worker, the same answer on every worker), then a new period."""
+        starved = self._foreground_rule and any(
+            is_starved_of_foreground(self._fg_steps_without[name], self._fg_steps[name])
+            for name in FOREGROUND_SHARES)
+        self._fg_steps = dict.fromkeys(FOREGROUND_SHARES, 0)
+        self._fg_steps_without = dict.fromkeys(FOREGROUND_SHARES, 0)
+        if comm.get_world_size() > 1:
+            starved = comm.all_gather(starved)[0]
+        return starved
+
     def _check(self, iteration: int) -> None:
         counts = self._count_detections()
         num_images = max(counts["images"], 1.0)
         per_threshold = [c / num_images for c in counts["detections"]]
         with_detections = counts["images_with_detections"] / num_images
         dets = per_threshold[self._counter.main_index]
-        report = self._collapses.record(iteration, dets, with_detections)
+        report = self._collapses.record(iteration, dets, with_detections,
+                                        confident=per_threshold[self._confident_index],
+                                        starved=self._starved_of_foreground())
         state = self._collapses.state
         scalars = {f"health/dets_per_image@{t:g}": v
                    for t, v in zip(self._counter.thresholds, per_threshold)}
@@ -262,10 +314,13 @@ class TrainingHealthMonitor(HookBase):
         apart = ", ".join(f"{split[key]:.2f} per image {what}" for key, what in (
             ("health/dets_per_object_image", "with objects"),
             ("health/dets_per_empty_image", "without")) if key in split)
+        counts_towards = (
+            f"; counts towards a collapse ({state['streak']} of {self._collapses.patience}): "
+            + "; ".join(state["why"]) if state["streak"] and state["why"] else "")
         logger.info(
             f"Training health check at iteration {iteration}: detections per image {per_score}; "
             f"{100 * with_detections:.0f}% of the images have one; at score >= "
-            f"{self._main_threshold:g}: {apart}")
+            f"{self._main_threshold:g}: {apart}{counts_towards}")
         if report:
             self._report_collapse(iteration, dets)
 
@@ -274,7 +329,7 @@ class TrainingHealthMonitor(HookBase):
         message = (
             f"Detection collapse at iteration {iteration}: {dets:.2f} detections per image at "
             f"score >= {self._main_threshold:g} on {self._num_check_images} images of "
-            f"{self._dataset_name} ({self._collapses.reason(dets)}) for {state['streak']} "
+            f"{self._dataset_name} ({'; '.join(state['why'])}) for {state['streak']} "
             f"consecutive checks (HEALTH.PATIENCE {self._collapses.patience}, a check every "
             f"{self._period} iterations)."
         )
