@@ -351,3 +351,19 @@ def test_a_pretraining_whose_runs_are_all_done_is_not_trained(tmp_path, repo_roo
     (done / "metrics.json").write_text("")
     quality_ab.restore_run(archive, "finetune_s0", done)
     assert (done / "metrics.json").read_text() == ""
+
+
+@pytest.mark.parametrize("demo, arm", [("swin_tiny_balanced_sparse_demo.yaml", "samples_share"),
+                                       ("swin_tiny_stock_sparse_demo.yaml", "stock")])
+def test_the_demo_configs_are_the_studys_sparse_runs(repo_root, tmp_path, demo, arm):
+    """README quotes the study's sparse table (5 seeds) for what `make demo` gives: the demo
+    trains exactly the seed-0 run of that arm, every resolved key equal."""
+    quality_ab = _load("quality_ab")
+    study = quality_ab.Study(settings=quality_ab.SETTINGS, arms=quality_ab.ARMS,
+                             pretrains=quality_ab.PRETRAINS, schedule=quality_ab.SCHEDULE,
+                             output=tmp_path)
+    run = quality_ab.Run("sparse", arm, 0)
+    in_study = quality_ab.resolved_config(quality_ab.run_command(study, run, tmp_path / run.name))
+    config = str(repo_root / "configs" / "quick_schedules" / demo)
+    assert quality_ab.resolved_config(["python", "train_net.py", "--config-file", config]) == (
+        in_study)

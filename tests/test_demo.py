@@ -33,6 +33,16 @@ def test_demo_writes_every_artifact_and_prints_the_ap(repo_root, tmp_path):
     drawings = sorted((output / "vis").glob("*_truth_vs_prediction.png"))
     assert len(drawings) == 2
     truth_and_prediction = cv2.imread(str(drawings[0]))
-    # Two 64-px images drawn at scale 3 with an 8-px gap between them.
-    assert truth_and_prediction.shape == (192, 2 * 192 + 8, 3)
+    # Two 64-px images drawn at scale 3 with an 8-px gap between them, each under a 28-px band
+    # that names it: white, with dark text inside its margins.
+    assert truth_and_prediction.shape == (28 + 192, 2 * 192 + 8, 3)
+    band = truth_and_prediction[:28].min(axis=2)
+    for side in (band[:, :192], band[:, 200:]):
+        assert side.min() < 100
+        assert (side[:4] == 255).all() and (side[:, :4] == 255).all() and (side[:, -4:] == 255).all()
+    # The summary, also in summary.txt: the monitor's verdict and where to look next.
+    written = (output / "summary.txt").read_text()
+    assert "Done. Everything is in" + summary.split("  this summary")[0] == written
+    assert "  health monitor    " in written and "Where to look next:" in written
+    assert f"--weights {output / 'model_final.pth'} --input IMAGE_OR_FOLDER" in written
     assert (output / "model_final.pth").is_file()

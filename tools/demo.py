@@ -1,13 +1,20 @@
 #!/usr/bin/env python
 """
-The CPU demo (``make demo``): train the tiny Swin Mask R-CNN with the balanced heads on the
-built-in synthetic shapes, evaluate it, and collect everything in one output folder.
+The CPU demo (``make demo``): train the tiny Swin Mask R-CNN with the shipped configuration on
+built-in synthetic data where 95% of the training images are empty (the study's sparse setting,
+configs/quick_schedules/swin_tiny_balanced_sparse_demo.yaml), evaluate it, and collect
+everything in one output folder.
 
 Steps: train_net.py (generates the dataset on first use, trains with progress and ETA, evaluates
-COCO bbox + segm AP on the val split after the last iteration) -> tools/plot_metrics.py (PNG
-curves) -> a few val images with the ground truth drawn beside the predictions -> a summary.
+COCO bbox + segm AP and the image-level metrics on the val split after the last iteration) ->
+tools/plot_metrics.py (PNG curves) -> a few val images with the ground truth drawn beside the
+predictions -> a summary (console and summary.txt): AP, what a deployment sees, the health
+monitor's verdict, where to look next.
 
     python tools/demo.py [--config-file CFG] [--output-dir DIR] [--num-vis 6] [KEY VALUE ...]
+
+Other configs: swin_tiny_stock_sparse_demo.yaml (stock detectron2 on the same data),
+swin_tiny_balanced_demo.yaml (the mild data: 10% empty images, 3 classes, 2000 iterations).
 """
 import argparse
 import json
@@ -28,7 +35,8 @@ from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import Visualizer
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "quick_schedules" / "swin_tiny_balanced_demo.yaml"
+DEFAULT_CONFIG = REPO / "configs" / "quick_schedules" / "swin_tiny_balanced_sparse_demo.yaml"
+LABEL_HEIGHT = 28  # px of the band that names each side of a drawing
 sys.path.insert(0, str(REPO / "tools"))  # plot_metrics.py beside this file
 import plot_metrics  # noqa: E402
 
@@ -69,6 +77,16 @@ def final_metrics(metrics_json: Path) -> Dict[str, float]:
     return last
 
 
+def _labelled(image: np.ndarray, label: str) -> np.ndarray:
+    """``image`` (RGB) under a white band that says what it shows."""
+    band = np.full((LABEL_HEIGHT, image.shape[1], 3), 255, dtype=np.uint8)
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.5
+    width = cv2.getTextSize(label, font, scale, 1)[0][0]
+    scale *= min(1.0, (image.shape[1] - 12) / width)  # the whole label on narrow drawings
+    cv2.putText(band, label, (6, LABEL_HEIGHT - 9), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([band, image], axis=0)
+
+
 def draw_ground_truth_beside_predictions(output_dir: Path, num_images: int,
                                          score_threshold: float) -> List[Path]:
     cfg = load_project_config(str(output_dir / "config.yaml"),
@@ -86,14 +104,32 @@ def draw_ground_truth_beside_predictions(output_dir: Path, num_images: int,
     for record in records[:num_images]:
         image = read_image(record["file_name"], format="RGB")
         predictions = predictor(image[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else image)
-        truth = Visualizer(image, metadata, scale=3.0).draw_dataset_dict(record).get_image()
-        drawn = Visualizer(image, metadata, scale=3.0).draw_instance_predictions(
-            predictions["instances"].to("cpu")).get_image()
+        instances = predictions["instances"].to("cpu")
+        truth = _labelled(Visualizer(image, metadata, scale=3.0).draw_dataset_dict(
+            record).get_image(), f"ground truth ({len(record['annotations'])})")
+        drawn = _labelled(Visualizer(image, metadata, scale=3.0).draw_instance_predictions(
+            instances).get_image(), f"predictions, score >= {score_threshold:g} "
+                                    f"({len(instances)})")
         gap = np.full((truth.shape[0], 8, 3), 255, dtype=np.uint8)
         path = vis_dir / f"{Path(record['file_name']).stem}_truth_vs_prediction.png"
         cv2.imwrite(str(path), np.concatenate([truth, gap, drawn], axis=1)[:, :, ::-1])
         written.append(path)
     return written
+
+
+def health_verdict(records: List[dict]) -> str:
+    """The monitor's verdict from metrics.json: its collapses, and the last check."""
+    checks = [r for r in records if "health/num_collapses" in r]
+    if not checks:
+        return "no detection checks ran (HEALTH.PERIOD 0 or no check dataset)"
+    last = checks[-1]
+    collapses = int(last["health/num_collapses"])
+    first = next((r["iteration"] for r in checks if r["health/num_collapses"] > 0), None)
+    verdict = ("healthy: no collapse reported" if not collapses else
+               f"{collapses} collapse(s) reported, the first at iteration {first}; see the "
+               "training log and docs/health.md")
+    return (f"{verdict} ({len(checks)} checks; at the last, iteration {last['iteration']}: "
+            f"{last['health/dets_per_image']:.2f} detections per check image)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
@@ -106,24 +142,38 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
 
     plots = plot_metrics.plot_metrics(output_dir / "metrics.json", output_dir / "plots")
     drawings = draw_ground_truth_beside_predictions(output_dir, args.num_vis, args.vis_threshold)
+    records = [json.loads(line) for line in
+               (output_dir / "metrics.json").read_text().splitlines()]
     metrics = final_metrics(output_dir / "metrics.json")
     events = sorted(output_dir.glob("events.out.tfevents.*"))
-    print("\nDone. Everything is in", output_dir)
-    print(f"  metrics.json      {output_dir / 'metrics.json'}")
-    print(f"  TensorBoard       tensorboard --logdir {output_dir}  ({len(events)} event file(s))")
-    print(f"  plots             {output_dir / 'plots'}  ({len(plots)} PNG)")
-    print(f"  val drawings      {output_dir / 'vis'}  ({len(drawings)} PNG: truth | predictions "
-          f"with score >= {args.vis_threshold})")
-    print(f"  checkpoint        {output_dir / 'model_final.pth'}")
-    print(f"  COCO results      {output_dir / 'inference'}")
+    cfg = load_project_config(str(output_dir / "config.yaml"))
     summary = {k: metrics[k] for k in ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50") if k in metrics}
-    print("  val AP            " + ", ".join(f"{k} {v:.1f}" for k, v in summary.items()))
     deployed = {k.split("/")[1]: metrics[k] for k in metrics if k.startswith("image_level/")}
+    lines = [
+        f"Done. Everything is in {output_dir}",
+        "  val AP            " + ", ".join(f"{k} {v:.1f}" for k, v in summary.items()),
+    ]
     if deployed:
-        cfg = load_project_config(str(output_dir / "config.yaml"))
-        print(f"  at score >= {cfg.TEST.DEPLOYMENT_SCORE_THRESH:g}  " + ", ".join(
+        lines.append(f"  at score >= {cfg.TEST.DEPLOYMENT_SCORE_THRESH:g}  " + ", ".join(
             f"{name} {value:.2f}" if name.startswith("dets") else f"{name} {value:.1f}%"
             for name, value in deployed.items()))
+    lines += [
+        f"  health monitor    {health_verdict(records)}",
+        "Where to look next:",
+        f"  val drawings      {output_dir / 'vis'}  ({len(drawings)} PNG: ground truth | "
+        f"predictions with score >= {args.vis_threshold:g})",
+        f"  plots             {output_dir / 'plots'}  ({len(plots)} PNG)",
+        f"  metrics.json      {output_dir / 'metrics.json'}",
+        f"  TensorBoard       tensorboard --logdir {output_dir}  ({len(events)} event file(s))",
+        f"  checkpoint        {output_dir / 'model_final.pth'}",
+        f"  COCO results      {output_dir / 'inference'}",
+        f"  predict           .venv/bin/python tools/predict.py --config-file "
+        f"{output_dir / 'config.yaml'} --weights {output_dir / 'model_final.pth'} --input "
+        "IMAGE_OR_FOLDER --output output/predictions",
+    ]
+    text = "\n".join(lines)
+    (output_dir / "summary.txt").write_text(text + "\n")
+    print("\n" + text + f"\n  this summary      {output_dir / 'summary.txt'}")
     return summary
 
 
