@@ -87,7 +87,7 @@ def training_run(mode: str, precision: Optional[str], output: Path) -> dict:
     final = next((r for r in reversed(records) if "bbox/AP" in r), {})
     skipped = None
     if precision and (output / "model_final.pth").exists():
-        state = torch.load(output / "model_final.pth", map_location="cpu", weights_only=False)
+        state = torch.load(output / "model_final.pth", map_location="cpu", weights_only=True)
         # DefaultTrainer.state_dict -> its AMPTrainer's -> the GradScaler's.
         scale = state.get("trainer", {}).get("_trainer", {}).get("grad_scaler", {}).get("scale")
         if scale:

@@ -28,10 +28,9 @@ import cv2
 import numpy as np
 from balanced_rcnn import register_datasets_from_config
 from balanced_rcnn.config import load_project_config
-from detectron2.config import CfgNode
+from balanced_rcnn.deploy import build_predictor
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import Visualizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +94,7 @@ def draw_ground_truth_beside_predictions(output_dir: Path, num_images: int,
     register_datasets_from_config(cfg)
     dataset = cfg.DATASETS.TEST[0]
     metadata = MetadataCatalog.get(dataset)
-    predictor = DefaultPredictor(cfg)
+    predictor = build_predictor(cfg)
     vis_dir = output_dir / "vis"
     vis_dir.mkdir(exist_ok=True)
     # Prefer images with objects: an empty image shows little of what the model learned.
@@ -135,8 +134,7 @@ def health_verdict(records: List[dict]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     args = parse_args(argv)
     if args.output_dir is None:
-        base = CfgNode.load_yaml_with_base(str(args.config_file))
-        args.output_dir = REPO / base.get("OUTPUT_DIR", "output/demo")
+        args.output_dir = REPO / load_project_config(str(args.config_file), args.opts).OUTPUT_DIR
     output_dir = args.output_dir.resolve()
     train_and_evaluate(args, output_dir)
 

@@ -44,7 +44,8 @@ from balanced_rcnn.deploy import (
     export,
     preprocess,
 )
-from balanced_rcnn.errors import CheckpointError, CheckpointMismatchError, ExportError
+from balanced_rcnn.errors import (CheckpointError, CheckpointMismatchError, ExportError,
+                                  UnsafeFileError)
 from balanced_rcnn.reliability.checkpoint import AtomicCheckpointer, check_checkpoint_fits
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog
@@ -76,7 +77,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
     try:
         cfg = load_project_config(str(args.config_file), args.opts, args.weights)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, UnsafeFileError) as e:
         raise ExportError(str(e)) from None
     source = "--weights" if args.weights is not None else "MODEL.WEIGHTS"
     if not cfg.MODEL.WEIGHTS:
@@ -93,8 +94,8 @@ def load_model(cfg: CfgNode) -> torch.nn.Module:
     the checkpoint lacks or has in another shape (an export of random weights is no export)."""
     try:
         check_checkpoint_fits(cfg, resume=False, full_model=True)
-    except (CheckpointError, CheckpointMismatchError) as e:
-        raise ExportError(str(e)) from e
+    except (CheckpointError, CheckpointMismatchError, UnsafeFileError) as e:
+        raise ExportError(str(e)) from None
     model = Trainer.build_model(cfg).eval()
     AtomicCheckpointer(model, require_full_model=True).load(cfg.MODEL.WEIGHTS)
     return model

@@ -38,13 +38,12 @@ import torch
 from balanced_rcnn import register_datasets_from_config
 from balanced_rcnn.config import load_project_config
 from balanced_rcnn.config_checks import check_config_choices
-from balanced_rcnn.deploy import ExportedPredictor
+from balanced_rcnn.deploy import ExportedPredictor, build_predictor
 from balanced_rcnn.errors import CheckpointError, CheckpointMismatchError
 from balanced_rcnn.reliability.checkpoint import check_checkpoint_fits
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, Metadata, MetadataCatalog
 from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
@@ -183,7 +182,7 @@ def predict(cfg: CfgNode, images: List[Tuple[Path, str]], image_ids: List[int],
             threshold: Optional[float] = None) -> Tuple[List[Dict], List[Dict]]:
     """Run the model (or the ``exported`` file) on every image and draw it; return the COCO
     results and image entries."""
-    predictor = DefaultPredictor(cfg) if exported is None else ExportedPredictor(cfg, exported)
+    predictor = build_predictor(cfg) if exported is None else ExportedPredictor(cfg, exported)
     results: List[Dict] = []
     entries: List[Dict] = []
     taken: set = set()
@@ -216,7 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         images = list_images(args.input)
         register_datasets_from_config(cfg)
         if args.exported is None:
-            # DefaultPredictor's load keeps a random init of whatever does not fit; refuse that.
+            # Refuse, before any image is read, a checkpoint that does not hold the whole model.
             check_checkpoint_fits(cfg, resume=False, full_model=True)
         metadata = _metadata(cfg, args.dataset)
         if args.coco_json is not None:

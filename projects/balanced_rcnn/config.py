@@ -6,8 +6,11 @@ is what train_net.py and the tools start from.
 import os
 from typing import Optional, Sequence
 
+import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
+
+from .errors import UnsafeFileError
 
 
 def _add_balanced_loss_config(cfg: CN) -> None:
@@ -193,7 +196,17 @@ def load_project_config(config_file: str, opts: Sequence[str] = (),
         raise FileNotFoundError(f"config file not found: {config_file} (--config-file)")
     cfg = get_cfg()
     add_balanced_rcnn_config(cfg)
-    cfg.merge_from_file(str(config_file))
+    # yaml.safe_load only: detectron2's default falls back to yaml.unsafe_load, which runs the
+    # python tags of a crafted file (in the config or any of its _BASE_ files).
+    try:
+        cfg.merge_from_file(str(config_file), allow_unsafe=False)
+    except yaml.constructor.ConstructorError as e:
+        mark = e.problem_mark
+        where = f"'{mark.name}', line {mark.line + 1}" if mark is not None else f"'{config_file}'"
+        raise UnsafeFileError(
+            f"Config {where}: {e.problem} (a config holds plain values: numbers, strings, lists, "
+            "true/false; a python tag builds an object, which can run code). Loaded from "
+            f"--config-file '{config_file}'.") from None
     cfg.merge_from_list(list(opts))
     if weights is not None:
         cfg.MODEL.WEIGHTS = str(weights)

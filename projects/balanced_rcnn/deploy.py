@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import transforms as T
+from detectron2.engine import DefaultPredictor
 from detectron2.export import scripting_with_instances
 from detectron2.export.torchscript_patch import patch_builtin_len
 from detectron2.modeling.postprocessing import detector_postprocess
@@ -32,6 +33,7 @@ from detectron2.structures import Boxes, Instances
 from torch import nn
 
 from .errors import ExportError
+from .reliability.checkpoint import AtomicCheckpointer
 
 __all__ = [
     "EXPORT_METHODS",
@@ -40,6 +42,7 @@ __all__ = [
     "SCRIPT_FIELDS",
     "DetectionOutputs",
     "ExportedPredictor",
+    "build_predictor",
     "compare_outputs",
     "export",
     "load_exported",
@@ -155,6 +158,19 @@ def preprocess(cfg: CfgNode, bgr: np.ndarray) -> torch.Tensor:
                                   cfg.INPUT.MAX_SIZE_TEST)
     image = resize.get_transform(image).apply_image(image)
     return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)), dtype=torch.float32)
+
+
+def build_predictor(cfg: CfgNode) -> DefaultPredictor:
+    """detectron2's DefaultPredictor, its weights (MODEL.WEIGHTS, the whole model) loaded by
+    AtomicCheckpointer: no code runs from the file, and a partial checkpoint is refused instead
+    of keeping a random init of what it lacks."""
+    weights = cfg.MODEL.WEIGHTS
+    empty = cfg.clone()
+    empty.defrost()
+    empty.MODEL.WEIGHTS = ""  # DefaultPredictor's own load: nothing to read
+    predictor = DefaultPredictor(empty)
+    AtomicCheckpointer(predictor.model, require_full_model=True).load(weights)
+    return predictor
 
 
 class ExportedPredictor:

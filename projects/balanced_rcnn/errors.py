@@ -32,6 +32,7 @@ __all__ = [
     "TooManySkippedImages",
     "TrainingHealthError",
     "TrainingInterrupted",
+    "UnsafeFileError",
     "UnsupportedImageError",
     "exit_code_of",
 ]
@@ -107,6 +108,10 @@ class SetupRefusedElsewhere(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint file exists but cannot be read: truncated, corrupt, or not a checkpoint."""
+
+
+class UnsafeFileError(ValueError):
+    """A weights or config file that would build objects other than plain data (code)."""
 
 
 class CheckpointMismatchError(RuntimeError):

@@ -9,6 +9,8 @@ Checkpoints that a kill cannot corrupt, and loads that name the file they cannot
   moment leaves under each name either the old or the new complete file, and
   ``last_checkpoint`` always names a complete checkpoint. A killed write leaves a
   ``.<name>.pth.tmp-<pid>`` file behind, which the next save in that folder removes.
+- ``load`` reads no code: ``.pth`` files with ``torch.load(weights_only=True)``, ``.pkl`` files
+  with an unpickler that builds plain data only (reliability/safe_files.py).
 - ``load`` refuses a missing file, and a truncated or corrupt one (checked with the CRC32 that
   ``torch.save`` stores for every record of its zip archive, so a flipped byte in the middle of a
   tensor is caught too) with an error that names the file and where its name came from
@@ -25,6 +27,7 @@ import glob
 import logging
 import os
 import pickle
+import re
 import zipfile
 from typing import Any, BinaryIO, Callable, Dict, Optional
 from urllib.parse import urlparse
@@ -34,8 +37,9 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.utils import comm
 
-from ..errors import CheckpointError, CheckpointMismatchError
+from ..errors import CheckpointError, CheckpointMismatchError, UnsafeFileError
 from .checkpoint_fit import check_checkpoint_fits, misfit_message
+from .safe_files import check_no_unsafe_torch_load, load_model_zoo_pickle
 
 __all__ = [
     "AtomicCheckpointer",
@@ -51,6 +55,8 @@ logger = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last_checkpoint"  # fvcore's tag file in the save folder
 _TMP_MARK = ".tmp-"
 _ZIP_MAGIC = b"PK\x03\x04"  # a zip archive's first local file header
+# torch's weights_only refusal of an object it will not build: "unsupported GLOBAL posix.system"
+_UNSUPPORTED_GLOBAL = re.compile(r"unsupported GLOBAL (\S+)", re.IGNORECASE)
 
 
 def _is_local(path: str) -> bool:
@@ -185,6 +191,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def load(self, path: str, *args: Any, **kwargs: Any) -> Dict[str, Any]:
         # Under DDP detectron2 lets the other workers take the main worker's weights when only it
         # can read the file, so the check is left to it there (file_must_exist_here).
+        check_no_unsafe_torch_load()
         if path and _is_local(path) and self.file_must_exist_here:
             local = _strip_query(path)
             if not os.path.isfile(local):
@@ -193,7 +200,13 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         self._loading = filename
+        if filename.endswith(".pkl"):
+            return _model_zoo_checkpoint(load_model_zoo_pickle(filename, self._named_by()))
         return self._read_checked(filename)
+
+    def _torch_load(self, f: BinaryIO) -> Dict[str, Any]:
+        # fvcore leaves weights_only to torch's default: pinned here.
+        return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
 
     def _load_model(self, checkpoint: Any):
         incompatible = super()._load_model(checkpoint)
@@ -219,6 +232,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
             try:
                 return super()._load_file(filename)
             except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as e:
+                if _UNSUPPORTED_GLOBAL.search(str(e)):  # intact, but would build other objects
+                    raise UnsafeFileError(_unsafe_pth_message(filename, self._named_by(), e)) \
+                        from None
                 # An empty file gives EOFError, other bytes UnpicklingError ("Weights only load
                 # failed", misleading here), a damaged legacy (non-zip) file RuntimeError/OSError.
                 first_line = (str(e).strip().splitlines() or [""])[0][:300]
@@ -240,6 +256,26 @@ class AtomicCheckpointer(DetectionCheckpointer):
         hint = f" (this folder also has: {', '.join(others[-3:])})" if others else ""
         return (f"Delete it and write the name of an earlier checkpoint into {self._source}"
                 f"{hint}, or start without --resume.")
+
+
+def _model_zoo_checkpoint(data: Any) -> Dict[str, Any]:
+    # What DetectionCheckpointer._load_file makes of a .pkl (detectron2 model zoo, or Caffe2 /
+    # Detectron1 blobs), from data read without running code.
+    if "model" in data and "__author__" in data:
+        return data
+    if "blobs" in data:
+        data = data["blobs"]
+    data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+    return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+
+
+def _unsafe_pth_message(filename: str, named_by: str, error: Exception) -> str:
+    built = _UNSUPPORTED_GLOBAL.search(str(error)).group(1)
+    return (f"Refusing to load checkpoint '{filename}'{named_by}: it asks to build {built}, and "
+            "a checkpoint is read with torch.load(weights_only=True), which builds only tensors "
+            "and plain containers (unpickling anything else can run code). Load it yourself only "
+            "if you trust its source, and save its tensors (torch.save(model.state_dict(), "
+            "path)).")
 
 
 def check_weights_file(cfg: CfgNode, *, resume: bool, eval_only: bool = False) -> None:
