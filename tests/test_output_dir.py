@@ -109,6 +109,26 @@ def test_fresh_start_into_a_folder_with_checkpoints_is_refused_or_overwritten(tm
     assert "keeping " + str(folder / "model_0000004.pth") + ", the MODEL.WEIGHTS" in caplog.text
 
 
+def test_resume_into_checkpoints_without_their_tag_is_refused_naming_the_newest(tmp_path):
+    folder = tmp_path / "copied"
+    folder.mkdir()
+    for age, name in enumerate(("model_final.pth", "model_0000499.pth", "model_0000999.pth")):
+        (folder / name).write_text("x")
+        os.utime(folder / name, (1_000_000 - age, 1_000_000 - age))  # model_final is newest
+    claim = ("import sys; from balanced_rcnn.reliability.output_dir import claim_output_dir; "
+             "claim_output_dir(sys.argv[1], resume=True)")
+    refused = subprocess.run([sys.executable, "-c", claim, str(folder)], capture_output=True,
+                             text=True)
+    assert refused.returncode == 1
+    assert (f"OutputDirError: --resume: OUTPUT_DIR '{folder}' holds 3 checkpoint(s), the newest "
+            "model_final.pth, but no last_checkpoint naming the one to continue from, so this run "
+            "would start from MODEL.WEIGHTS at iteration 0 and overwrite them. To continue from "
+            f"model_final.pth: echo model_final.pth > {folder / 'last_checkpoint'}, then rerun "
+            "with --resume. To start anew, use another OUTPUT_DIR.") in refused.stderr
+    assert sorted(p.name for p in folder.iterdir()) == [
+        LOCK_FILE, "model_0000499.pth", "model_0000999.pth", "model_final.pth"]
+
+
 @pytest.mark.parametrize("num_gpus", [1, 2])
 def test_train_net_refuses_a_second_run_before_writing_anything(repo_root, tmp_path, num_gpus):
     out = tmp_path / "out"

@@ -26,9 +26,10 @@ from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from fvcore.nn.precise_bn import get_bn_modules
+from torch.nn.parallel import DistributedDataParallel
 
 from ..data.loader import build_test_loader, build_train_loader
-from ..errors import NonFiniteTrainingError
+from ..errors import LossExplosionError, NonFiniteTrainingError
 from ..evaluation import FrequencyGroupCOCOEvaluator, ImageLevelEvaluator
 from ..health import (
     GuardedAMPTrainer,
@@ -41,6 +42,7 @@ from ..reliability.checkpoint import save_checkpoint_and_synchronize
 from ..utils.events import flush_tensor_scalars
 from .grad_norm import GradientNormHook
 from .optimizer import build_optimizer
+from .resume_hparams import apply_config_hyperparameters
 
 __all__ = ["AMP_PRECISIONS", "Trainer", "amp_precision"]
 
@@ -157,8 +159,16 @@ class Trainer(DefaultTrainer):
     def resume_or_load(self, resume: bool = True) -> None:
         # A resumed run continues this run's model: a checkpoint of another one is refused
         # (fine-tuning from MODEL.WEIGHTS keeps detectron2's partial load).
-        self.checkpointer.require_full_model = resume and self.checkpointer.has_checkpoint()
+        resuming = resume and self.checkpointer.has_checkpoint()
+        self.checkpointer.require_full_model = resuming
         super().resume_or_load(resume=resume)
+        if resuming:  # the config's hyperparameters, not the checkpoint's (resume_hparams.py)
+            model = self.model.module if isinstance(self.model, DistributedDataParallel) \
+                else self.model
+            config_groups = self.build_optimizer(self.cfg, model).param_groups
+            for line in apply_config_hyperparameters(self.optimizer, self.scheduler,
+                                                     config_groups):
+                logging.getLogger(__name__).info(f"Resumed with the config's {line}")
         # A run killed after the last periodic checkpoint (iteration MAX_ITER - 1) and before
         # model_final.pth was written: there is no iteration left to train, so the checkpointer
         # hook would never write it. The loaded weights are exactly those model_final holds.
@@ -175,12 +185,24 @@ class Trainer(DefaultTrainer):
             super().run_step()
         except NonFiniteTrainingError as e:
             # Raised on every worker before optimizer.step(): the weights are those of the last
-            # finite step, worth keeping to inspect or to resume from with other settings
-            # (--resume then continues after this iteration, past its bad batch).
+            # finite step, worth keeping. After a non-finite value (often one bad batch) --resume
+            # continues from them, past this iteration. After an explosion they are what the
+            # high learning rate made of the model: kept to inspect, while last_checkpoint keeps
+            # naming the checkpoint before, from which --resume with a lower SOLVER.BASE_LR
+            # continues.
+            exploded = isinstance(e, LossExplosionError)
             path = save_checkpoint_and_synchronize(
-                self.checkpointer, f"{e.checkpoint_prefix}_{self.iter:07d}", self.iter
-            )
-            logging.getLogger(__name__).error(f"Saved the weights before the step to {path}")
+                self.checkpointer, f"{e.checkpoint_prefix}_{self.iter:07d}", self.iter,
+                tag_last=not exploded)
+            logger = logging.getLogger(__name__)
+            logger.error(f"Saved the weights before the step to {path}")
+            if exploded:
+                before = self.checkpointer.get_checkpoint_file() if \
+                    self.checkpointer.has_checkpoint() else ""
+                logger.error(
+                    f"--resume continues from {before} (last_checkpoint), with the config's "
+                    "SOLVER.BASE_LR" if before else "No checkpoint was written before: --resume "
+                    "starts anew from MODEL.WEIGHTS, with the config's SOLVER.BASE_LR")
             raise
         # The heads (and GradientNormHook) record scalars as tensors; move them all to
         # EventStorage with one device-to-host copy per step.

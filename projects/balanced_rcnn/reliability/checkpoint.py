@@ -136,7 +136,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self._loading = ""  # the file being loaded, for error messages
 
     # ---- save ----
-    def save(self, name: str, **kwargs: Any) -> None:
+    def save(self, name: str, *, tag_last: bool = True, **kwargs: Any) -> None:
+        """fvcore's save, atomic; ``tag_last`` False leaves ``last_checkpoint`` as it is (a file
+        to inspect, not to resume from)."""
         if not self.save_dir or not self.save_to_disk:
             return
         if not _is_local(self.save_dir):
@@ -152,7 +154,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self._remove_debris()
         self.logger.info(f"Saving checkpoint to {path}")
         atomic_write(path, lambda f: torch.save(data, f))
-        self.tag_last_checkpoint(basename)
+        if tag_last:
+            self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         if not _is_local(self.save_dir):
@@ -184,6 +187,11 @@ class AtomicCheckpointer(DetectionCheckpointer):
             return super().resume_or_load(path, resume=resume)
         finally:
             self._source = None
+
+    @property
+    def loaded_file(self) -> str:
+        """The file the last load read ("" before any)."""
+        return self._loading
 
     def _named_by(self) -> str:
         return f" (named by {self._source})" if self._source else ""
@@ -310,14 +318,18 @@ def check_weights_file(cfg: CfgNode, *, resume: bool, eval_only: bool = False) -
     # dataset re-initialized, with a warning); an evaluation or a resumed run needs it all.
     check_checkpoint_fits(cfg, resume, full_model=eval_only or resuming)
 def save_checkpoint_and_synchronize(
-    checkpointer: DetectionCheckpointer, name: str, iteration: int
+    checkpointer: DetectionCheckpointer, name: str, iteration: int, tag_last: bool = True
 ) -> str:
     """
     Save ``<name>.pth`` with its ``iteration``, as detectron2's PeriodicCheckpointer does (the
     checkpointer writes on the main worker only), and hold every worker at a barrier until it is
     written: a worker that exited earlier would make the launcher kill the main one mid-write.
-    Call it on every worker. Returns the path.
+    Call it on every worker. ``tag_last`` False: ``last_checkpoint`` keeps naming the checkpoint
+    before (AtomicCheckpointer only). Returns the path.
     """
-    checkpointer.save(name, iteration=iteration)
+    if tag_last:
+        checkpointer.save(name, iteration=iteration)
+    else:
+        checkpointer.save(name, iteration=iteration, tag_last=False)
     comm.synchronize()
     return os.path.join(checkpointer.save_dir, f"{name}.pth")

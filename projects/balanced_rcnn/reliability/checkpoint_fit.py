@@ -115,5 +115,12 @@ def check_checkpoint_fits(cfg: CfgNode, resume: bool, *, full_model: bool) -> No
     with warnings.catch_warnings():
         # load_state_dict into meta tensors copies nothing, and says so for each tensor.
         warnings.filterwarnings("ignore", message=".*meta parameter.*")
-        checker.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+        rest = checker.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    if resume and checker.has_checkpoint():
+        # engine/ builds on this package: imported here.
+        from ..engine.resume_hparams import check_same_optimizer
+
+        # DefaultTrainer's state: {"trainer": {"_trainer": {"optimizer": ...}, "hooks": ...}}
+        optimizer = rest.get("trainer", {}).get("_trainer", {}).get("optimizer", {})
+        check_same_optimizer(cfg, optimizer.get("param_groups", ()), checker.loaded_file)
 

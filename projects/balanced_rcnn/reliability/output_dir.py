@@ -29,6 +29,7 @@ import fcntl
 import glob
 import logging
 import os
+import re
 import socket
 import time
 from typing import Dict, List, Optional, Sequence
@@ -90,6 +91,25 @@ def _lock(fd: int, path: str) -> bool:
     return True
 
 
+def _resumable(output_dir: str) -> List[str]:
+    """The periodic and final checkpoints of a run (not the ones its stops save to inspect)."""
+    return [p for p in glob.glob(os.path.join(glob.escape(output_dir), "model_*.pth"))
+            if re.fullmatch(r"model_(\d{7}|final)\.pth", os.path.basename(p))]
+
+
+def _resume_without_tag(output_dir: str) -> str:
+    # Checkpoints copied without their tag file: detectron2 would start from MODEL.WEIGHTS at
+    # iteration 0 and overwrite them.
+    found = _resumable(output_dir)
+    newest = os.path.basename(max(found, key=os.path.getmtime))
+    tag = os.path.join(output_dir, "last_checkpoint")
+    return (f"--resume: OUTPUT_DIR '{output_dir}' holds {len(found)} checkpoint(s), the newest "
+            f"{newest}, but no last_checkpoint naming the one to continue from, so this run "
+            f"would start from MODEL.WEIGHTS at iteration 0 and overwrite them. To continue from "
+            f"{newest}: echo {newest} > {tag}, then rerun with --resume. To start anew, use "
+            "another OUTPUT_DIR.")
+
+
 def claim_output_dir(output_dir: str, *, resume: bool, overwrite: bool = False,
                      holder: Optional[str] = None) -> None:
     """
@@ -109,6 +129,8 @@ def claim_output_dir(output_dir: str, *, resume: bool, overwrite: bool = False,
             f"OUTPUT_DIR '{output_dir}' already holds the checkpoints of a run ({shown}). "
             "Continue that run with --resume, or start a new one in another OUTPUT_DIR "
             "(RELIABILITY.OVERWRITE_OUTPUT True deletes the old checkpoints instead).")
+    elif resume and "last_checkpoint" not in existing and _resumable(output_dir):
+        refusal = OutputDirError(_resume_without_tag(output_dir))
     else:
         refusal = None
     key = os.path.realpath(output_dir)
