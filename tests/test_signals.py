@@ -29,7 +29,9 @@ class _SendSignal(HookBase):
             os.kill(os.getpid(), self.signum)
 
 
-def test_ctrl_c_saves_the_completed_step_and_exits_130(tiny_cfg, tmp_path, caplog):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_ctrl_c_or_a_closed_terminal_saves_the_completed_step(tiny_cfg, tmp_path, caplog,
+                                                              signum, code):
     tiny_cfg.DATASETS.SYNTHETIC_ROOT = str(tmp_path / "datasets")
     tiny_cfg.DATASETS.TEST = ()
     tiny_cfg.OUTPUT_DIR = str(tmp_path / "output")
@@ -43,8 +45,8 @@ def test_ctrl_c_saves_the_completed_step_and_exits_130(tiny_cfg, tmp_path, caplo
     assert order.index(hooks.PeriodicCheckpointer) < order.index(CheckpointOnSignal)
     assert order.index(CheckpointOnSignal) < order.index(hooks.PeriodicWriter)
     assert order[-1] is PeerWatchdogHook
-    trainer.register_hooks([_SendSignal(at=2, signum=signal.SIGINT)])
-    previous = signal.getsignal(signal.SIGINT)
+    trainer.register_hooks([_SendSignal(at=2, signum=signum)])
+    previous = signal.getsignal(signum)
     # A skip recorded while training is summarized at its end, interrupted or not.
     trainer._trainer.data_loader.skipped.add("broken.png", "OSError: image file is truncated",
                                              check=False)
@@ -53,7 +55,7 @@ def test_ctrl_c_saves_the_completed_step_and_exits_130(tiny_cfg, tmp_path, caplo
         trainer.train()
     assert ("Skipped 1 of 16 training images that cannot be used (RELIABILITY.MAX_SKIPPED_IMAGE_"
             "FRACTION = 0.01): 'broken.png' (OSError: image file is truncated)") in caplog.text
-    assert info.value.code == 130 and info.value.iteration == 2
+    assert info.value.code == code and info.value.iteration == 2
     # Step 2 ran to its end (no KeyboardInterrupt in the middle of it) and was saved.
     assert trainer.iter == 2
     path = tmp_path / "output" / "model_0000002.pth"
@@ -63,4 +65,4 @@ def test_ctrl_c_saves_the_completed_step_and_exits_130(tiny_cfg, tmp_path, caplo
     assert saved["iteration"] == 2 and saved["trainer"]["iteration"] == 2
     model = trainer.model.state_dict()
     assert all(torch.equal(saved["model"][k], v) for k, v in model.items())
-    assert signal.getsignal(signal.SIGINT) is previous  # the default action is back
+    assert signal.getsignal(signum) is previous  # the default action is back

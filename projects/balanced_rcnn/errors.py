@@ -12,6 +12,7 @@ command-line tools' own one-line errors, exit code 2, stay in the tools.)
     75          a DDP peer was lost (sysexits.h EX_TEMPFAIL:      exit_peer_lost (os._exit)
                 rerunning with --resume is expected to work)
     130 / 143   Ctrl-C / SIGTERM, after a checkpoint              TrainingInterrupted
+    129         SIGHUP (terminal closed), after a checkpoint      TrainingInterrupted
     128 + N     a worker was killed by signal N (137: SIGKILL)    (reliability/launch.py)
 """
 

@@ -5,7 +5,7 @@ Three additions, each for the multi-process case only:
 
 - ``timeout``: the collective timeout, from RELIABILITY.COLLECTIVE_TIMEOUT_MIN (see
   :func:`collective_timeout`); it bounds a wait on a peer that is alive but stuck.
-- SIGTERM / SIGINT sent to the launching process are passed on to the workers, which save a
+- SIGTERM / SIGINT / SIGHUP sent to the launching process are passed on to the workers, which save a
   checkpoint and exit 143 / 130 (reliability/signals.py), instead of killing the launcher and
   leaving the workers orphaned.
 - When a worker ends with a non-zero status, detectron2's launcher stops the other workers of this

@@ -1,5 +1,6 @@
 """
-SIGTERM and Ctrl-C (SIGINT) end training at a step boundary, with a checkpoint.
+SIGTERM, Ctrl-C (SIGINT) and SIGHUP (the terminal or ssh session closed) end training at a step
+boundary, with a checkpoint.
 
 Schedulers send SIGTERM some time before they kill a job (SLURM: KillWait, 30 s by default;
 Kubernetes: terminationGracePeriodSeconds), and Ctrl-C sends SIGINT to every process of the
@@ -10,7 +11,8 @@ During training, :class:`CheckpointOnSignal` turns both signals into a flag. Aft
 progress has completed (model, optimizer, scheduler and iteration counter agree), the main
 worker saves ``model_<iter>.pth`` (atomically, reliability/checkpoint.py; unless the periodic
 checkpointer has just saved that iteration), and every worker raises :class:`TrainingInterrupted`,
-which exits with 128 + the signal number: **143** for SIGTERM, **130** for SIGINT, the shell's
+which exits with 128 + the signal number: **143** for SIGTERM, **130** for SIGINT, **129** for
+SIGHUP, the shell's
 codes for "ended by that signal", which schedulers already understand. ``--resume`` continues at
 the next iteration.
 
@@ -64,7 +66,7 @@ def cpu_process_group() -> Optional[dist.ProcessGroup]:
     return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class CheckpointOnSignal(HookBase):
@@ -102,8 +104,8 @@ class CheckpointOnSignal(HookBase):
         if threading.current_thread() is not threading.main_thread():
             # Python delivers signals to the main thread only; a trainer run from another thread
             # keeps the default actions.
-            logger.warning("Training runs outside the main thread: SIGTERM / SIGINT will not "
-                           "save a checkpoint")
+            logger.warning("Training runs outside the main thread: SIGTERM / SIGINT / SIGHUP "
+                           "will not save a checkpoint")
             return
         for signum in self._signals:
             self._previous[signum] = signal.signal(signum, self._on_signal)
@@ -146,7 +148,7 @@ class CheckpointOnSignal(HookBase):
 
 @contextlib.contextmanager
 def forward_signals_to_workers(signals: Sequence[int] = HANDLED_SIGNALS) -> Iterator[None]:
-    """In the launching process: send SIGTERM / SIGINT on to the worker processes and keep
+    """In the launching process: send SIGTERM / SIGINT / SIGHUP on to the worker processes and keep
     waiting for them, instead of exiting and orphaning them."""
 
     def forward(signum: int, frame: Optional[FrameType]) -> None:
