@@ -29,6 +29,7 @@ from detectron2.utils.logger import setup_logger
 from balanced_rcnn import Trainer
 from balanced_rcnn.config import load_project_config
 from balanced_rcnn.config_checks import check_config_choices
+from balanced_rcnn.config_ranges import check_config_ranges, ignored_key_warnings
 from balanced_rcnn.data import register_datasets_from_config
 from balanced_rcnn.errors import TrainingHealthError
 from balanced_rcnn.health.check_images import check_health_images
@@ -45,9 +46,13 @@ def load_config(args) -> CfgNode:
 
 def setup(args) -> CfgNode:
     cfg = load_config(args)
-    # Every key with a fixed set of values, before anything is written or built.
+    # Every key with a fixed set of values or a valid range, before anything is written or built.
     check_config_choices(cfg)
+    check_config_ranges(cfg)
     main_worker = comm.is_main_process()
+    if main_worker:
+        for warning in ignored_key_warnings(cfg):
+            logging.getLogger("balanced_rcnn").warning(warning)
     with refused_together():  # a refusal on the main worker stops every worker at once
         if main_worker and not args.eval_only:
             # Before anything is written into it (log.txt, config.yaml, checkpoints).
@@ -103,6 +108,11 @@ def main(args):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
+    try:  # before any worker process is started (a CUDA config on a CPU machine, say)
+        config = load_config(args)
+        check_config_ranges(config)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"train_net.py: error: {e}")
     # The project's launch: exits with the status of a failed worker (README, "Reliability":
     # 3 collapse, 4 non-finite, 75 lost peer, 130 / 143 Ctrl-C / SIGTERM after a checkpoint).
     launch(
@@ -112,5 +122,5 @@ if __name__ == "__main__":
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
-        timeout=collective_timeout(load_config(args)),
+        timeout=collective_timeout(config),
     )
