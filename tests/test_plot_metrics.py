@@ -1,5 +1,6 @@
 """tools/plot_metrics.py on a metrics.json written by detectron2's own JSONWriter."""
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -96,6 +97,24 @@ def test_resumed_run_replaces_the_redone_iterations(tmp_path: Path):
     assert series["lr"] == [(19, 20.0), (29, 30.0), (39, 40.0), (59, 0.06), (79, 0.08),
                             (89, 0.09), (99, 0.1)]
     assert [it for it, _ in series["bbox/AP"]] == [29, 59, 89]
+
+
+def test_records_off_the_writers_period_keep_every_point(tmp_path: Path, capsys):
+    """A check or an evaluation logged at an iteration below the line before it is no resume:
+    every loss point stays, and nothing is said."""
+    metrics = tmp_path / "metrics.json"
+    records = [{"iteration": 19, "total_loss": 1.0}, {"iteration": 39, "total_loss": 0.5},
+               {"iteration": 29, "health/dets_per_image": 3.0},
+               {"iteration": 59, "total_loss": 0.25}, {"iteration": 49, "bbox/AP": 7.0}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    series = plot_metrics.load_metrics(metrics)
+    assert series["total_loss"] == [(19, 1.0), (39, 0.5), (59, 0.25)]
+    assert series["health/dets_per_image"] == [(29, 3.0)] and series["bbox/AP"] == [(49, 7.0)]
+    assert capsys.readouterr().err == ""
+    _write_run(metrics, 40, 60, lr=0.001)  # a resumed run redoing 40-59: writes at 59 (and 49)
+    plot_metrics.load_metrics(metrics)
+    assert "values logged again at an iteration already logged (a resumed run redoing " \
+        "iterations): the later ones are drawn" in capsys.readouterr().err
 
 
 def test_folder_argument_and_default_output(tmp_path: Path, capsys):

@@ -17,8 +17,11 @@ Usage:
   python tools/plot_metrics.py output/metrics.json [--output-dir output/plots]
   python tools/plot_metrics.py output/            # same: the folder's metrics.json
 
-A resumed or restarted run appends to metrics.json with iterations that go backwards; the later
-lines win, so each curve shows the run as it was finally completed.
+Records are not in iteration order: evaluations and health checks are logged at iterations off
+the writer's period, some scalars only on some steps, and a resumed run appends from the
+iteration of its checkpoint. Every point is drawn at its iteration; where two records hold the
+same key at the same iteration (a resumed run redoing iterations), the later one wins, and the
+tool says how many values that replaced.
 """
 import argparse
 import json
@@ -55,7 +58,7 @@ def load_metrics(path: Path) -> Dict[str, Series]:
         raise ValueError(f"{path} is empty: no metrics were written yet (detectron2's JSONWriter "
                          "writes a line every 20 iterations, and after each evaluation)")
     series: Dict[str, Dict[int, float]] = {}
-    last_iter = -1
+    replaced = 0
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -72,17 +75,16 @@ def load_metrics(path: Path) -> Dict[str, Series]:
             raise ValueError(f"{path}, line {number}: expected an object with an integer "
                              f"'iteration', got {line[:80]!r}")
         it = record["iteration"]
-        if it < last_iter:
-            # Resumed from a checkpoint at `it` (or restarted): drop what the new run redoes.
-            for points in series.values():
-                for stale in [i for i in points if i >= it]:
-                    del points[stale]
-        last_iter = it
         for key, value in record.items():
             if key in _SKIPPED_KEYS or isinstance(value, bool) or not isinstance(
                     value, (int, float)):
                 continue
-            series.setdefault(key, {})[it] = float(value)
+            points = series.setdefault(key, {})
+            replaced += it in points
+            points[it] = float(value)
+    if replaced:
+        print(f"note: {path}: {replaced} values logged again at an iteration already logged "
+              "(a resumed run redoing iterations): the later ones are drawn", file=sys.stderr)
     result = {k: sorted(v.items()) for k, v in sorted(series.items()) if v}
     if not result:
         raise ValueError(f"{path} has no numeric metrics to plot")
