@@ -2,6 +2,7 @@
 refused (or skipped with RELIABILITY.BAD_ANNOTATIONS skip) at registration, naming the json, the
 annotation id, the image id and file."""
 
+import json
 import logging
 from pathlib import Path
 
@@ -146,3 +147,66 @@ def test_box_rule_on_each_kind_of_value(box, problem):
         "'boxes.json' has 1 annotations that cannot be trained on:\n  annotation id 7 "
         f"(image id 1, '1.png'): bbox {box!r} ")
     assert problem in str(info.value)
+
+
+def test_one_file_under_two_image_ids_is_refused(tmp_path: Path):
+    images = [{"id": i, "file_name": f"{i}.png", "height": SIZE, "width": SIZE} for i in (1, 2, 3)]
+    images[2]["file_name"] = "1.png"  # id 3 is 1.png again
+    json_file, root = write_coco(tmp_path, num_images=3, images=images,
+                                 annotations=[annotation(1, 1), annotation(2, 3)])
+    assert _refusal(coco_cfg("bad_dup_files", json_file, root)) == (
+        f"'{json_file}' has 1 invalid image or annotation entries:\n"
+        "  image file '1.png' is listed under 2 image ids (1, 3): its objects would be counted "
+        "once per id, and a detector would be scored against each copy")
+
+
+def test_image_sizes_must_be_positive_numbers(tmp_path: Path):
+    images = [{"id": 1, "file_name": "1.png", "height": SIZE, "width": "32"},
+              {"id": 2, "file_name": "2.png", "height": 0, "width": SIZE}]
+    json_file, root = write_coco(tmp_path, num_images=2, images=images,
+                                 annotations=[annotation(1, 1)])
+    message = _refusal(coco_cfg("bad_sizes", json_file, root))
+    assert "images[0] (id 1): height and width must be positive numbers, got 32 and '32'" in message
+    assert "images[1] (id 2): height and width must be positive numbers, got 0 and 32" in message
+
+
+def test_duplicate_category_names_are_refused(tmp_path: Path):
+    json_file, root = write_coco(tmp_path)
+    coco = json.loads(json_file.read_text())
+    coco["categories"] = [{"id": 3, "name": "car"}, {"id": 7, "name": "car"}]
+    json_file.write_text(json.dumps(coco))
+    assert _refusal(coco_cfg("bad_dup_names", json_file, root)) == (
+        f"'{json_file}': categories share a name ('car': ids 3, 7); their per-class AP would "
+        "overwrite each other in metrics.json. Give each its own name, or merge them into one "
+        "category")
+
+
+def test_polygons_that_do_not_match_their_box(tmp_path: Path, caplog):
+    shifted = annotation(2, 2)
+    shifted["segmentation"] = [[v + 10 for v in shifted["segmentation"][0]]]
+    xyxy = annotation(3, 3, x=18)
+    xyxy["bbox"] = [18, 18, 30, 30]  # x1, y1, x2, y2 of the 12 x 12 square at (18, 18)
+    json_file, root = write_coco(tmp_path, num_images=3,
+                                 annotations=[annotation(1, 1), shifted, xyxy])
+    message = _refusal(coco_cfg("bad_extent", json_file, root))
+    assert ("annotation id 2 (image id 2, '2.png'): bbox [4, 4, 12, 12] and its polygons' extent "
+            "[14, 14, 26, 26] (x1, y1, x2, y2) overlap at IoU 0.01 < 0.5: one of them is wrong.\n"
+            ) in message
+    assert ("annotation id 3 (image id 3, '3.png'): bbox [18, 18, 30, 30] and its polygons' "
+            "extent [18, 18, 30, 30] (x1, y1, x2, y2) overlap at IoU 0.16 < 0.5: one of them is "
+            "wrong. It matches the bbox read as [x1, y1, x2, y2]: COCO's bbox is [x, y, width, "
+            "height].") in message
+    # The square drawn around its polygon (annotation 1) passes; skip drops the two.
+    cfg = coco_cfg("bad_extent_skip", json_file, root)
+    cfg.RELIABILITY.BAD_ANNOTATIONS = "skip"
+    register_datasets_from_config(cfg)
+    assert [len(d["annotations"]) for d in DatasetCatalog.get("bad_extent_skip")] == [1, 0, 0]
+
+
+def test_a_training_set_of_crowd_regions_only_is_warned_about(tmp_path: Path, caplog):
+    json_file, root = write_coco(tmp_path, annotations=[
+        dict(annotation(i, i), iscrowd=1) for i in (1, 2)])
+    with caplog.at_level(logging.WARNING):
+        register_datasets_from_config(coco_cfg("bad_all_crowd", json_file, root))
+    assert (f"DATASETS.TRAIN: every annotation of dataset 'bad_all_crowd' ({json_file}) is "
+            "iscrowd, and crowd regions are not trained on") in caplog.text

@@ -10,11 +10,17 @@ image entry without id/file_name/height/width, an image id or an annotation id u
 (detectron2 silently drops the images; for annotations it asserts that the json's ids are not
 unique without naming one, and not at all for a json whose name contains "minival"), and in a
 training set under MODEL.MASK_ON and INPUT.MASK_FORMAT polygon an RLE segmentation of a
-non-crowd object (detectron2 fails when the image is first sampled; evaluation reads RLE fine).
+non-crowd object (detectron2 fails when the image is first sampled; evaluation reads RLE fine),
+one image file under two image ids (its objects counted twice: a perfect detector scored 72.7
+AP), and an image height or width that is not a positive number.
 By RELIABILITY.BAD_ANNOTATIONS ("error" or "skip"): a box of zero area, a non-crowd box entirely
 outside its image (zero area once clipped), a polygon with fewer than 3 points and, with
 MODEL.MASK_ON, a non-crowd object without a segmentation, which detectron2 drops silently, with a
-bare count, or fails on when sampled or evaluated.
+bare count, or fails on when sampled or evaluated; and a non-crowd object whose polygons' extent
+and bbox overlap at IoU below POLYGON_BOX_MIN_IOU (a shifted polygon, or the bbox written as
+[x1, y1, x2, y2], which the message says when that reading fits). Duplicate category names are
+refused when the json is read (data/register.py), a training set whose objects are all crowd is
+warned about.
 
 Image files that do not exist are skipped when the training set is built (data/train_dicts.py);
 unreadable, truncated and wrongly sized images are only found by reading them, while training
@@ -32,8 +38,19 @@ __all__ = ["BAD_ANNOTATION_POLICIES", "check_coco_annotations"]
 logger = logging.getLogger(__name__)
 
 BAD_ANNOTATION_POLICIES = ("error", "skip")
+# A polygon's extent and its bbox overlap at least this much (a box drawn around the polygon
+# gives 1; a polygon of a thin diagonal object still fills its box's extent).
+POLYGON_BOX_MIN_IOU = 0.5
 _LISTED = 5  # problems named in an error message
 _LOGGED = 20  # skipped annotations named in the log, per dataset
+
+
+def image_id_of(image: Any) -> Any:
+    """The id of an image entry that has every key the checks need, else None."""
+    if isinstance(image, dict) and all(k in image for k in ("id", "file_name", "height",
+                                                            "width")):
+        return image["id"]
+    return None
 
 
 def _listing(problems: Sequence[str], limit: int = _LISTED) -> str:
@@ -98,7 +115,37 @@ def _geometry_problem(ann: Dict[str, Any], image: Dict[str, Any], masks: bool) -
             if len(polygon) < 6:
                 return (f"segmentation polygon {k} has {len(polygon) // 2} points (a polygon "
                         "needs at least 3)")
+        if segmentation and not crowd:
+            return _extent_disagreement(box, segmentation)
     return None
+
+
+def _extent_disagreement(box: List[float], polygons: List[List[float]]) -> Optional[str]:
+    """The polygons' extent against the bbox (XYWH): at IoU below POLYGON_BOX_MIN_IOU one of
+    them is wrong; when the bbox read as [x1, y1, x2, y2] fits, it was written so."""
+    try:
+        xs = [v for p in polygons for v in p[0::2]]
+        ys = [v for p in polygons for v in p[1::2]]
+        extent = (min(xs), min(ys), max(xs), max(ys))
+    except TypeError:  # non-numbers: detectron2 names them when it reads the polygon
+        return None
+    x, y, w, h = box
+    iou = _iou(extent, (x, y, x + w, y + h))
+    if iou >= POLYGON_BOX_MIN_IOU:
+        return None
+    hint = (" It matches the bbox read as [x1, y1, x2, y2]: COCO's bbox is [x, y, width, "
+            "height]." if w > x and h > y and _iou(extent, (x, y, w, h)) >= POLYGON_BOX_MIN_IOU
+            else "")
+    return (f"bbox {box} and its polygons' extent [{', '.join(f'{v:g}' for v in extent)}] "
+            f"(x1, y1, x2, y2) overlap at IoU {iou:.2f} < {POLYGON_BOX_MIN_IOU}: one of them is "
+            f"wrong.{hint}")
+
+
+def _iou(a: Tuple[float, float, float, float], b: Tuple[float, float, float, float]) -> float:
+    inter = (max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+             * max(0.0, min(a[3], b[3]) - max(a[1], b[1])))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def _duplicates(entries: Sequence[Any], key: str, show: str) -> Dict[Any, List[Any]]:
@@ -135,6 +182,7 @@ def check_coco_annotations(
                          f"got {bad_annotations!r}")
     errors: List[str] = []
     images: Dict[Any, Dict] = {}
+    unsized: Set[Any] = set()  # images whose size is reported: their boxes are not checked
     for i, image in enumerate(coco["images"]):
         missing = [k for k in ("id", "file_name", "height", "width")
                    if not isinstance(image, dict) or k not in image]
@@ -145,6 +193,17 @@ def check_coco_annotations(
     for image_id, files in _duplicates(coco["images"], "id", "file_name").items():
         errors.append(f"image id {image_id!r} is used by {len(files)} images ("
                       f"{', '.join(map(repr, files[:3]))}); detectron2 would keep only one")
+    for file_name, ids in _duplicates(coco["images"], "file_name", "id").items():
+        errors.append(f"image file {file_name!r} is listed under {len(ids)} image ids ("
+                      f"{', '.join(map(str, ids[:3]))}): its objects would be counted once per "
+                      "id, and a detector would be scored against each copy")
+    for i, image in enumerate(coco["images"]):
+        if image_id_of(image) is not None and not all(
+                _is_number(image[k]) and image[k] > 0 for k in ("height", "width")):
+            unsized.add(image["id"])
+            errors.append(f"images[{i}] (id {image.get('id')!r}): height and width must be "
+                          f"positive integers, got {image.get('height')!r} and "
+                          f"{image.get('width')!r}")
     for ann_id, on in _duplicates(coco["annotations"], "id", "image_id").items():
         errors.append(f"annotation id {ann_id!r} is used by {len(on)} annotations (of image ids "
                       f"{', '.join(map(str, on[:3]))})")
@@ -172,6 +231,8 @@ def check_coco_annotations(
             errors.append(f"{where(ann.get('id', f'at index {i}'), image)}: its segmentation "
                           "is an RLE mask, which INPUT.MASK_FORMAT polygon cannot use for a "
                           "non-crowd object; set INPUT.MASK_FORMAT bitmask")
+            continue
+        if image["id"] in unsized:
             continue
         problem = _geometry_problem(ann, image, masks)
         if problem is not None:

@@ -38,6 +38,7 @@ _COCO_KEYS = ("images", "annotations", "categories")
 # here, and the number of annotations it trains on.
 _REGISTERED = DatasetRegistry()
 _NUM_ANNOTATIONS: Dict[str, int] = {}
+_NUM_OBJECTS: Dict[str, int] = {}  # the non-crowd annotations, which are trained on
 
 
 def read_coco_json(json_file: str) -> Dict[str, Any]:
@@ -71,6 +72,16 @@ def read_coco_json(json_file: str) -> Dict[str, Any]:
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ValueError(f"'{json_file}': category ids {duplicates} appear more than once")
+    by_name: Dict[Any, List[Any]] = {}
+    for cat in categories:
+        by_name.setdefault(cat["name"], []).append(cat["id"])
+    shared = {name: ids for name, ids in by_name.items() if len(ids) > 1}
+    if shared:
+        listed = "; ".join(f"{name!r}: ids {', '.join(map(str, ids))}"
+                           for name, ids in shared.items())
+        raise ValueError(f"'{json_file}': categories share a name ({listed}); their per-class AP "
+                         "would overwrite each other in metrics.json. Give each its own name, or "
+                         "merge them into one category")
     return data
 
 
@@ -118,6 +129,8 @@ def register_coco_dataset(name: str, json_file: str, image_root: str,
     dropped = frozenset(check_coco_annotations(coco, json_file, bad_annotations, mask_format,
                                                training))
     _NUM_ANNOTATIONS[name] = len(coco["annotations"]) - len(dropped)
+    _NUM_OBJECTS[name] = sum(1 for a in coco["annotations"]
+                             if not a.get("iscrowd", 0) and a.get("id") not in dropped)
     del coco  # the loader parses the json again when the dataset is used
     _REGISTERED.register(
         name,
@@ -183,6 +196,11 @@ def register_datasets_from_config(cfg: CfgNode) -> None:
                 f"DATASETS.TRAIN: dataset '{name}' ({_REGISTERED[name][0]}) has no annotation at "
                 "all: the model can only learn to detect nothing. Check that the json is the "
                 "one with your labels.")
+        elif _NUM_OBJECTS.get(name) == 0:
+            logger.warning(
+                f"DATASETS.TRAIN: every annotation of dataset '{name}' ({_REGISTERED[name][0]}) "
+                "is iscrowd, and crowd regions are not trained on: the model can only learn to "
+                "detect nothing. Set iscrowd 0 on the objects to learn.")
     splits = [("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST),
               ("HEALTH.DATASET", [cfg.HEALTH.DATASET] if cfg.HEALTH.DATASET else [])]
     for key, names in splits:
