@@ -202,7 +202,7 @@ def check_coco_annotations(
                 _is_number(image[k]) and image[k] > 0 for k in ("height", "width")):
             unsized.add(image["id"])
             errors.append(f"images[{i}] (id {image.get('id')!r}): height and width must be "
-                          f"positive integers, got {image.get('height')!r} and "
+                          f"positive numbers, got {image.get('height')!r} and "
                           f"{image.get('width')!r}")
     for ann_id, on in _duplicates(coco["annotations"], "id", "image_id").items():
         errors.append(f"annotation id {ann_id!r} is used by {len(on)} annotations (of image ids "
