@@ -114,6 +114,15 @@ def test_output_must_be_a_pth_file(converter, tmp_path):
         converter.main([str(tmp_path / "in.pth"), str(tmp_path / "out.pkl")])
 
 
+def test_output_equal_to_the_input_is_refused(converter, tmp_path, capsys):
+    download = tmp_path / "swin_tiny.pth"
+    download.write_bytes(b"the download")
+    with pytest.raises(SystemExit):
+        converter.main([str(download), str(tmp_path / "." / "swin_tiny.pth")])
+    assert "it would overwrite the download" in capsys.readouterr().err
+    assert download.read_bytes() == b"the download"
+
+
 def test_not_a_swin_checkpoint(converter, tmp_path):
     path = tmp_path / "resnet.pth"
     torch.save({"model": {"conv1.weight": torch.zeros(1)}}, path)

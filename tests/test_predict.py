@@ -3,6 +3,8 @@ import contextlib
 import importlib.util
 import io
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import pycocotools.mask as mask_util
@@ -176,5 +178,37 @@ def test_bad_inputs_give_clear_errors(trained, tmp_path: Path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "bad.png").write_bytes(b"not a png")
-    assert _error(trained, tmp_path, "--input", str(broken)).startswith(
-        f"predict: error: cannot read image {broken / 'bad.png'}: ")
+    assert _error(trained, tmp_path, "--input", str(broken)) == (
+        "predict: error: none of the 1 images could be read (--input)")
+    assert _error(trained, tmp_path, "--input", images, "--dataset",
+                  "synthetic_shapes_many_val") == (
+        "predict: error: dataset 'synthetic_shapes_many_val' has 20 classes (red_circle, "
+        "green_circle, blue_circle, yellow_circle, red_square, green_square, blue_square, "
+        "yellow_square, red_triangle, green_triangle) but the model predicts 3 "
+        "(MODEL.ROI_HEADS.NUM_CLASSES): "
+        "its names and ids would be wrong. Pass the --dataset the model was trained on")
+
+
+def test_inputs_are_listed_once_without_the_output_and_bad_files_cost_nothing(
+        trained, tmp_path: Path, caplog):
+    """A symlinked subfolder is followed, a link back to the input is not looped over, the
+    --output folder inside --input is left out (a second run would predict on its drawings),
+    and an unreadable file is skipped, named and counted."""
+    images = tmp_path / "in"
+    shutil.copytree(trained["images"], images)
+    (images / "bad.png").write_bytes(b"not a png")
+    extra = tmp_path / "elsewhere"
+    extra.mkdir()
+    shutil.copy(images / "000001.png", extra / "linked.png")
+    (images / "sub").symlink_to(extra, target_is_directory=True)
+    (images / "loop").symlink_to(images, target_is_directory=True)
+    output = images / "predictions"
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):  # the second run finds the first one's drawings inside --input
+            _run(trained, "--input", str(images), "--output", str(output))
+    entries = json.loads((output / "image_ids.json").read_text())["images"]
+    assert [e["file_name"] for e in entries] == ["000000.png", "000001.png", "000002.png",
+                                                 "sub/linked.png"]
+    assert "Skipped 1 of 5 images that cannot be read: bad.png" in caplog.text
+    assert sorted(p.name for p in (output / "vis").rglob("*.png")) == [
+        "000000.png", "000001.png", "000002.png", "linked.png"]

@@ -169,6 +169,8 @@ def main(argv: Optional[List[str]] = None) -> ConversionReport:
     if not args.output.endswith(".pth"):
         # detectron2 reads .pkl files with pickle (its model-zoo format), not torch.load.
         parser.error(f"the output must end with .pth, got {args.output}")
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        parser.error(f"the output {args.output} is the input: it would overwrite the download")
 
     converted, report = convert(read_state_dict(args.input))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

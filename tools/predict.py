@@ -29,6 +29,7 @@ thing_dataset_id_to_contiguous_id, e.g. the ids of your COCO json); image ids co
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -108,14 +109,28 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
     return cfg
 
 
-def list_images(path: Path) -> List[Tuple[Path, str]]:
-    """(file, name relative to the input folder) of every image, sorted."""
+def list_images(path: Path, output: Optional[Path] = None) -> List[Tuple[Path, str]]:
+    """(file, name relative to the input folder) of every image, sorted; symlinked folders are
+    followed (each real folder once), the ``output`` folder is left out when it is inside."""
     if path.is_file():
         return [(path, path.name)]
     if not path.is_dir():
         raise FileNotFoundError(f"input not found: {path} (--input)")
-    files = sorted(p for p in path.rglob("*")
-                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    skip = {os.path.realpath(output)} if output is not None else set()
+    seen, files = set(), []
+    for folder, subfolders, names in os.walk(path, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in skip:
+            logger.info(f"Leaving out {folder}: it is the --output folder (its drawings are no "
+                        "input)")
+            subfolders[:] = []
+            continue
+        if real in seen:  # a symlink back to a folder already listed
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        files += [Path(folder) / n for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+    files.sort()
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path} "
                                 "(--input)")
@@ -167,7 +182,14 @@ def _metadata(cfg: CfgNode, dataset: Optional[str]) -> Metadata:
         return Metadata()  # class indices are drawn instead of names
     if dataset not in DatasetCatalog:
         raise ValueError(f"unknown dataset '{dataset}' (--dataset)")
-    return MetadataCatalog.get(dataset)
+    metadata = MetadataCatalog.get(dataset)
+    classes = metadata.get("thing_classes")
+    if classes is not None and len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        raise ValueError(
+            f"dataset '{dataset}' has {len(classes)} classes ({', '.join(classes[:10])}) but the "
+            f"model predicts {cfg.MODEL.ROI_HEADS.NUM_CLASSES} (MODEL.ROI_HEADS.NUM_CLASSES): "
+            "its names and ids would be wrong. Pass the --dataset the model was trained on")
+    return metadata
 
 
 def _vis_name(name: str, taken: set) -> str:
@@ -185,12 +207,15 @@ def predict(cfg: CfgNode, images: List[Tuple[Path, str]], image_ids: List[int],
     predictor = build_predictor(cfg) if exported is None else ExportedPredictor(cfg, exported)
     results: List[Dict] = []
     entries: List[Dict] = []
+    skipped: List[str] = []
     taken: set = set()
     for (path, name), image_id in zip(images, image_ids):
         try:
             image = read_image(str(path), format="BGR")  # DefaultPredictor takes BGR
-        except Exception as e:
-            raise ValueError(f"cannot read image {path}: {e}") from e
+        except Exception as e:  # one unusable file never costs the others' results
+            logger.warning(f"Skipping {path}: cannot read it ({type(e).__name__}: {e})")
+            skipped.append(name)
+            continue
         h, w = image.shape[:2]
         entries.append({"id": image_id, "file_name": name, "height": h, "width": w})
         instances = predictor(image)["instances"].to("cpu")
@@ -204,6 +229,12 @@ def predict(cfg: CfgNode, images: List[Tuple[Path, str]], image_ids: List[int],
         out.parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(out), drawn[:, :, ::-1])
         logger.info(f"{name}: {len(instances)} detections -> {out}")
+    if skipped:
+        shown = ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+        logger.warning(f"Skipped {len(skipped)} of {len(images)} images that cannot be read: "
+                       f"{shown}")
+        if not entries:
+            raise ValueError(f"none of the {len(images)} images could be read (--input)")
     return to_dataset_category_ids(results, metadata), entries
 
 
@@ -212,7 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     setup_logger(name="predict")
     try:
         cfg = setup_cfg(args)
-        images = list_images(args.input)
+        images = list_images(args.input, args.output)
         register_datasets_from_config(cfg)
         if args.exported is None:
             # Refuse, before any image is read, a checkpoint that does not hold the whole model.
@@ -231,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         (args.output / "image_ids.json").write_text(json.dumps({"images": entries}, indent=1))
     results_path = args.output / "coco_instances_results.json"
     results_path.write_text(json.dumps(results))
-    print(f"{len(images)} images, {len(results)} detections: {results_path} and "
+    print(f"{len(entries)} images, {len(results)} detections: {results_path} and "
           f"{args.output / 'vis'}/")
     return results_path
 
