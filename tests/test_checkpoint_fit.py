@@ -94,3 +94,18 @@ def test_model_weights_that_are_not_a_checkpoint_are_refused_at_set_up(tiny_cfg,
                                               r"MODEL.WEIGHTS\): it is truncated, corrupt or not "
                                               r"a checkpoint \(torch.load failed: "):
         check_weights_file(tiny_cfg, resume=False)
+
+
+def test_fine_tuning_from_weights_that_fill_no_backbone_tensor_is_refused():
+    from balanced_rcnn.reliability.checkpoint_fit import empty_backbone_message
+
+    backbone = ["backbone.bottom_up.patch_embed.proj.weight", "backbone.fpn_lateral2.weight"]
+    # An official Swin checkpoint: its names (layers.0..., patch_embed...) match nothing.
+    assert empty_backbone_message("swin_tiny.pth", backbone, [*backbone, "roi_heads.x"]) == (
+        "MODEL.WEIGHTS 'swin_tiny.pth' loads none of the backbone's 2 tensors, so training would "
+        "start from a random backbone. If it is an official Swin checkpoint, convert it first: "
+        "python tools/convert_swin_checkpoint.py swin_tiny.pth swin_converted.pth, and set "
+        "MODEL.WEIGHTS swin_converted.pth. To train from scratch on purpose, set MODEL.WEIGHTS "
+        "\"\".")
+    # One backbone tensor loaded (a converted ImageNet checkpoint fills the bottom-up part).
+    assert empty_backbone_message("converted.pth", backbone, backbone[1:]) is None

@@ -134,6 +134,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         # Where the path being loaded came from, for error messages.
         self._source: Optional[str] = None
         self._loading = ""  # the file being loaded, for error messages
+        self.last_incompatible = None  # fvcore's incompatible keys of the last model load
 
     # ---- save ----
     def save(self, name: str, *, tag_last: bool = True, **kwargs: Any) -> None:
@@ -218,6 +219,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint: Any):
         incompatible = super()._load_model(checkpoint)
+        self.last_incompatible = incompatible
         if self.require_full_model:
             problem = misfit_message(
                 self._loading, self._named_by(), incompatible.missing_keys,

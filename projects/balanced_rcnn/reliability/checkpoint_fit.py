@@ -25,9 +25,10 @@ from typing import Optional, Sequence, Tuple
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 
+from ..errors import CheckpointMismatchError
 from ..utils.random_state import preserved_random_state
 
-__all__ = ["check_checkpoint_fits", "misfit_message"]
+__all__ = ["check_checkpoint_fits", "empty_backbone_message", "misfit_message"]
 
 _LISTED = 5  # tensors named in the message
 
@@ -50,6 +51,19 @@ def _class_count_hint(incorrect_shapes: Sequence[Tuple[str, Shape, Shape]]) -> O
             return (f"The checkpoint has {trained} classes, the config {configured}: set "
                     f"MODEL.ROI_HEADS.NUM_CLASSES {trained}. ")
     return None
+
+
+def empty_backbone_message(filename: str, backbone: Sequence[str], missing: Sequence[str]
+                           ) -> Optional[str]:
+    """Why fine-tuning from ``filename`` would train a randomly initialized backbone: none of
+    the model's ``backbone`` tensors is in it (``missing``: fvcore's missing keys); else None."""
+    if not backbone or not set(backbone) <= set(missing):
+        return None
+    return (f"MODEL.WEIGHTS '{filename}' loads none of the backbone's {len(backbone)} tensors, "
+            "so training would start from a random backbone. If it is an official Swin "
+            "checkpoint, convert it first: python tools/convert_swin_checkpoint.py "
+            f"{filename} swin_converted.pth, and set MODEL.WEIGHTS swin_converted.pth. To train "
+            "from scratch on purpose, set MODEL.WEIGHTS \"\".")
 
 
 def misfit_message(
@@ -116,6 +130,12 @@ def check_checkpoint_fits(cfg: CfgNode, resume: bool, *, full_model: bool) -> No
         # load_state_dict into meta tensors copies nothing, and says so for each tensor.
         warnings.filterwarnings("ignore", message=".*meta parameter.*")
         rest = checker.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    if not full_model and checker.last_incompatible is not None:
+        problem = empty_backbone_message(
+            checker.loaded_file, [k for k in model.state_dict() if k.startswith("backbone.")],
+            checker.last_incompatible.missing_keys)
+        if problem:
+            raise CheckpointMismatchError(problem)
     if resume and checker.has_checkpoint():
         # engine/ builds on this package: imported here.
         from ..engine.resume_hparams import check_same_optimizer
