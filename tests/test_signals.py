@@ -66,3 +66,35 @@ def test_ctrl_c_or_a_closed_terminal_saves_the_completed_step(tiny_cfg, tmp_path
     model = trainer.model.state_dict()
     assert all(torch.equal(saved["model"][k], v) for k, v in model.items())
     assert signal.getsignal(signum) is previous  # the default action is back
+
+
+def test_a_dead_data_loader_worker_saves_the_last_step_and_exits_75(tiny_cfg, tmp_path, caplog):
+    """torch raises this RuntimeError in the training process when the OOM killer ends one of
+    its loader workers; the process is alive and can still save."""
+    from balanced_rcnn.errors import DataLoaderWorkerLost
+
+    tiny_cfg.DATASETS.SYNTHETIC_ROOT = str(tmp_path / "datasets")
+    tiny_cfg.DATASETS.TEST = ()
+    tiny_cfg.OUTPUT_DIR = str(tmp_path / "output")
+    tiny_cfg.SOLVER.MAX_ITER = 10
+    tiny_cfg.SOLVER.CHECKPOINT_PERIOD = 100
+    register_datasets_from_config(tiny_cfg)
+    trainer = Trainer(tiny_cfg)
+    batches = iter(trainer._trainer.data_loader)
+
+    def dies_at_the_fourth_batch():
+        for _ in range(3):
+            yield next(batches)
+        raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+
+    trainer._trainer._data_loader_iter_obj = dies_at_the_fourth_batch()
+    with pytest.raises(DataLoaderWorkerLost) as info, caplog.at_level(logging.ERROR):
+        trainer.train()
+    assert info.value.code == 75
+    assert ("A data-loader worker process died at iteration 3 (DataLoader worker (pid(s) 4242) "
+            "exited unexpectedly); the usual cause is the OOM killer: lower "
+            "DATALOADER.NUM_WORKERS or SOLVER.IMS_PER_BATCH. The last completed iteration, 2, is "
+            "saved: rerun with --resume. Exit code 75.") in caplog.text
+    assert (tmp_path / "output" / "last_checkpoint").read_text() == "model_0000002.pth"
+    saved = torch.load(tmp_path / "output" / "model_0000002.pth", weights_only=True)
+    assert saved["iteration"] == 2

@@ -10,7 +10,9 @@ command-line tools' own one-line errors, exit code 2, stay in the tools.)
     4           a non-finite or exploding loss                    NonFiniteTrainingError,
                                                                   LossExplosionError
     75          a DDP peer was lost (sysexits.h EX_TEMPFAIL:      exit_peer_lost (os._exit)
-                rerunning with --resume is expected to work)
+                rerunning with --resume is expected to work),
+                or a data-loader worker process died (the     DataLoaderWorkerLost
+                OOM killer), after a checkpoint
     130 / 143   Ctrl-C / SIGTERM, after a checkpoint              TrainingInterrupted
     129         SIGHUP (terminal closed), after a checkpoint      TrainingInterrupted
     128 + N     a worker was killed by signal N (137: SIGKILL)    (reliability/launch.py)
@@ -23,6 +25,7 @@ __all__ = [
     "EXIT_SIGTERM",
     "CheckpointError",
     "CheckpointMismatchError",
+    "DataLoaderWorkerLost",
     "DetectionCollapseError",
     "ExportError",
     "LossExplosionError",
@@ -83,6 +86,15 @@ class LossExplosionError(NonFiniteTrainingError):
 
 
 # -- runs that stop or are refused to keep what they have (reliability/) --
+
+
+class DataLoaderWorkerLost(SystemExit):
+    """A data-loader worker process died (the OOM killer, say) while the training process lives:
+    stopped after saving the last completed step, exit code 75 (rerun with --resume)."""
+
+    def __init__(self, message: str):
+        super().__init__(EXIT_PEER_LOST)
+        self.message = message
 
 
 class TrainingInterrupted(SystemExit):

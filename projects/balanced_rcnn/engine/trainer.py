@@ -7,6 +7,7 @@ on the CPU.
 
 import logging
 import os
+import re
 import weakref
 from collections import OrderedDict
 from typing import List, Optional
@@ -29,7 +30,8 @@ from fvcore.nn.precise_bn import get_bn_modules
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.loader import build_test_loader, build_train_loader
-from ..errors import LossExplosionError, NonFiniteTrainingError
+from ..errors import (EXIT_PEER_LOST, DataLoaderWorkerLost, LossExplosionError,
+                      NonFiniteTrainingError)
 from ..evaluation import FrequencyGroupCOCOEvaluator, ImageLevelEvaluator
 from ..health import (
     GuardedAMPTrainer,
@@ -43,6 +45,10 @@ from ..utils.events import flush_tensor_scalars
 from .grad_norm import GradientNormHook
 from .optimizer import build_optimizer
 from .resume_hparams import apply_config_hyperparameters
+
+# torch's words for a worker that died: "DataLoader worker (pid(s) 123) exited unexpectedly",
+# "DataLoader worker (pid 123) is killed by signal: Killed."
+_LOST_LOADER_WORKER = re.compile(r"DataLoader worker \(pid")
 
 __all__ = ["AMP_PRECISIONS", "Trainer", "amp_precision"]
 
@@ -204,9 +210,28 @@ class Trainer(DefaultTrainer):
                     "SOLVER.BASE_LR" if before else "No checkpoint was written before: --resume "
                     "starts anew from MODEL.WEIGHTS, with the config's SOLVER.BASE_LR")
             raise
+        except RuntimeError as e:
+            if not _LOST_LOADER_WORKER.search(str(e)):
+                raise
+            self._stop_on_lost_loader_worker(e)
         # The heads (and GradientNormHook) record scalars as tensors; move them all to
         # EventStorage with one device-to-host copy per step.
         flush_tensor_scalars()
+
+    def _stop_on_lost_loader_worker(self, error: RuntimeError) -> None:
+        # The step failed fetching its batch: the weights are those of the last completed step,
+        # saved (by the main worker, without a barrier: the other workers may be in a
+        # collective) before the process exits with 75 and --resume continues there.
+        last = self.iter - 1
+        saved = ""
+        if last >= 0 and comm.is_main_process():
+            self.checkpointer.save(f"model_{last:07d}", iteration=last)
+            saved = f" The last completed iteration, {last}, is saved: rerun with --resume."
+        message = (f"A data-loader worker process died at iteration {self.iter} ({error}); "
+                   "the usual cause is the OOM killer: lower DATALOADER.NUM_WORKERS or "
+                   f"SOLVER.IMS_PER_BATCH.{saved} Exit code {EXIT_PEER_LOST}.")
+        logging.getLogger(__name__).error(message)
+        raise DataLoaderWorkerLost(message) from error
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
