@@ -39,6 +39,30 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path: Path):
     assert os.listdir(tmp_path) == ["last_checkpoint"]  # no temporary file left
 
 
+def test_a_full_disk_is_named_with_the_file_and_the_space(tmp_path: Path, monkeypatch):
+    """torch.save on a full disk says only "unexpected pos"; the save names file and cause."""
+    import shutil
+    from collections import namedtuple
+
+    (tmp_path / "model_0000099.pth").write_bytes(b"x" * 3 * 2**20)  # the run's last checkpoint
+
+    def runs_out(f):
+        f.write(b"y" * 2**20)
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 1048576 "
+                           "vs 1048512")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10 * 2**20, 10 * 2**20, 0))
+    target = tmp_path / "model_0000199.pth"
+    with pytest.raises(OSError) as info:
+        atomic_write(str(target), runs_out)
+    assert str(info.value) == (
+        f"[Errno 28] Could not write '{target}': no space left on the device of {tmp_path} "
+        "(0 MiB free; 1 MiB were written before it ran out, and a checkpoint of this run takes "
+        "about 3 MiB). Free space or move OUTPUT_DIR; the checkpoints already there are intact.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_0000099.pth"]
+
+
 def test_save_is_complete_tagged_and_removes_debris_of_killed_writes(tmp_path: Path):
     debris = tmp_path / ".model_0000007.pth.tmp-12345"  # what a killed write leaves
     debris.write_bytes(b"half a checkpoint")

@@ -23,11 +23,13 @@ Checkpoints that a kill cannot corrupt, and loads that name the file they cannot
 """
 
 import contextlib
+import errno
 import glob
 import logging
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from typing import Any, BinaryIO, Callable, Dict, Optional
 from urllib.parse import urlparse
@@ -97,11 +99,33 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):
+            full = _disk_full_message(path, folder, e, written)
+            if full:
+                raise OSError(errno.ENOSPC, full) from e
         raise
     _fsync_folder(folder)
+
+
+def _disk_full_message(path: str, folder: str, error: BaseException, written: int
+                       ) -> Optional[str]:
+    # torch.save reports a full disk as "RuntimeError: ... unexpected pos N vs M", naming
+    # neither the file nor the cause.
+    if not ((isinstance(error, OSError) and error.errno == errno.ENOSPC)
+            or "unexpected pos" in str(error)):
+        return None
+    free = shutil.disk_usage(folder).free
+    previous = [os.path.getsize(p) for p in glob.glob(os.path.join(glob.escape(folder), "*.pth"))
+                if os.path.abspath(p) != os.path.abspath(path)]
+    need = max(previous, default=written)
+    return (f"Could not write '{path}': no space left on the device of {folder} "
+            f"({free / 2**20:.0f} MiB free; {written / 2**20:.0f} MiB were written before it ran "
+            f"out, and a checkpoint of this run takes about {need / 2**20:.0f} MiB). Free space "
+            "or move OUTPUT_DIR; the checkpoints already there are intact.")
 
 
 def _check_zip_records(path: str) -> Optional[str]:
