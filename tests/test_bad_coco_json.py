@@ -210,3 +210,13 @@ def test_a_training_set_of_crowd_regions_only_is_warned_about(tmp_path: Path, ca
         register_datasets_from_config(coco_cfg("bad_all_crowd", json_file, root))
     assert (f"DATASETS.TRAIN: every annotation of dataset 'bad_all_crowd' ({json_file}) is "
             "iscrowd, and crowd regions are not trained on") in caplog.text
+
+
+def test_a_test_set_without_images_is_refused(tmp_path: Path):
+    json_file, root = write_coco(tmp_path / "train")
+    empty, empty_root = write_coco(tmp_path / "val", num_images=0, annotations=[])
+    cfg = coco_cfg("bad_train_ok", json_file, root)
+    cfg.DATASETS.REGISTER_COCO.append(["bad_val_empty", str(empty), str(empty_root)])
+    cfg.DATASETS.TEST = ("bad_val_empty",)
+    assert _refusal(cfg) == (f"DATASETS.TEST: dataset 'bad_val_empty' ({empty}) has no images: "
+                             "there is nothing to evaluate")

@@ -39,6 +39,7 @@ _COCO_KEYS = ("images", "annotations", "categories")
 _REGISTERED = DatasetRegistry()
 _NUM_ANNOTATIONS: Dict[str, int] = {}
 _NUM_OBJECTS: Dict[str, int] = {}  # the non-crowd annotations, which are trained on
+_NUM_IMAGES: Dict[str, int] = {}
 
 
 def read_coco_json(json_file: str) -> Dict[str, Any]:
@@ -129,6 +130,7 @@ def register_coco_dataset(name: str, json_file: str, image_root: str,
     dropped = frozenset(check_coco_annotations(coco, json_file, bad_annotations, mask_format,
                                                training))
     _NUM_ANNOTATIONS[name] = len(coco["annotations"]) - len(dropped)
+    _NUM_IMAGES[name] = len(coco["images"])
     _NUM_OBJECTS[name] = sum(1 for a in coco["annotations"]
                              if not a.get("iscrowd", 0) and a.get("id") not in dropped)
     del coco  # the loader parses the json again when the dataset is used
@@ -201,6 +203,13 @@ def register_datasets_from_config(cfg: CfgNode) -> None:
                 f"DATASETS.TRAIN: every annotation of dataset '{name}' ({_REGISTERED[name][0]}) "
                 "is iscrowd, and crowd regions are not trained on: the model can only learn to "
                 "detect nothing. Set iscrowd 0 on the objects to learn.")
+    for key, names in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST",
+                                                                 cfg.DATASETS.TEST)):
+        for name in names:
+            if _NUM_IMAGES.get(name) == 0:
+                raise ValueError(f"{key}: dataset '{name}' ({_REGISTERED[name][0]}) has no "
+                                 "images: there is nothing to "
+                                 + ("train on" if key == "DATASETS.TRAIN" else "evaluate"))
     splits = [("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST),
               ("HEALTH.DATASET", [cfg.HEALTH.DATASET] if cfg.HEALTH.DATASET else [])]
     for key, names in splits:
