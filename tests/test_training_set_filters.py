@@ -10,6 +10,7 @@ import pytest
 from balanced_rcnn import register_datasets_from_config
 from balanced_rcnn.data.train_dicts import load_train_dicts
 from balanced_rcnn.errors import TooManySkippedImages
+from detectron2.data import DatasetCatalog
 from detectron2.data.build import get_detection_dataset_dicts
 
 from coco_builders import annotation, coco_cfg, write_coco
@@ -60,13 +61,20 @@ def test_empty_train_list_and_a_dataset_without_images_are_named(tmp_path: Path)
         load_train_dicts(cfg)
     assert str(info.value) == "DATASETS.TRAIN is empty: name the dataset(s) to train on"
 
+    # A COCO json without images is refused when it is registered, naming the file ...
     no_images = write_coco(tmp_path / "none", num_images=0, annotations=[])
     cfg.DATASETS.REGISTER_COCO.append(["bad_no_images", *map(str, no_images)])
     cfg.DATASETS.TRAIN = ("bad_full", "bad_no_images")
-    register_datasets_from_config(cfg)
+    with pytest.raises(ValueError) as info:
+        register_datasets_from_config(cfg)
+    assert str(info.value) == (f"DATASETS.TRAIN: dataset 'bad_no_images' ({no_images[0]}) has "
+                               "no images: there is nothing to train on")
+    # ... and a dataset registered by other code, when the training set is built.
+    DatasetCatalog.register("bad_no_images_elsewhere", lambda: [])
+    cfg.DATASETS.TRAIN = ("bad_full", "bad_no_images_elsewhere")
     with pytest.raises(ValueError) as info:
         load_train_dicts(cfg)
-    assert str(info.value) == "DATASETS.TRAIN: dataset 'bad_no_images' has no images"
+    assert str(info.value) == "DATASETS.TRAIN: dataset 'bad_no_images_elsewhere' has no images"
     # No detectron2 AssertionError in the traceback to read past.
     assert info.value.__cause__ is None
     assert info.value.__context__ is None or info.value.__suppress_context__
