@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from balanced_rcnn.config_checks import config_value
 from balanced_rcnn.config_ranges import RANGES, check_config_ranges, ignored_key_warnings
 
 from conftest import balanced_cfg
@@ -37,17 +38,10 @@ def test_each_key_out_of_range_is_named_with_its_range(key):
     bad = {"> 0": 0, ">= 0": -1, ">= 1": 0, "in (0, 1]": 0, "in [0, 1]": 1.5,
            "in [0, 1)": 1}[words]
     cfg = _cpu_cfg()
-    _set(cfg, key, type(_value(cfg, key))(bad))
+    _set(cfg, key, type(config_value(cfg, key))(bad))
     with pytest.raises(ValueError) as info:
         check_config_ranges(cfg)
-    assert str(info.value) == f"{key} must be {words}, got {type(_value(cfg, key))(bad)}"
-
-
-def _value(cfg, key):
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
+    assert str(info.value) == f"{key} must be {words}, got {type(config_value(cfg, key))(bad)}"
 
 
 @pytest.mark.parametrize("key, value, message", [

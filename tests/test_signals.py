@@ -29,16 +29,21 @@ class _SendSignal(HookBase):
             os.kill(os.getpid(), self.signum)
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGHUP, 129)])
-def test_ctrl_c_or_a_closed_terminal_saves_the_completed_step(tiny_cfg, tmp_path, caplog,
-                                                              signum, code):
+def _ten_step_trainer(tiny_cfg, tmp_path) -> Trainer:
+    """The tiny model for 10 steps into tmp_path/output, no evaluation, no periodic checkpoint."""
     tiny_cfg.DATASETS.SYNTHETIC_ROOT = str(tmp_path / "datasets")
     tiny_cfg.DATASETS.TEST = ()
     tiny_cfg.OUTPUT_DIR = str(tmp_path / "output")
     tiny_cfg.SOLVER.MAX_ITER = 10
     tiny_cfg.SOLVER.CHECKPOINT_PERIOD = 100
     register_datasets_from_config(tiny_cfg)
-    trainer = Trainer(tiny_cfg)
+    return Trainer(tiny_cfg)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_ctrl_c_or_a_closed_terminal_saves_the_completed_step(tiny_cfg, tmp_path, caplog,
+                                                              signum, code):
+    trainer = _ten_step_trainer(tiny_cfg, tmp_path)
     # After the scheduler and the periodic checkpoint, before the writer; the watchdog last.
     order = [type(h) for h in trainer._hooks]
     assert order.index(hooks.LRScheduler) < order.index(CheckpointOnSignal)
@@ -73,13 +78,7 @@ def test_a_dead_data_loader_worker_saves_the_last_step_and_exits_75(tiny_cfg, tm
     its loader workers; the process is alive and can still save."""
     from balanced_rcnn.errors import DataLoaderWorkerLost
 
-    tiny_cfg.DATASETS.SYNTHETIC_ROOT = str(tmp_path / "datasets")
-    tiny_cfg.DATASETS.TEST = ()
-    tiny_cfg.OUTPUT_DIR = str(tmp_path / "output")
-    tiny_cfg.SOLVER.MAX_ITER = 10
-    tiny_cfg.SOLVER.CHECKPOINT_PERIOD = 100
-    register_datasets_from_config(tiny_cfg)
-    trainer = Trainer(tiny_cfg)
+    trainer = _ten_step_trainer(tiny_cfg, tmp_path)
     batches = iter(trainer._trainer.data_loader)
 
     def dies_at_the_fourth_batch():

@@ -38,7 +38,7 @@ from .evaluation.image_level import check_deployment_score_thresh
 from .modeling.checks import check_balanced_loss_keys
 from .modeling.losses import BOX_REG_LOSS_TYPES, REG_NORMALIZERS
 
-__all__ = ["CHOICES", "FREE_TEXT_KEYS", "REGISTRY_KEYS", "check_config_choices"]
+__all__ = ["CHOICES", "FREE_TEXT_KEYS", "REGISTRY_KEYS", "check_config_choices", "config_value"]
 
 _NORMS = ("", "BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
 _POOLERS = ("ROIAlign", "ROIAlignV2", "ROIPool", "ROIAlignRotated")
@@ -101,7 +101,8 @@ _UNREGISTERED_NAMES = {"MODEL.PROPOSAL_GENERATOR.NAME": ("PrecomputedProposals",
                        "MODEL.ROI_BOX_HEAD.NAME": ("",)}
 
 
-def _value(cfg: CfgNode, key: str):
+def config_value(cfg: CfgNode, key: str):
+    """The value of a dotted config key, e.g. "SOLVER.BASE_LR"."""
     node = cfg
     for part in key.split("."):
         node = node[part]
@@ -120,11 +121,11 @@ def check_config_choices(cfg: CfgNode) -> None:
     """Refuse the first key of :data:`CHOICES` or :data:`REGISTRY_KEYS` whose value is not
     allowed, then check MODEL.BALANCED_LOSS's ranges (see the module docstring)."""
     for key, choices in CHOICES.items():
-        value = _value(cfg, key)
+        value = config_value(cfg, key)
         if value not in choices:
             _refuse(key, value, choices)
     for key, registry in REGISTRY_KEYS.items():
-        value = _value(cfg, key)
+        value = config_value(cfg, key)
         allowed = [name for name, _ in registry] + list(_UNREGISTERED_NAMES.get(key, ()))
         if value not in allowed:
             _refuse(key, value, allowed)

@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from detectron2.config import CfgNode
 
+from .config_checks import config_value
 from .data.samplers import CLASS_AWARE_OBJECT_SHARE_SAMPLER, OBJECT_SHARE_SAMPLER
 
 __all__ = ["RANGES", "check_config_ranges", "ignored_key_warnings"]
@@ -66,17 +67,10 @@ RANGES: Dict[str, Tuple[str, Callable[[float], bool]]] = {
 }
 
 
-def _value(cfg: CfgNode, key: str):
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
 def check_config_ranges(cfg: CfgNode) -> None:
     """Refuse the first value out of its range (see the module docstring)."""
     for key, (words, valid) in RANGES.items():
-        value = _value(cfg, key)
+        value = config_value(cfg, key)
         if not (math.isfinite(value) and valid(value)):
             raise ValueError(f"{key} must be {words}, got {value}")
     steps = list(cfg.SOLVER.STEPS)
