@@ -31,7 +31,7 @@ from balanced_rcnn.config import load_project_config
 from balanced_rcnn.config_checks import check_config_choices
 from balanced_rcnn.config_ranges import check_config_ranges, ignored_key_warnings
 from balanced_rcnn.data import register_datasets_from_config
-from balanced_rcnn.errors import TrainingHealthError
+from balanced_rcnn.errors import TrainingHealthError, exit_on_refusal
 from balanced_rcnn.health.check_images import check_health_images
 from balanced_rcnn.reliability.checkpoint import AtomicCheckpointer, check_weights_file
 from balanced_rcnn.reliability.launch import collective_timeout, launch, refused_together
@@ -82,19 +82,23 @@ def setup(args) -> CfgNode:
 
 
 def main(args):
-    cfg = setup(args)
+    # Every refusal of the set-up, the build and the checkpoint load is one line, exit code 1.
+    with exit_on_refusal("train_net.py"):
+        cfg = setup(args)
+        if args.eval_only:
+            model = Trainer.build_model(cfg)
+            # Every model tensor must come from the checkpoint: no AP for weights not loaded.
+            checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, require_full_model=True)
+            checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        else:
+            trainer = Trainer(cfg)
+            trainer.resume_or_load(resume=args.resume)
     if args.eval_only:
-        model = Trainer.build_model(cfg)
-        # Every model tensor must come from the checkpoint: no AP for weights not loaded.
-        checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, require_full_model=True)
-        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
         return results
 
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
     try:
         return trainer.train()
     except TrainingHealthError as e:
@@ -108,11 +112,10 @@ def main(args):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
-    try:  # before any worker process is started (a CUDA config on a CPU machine, say)
+    # Before any worker process is started (a CUDA config on a CPU machine, say).
+    with exit_on_refusal("train_net.py"):
         config = load_config(args)
         check_config_ranges(config)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"train_net.py: error: {e}")
     # The project's launch: exits with the status of a failed worker (README, "Reliability":
     # 3 collapse, 4 non-finite, 75 lost peer, 130 / 143 Ctrl-C / SIGTERM after a checkpoint).
     launch(

@@ -220,3 +220,112 @@ def test_a_test_set_without_images_is_refused(tmp_path: Path):
     cfg.DATASETS.TEST = ("bad_val_empty",)
     assert _refusal(cfg) == (f"DATASETS.TEST: dataset 'bad_val_empty' ({empty}) has no images: "
                              "there is nothing to evaluate")
+
+
+def _one_image_coco(**annotation_fields):
+    ann = dict(annotation(7, 1), **annotation_fields)
+    return {"images": [{"id": 1, "file_name": "1.png", "height": SIZE, "width": SIZE}],
+            "annotations": [ann], "categories": [{"id": 3, "name": "dog"}]}
+
+
+# Values that detectron2 or pycocotools would misread or fail on after training started.
+@pytest.mark.parametrize("fields, problem", [
+    ({"iscrowd": "0"}, "iscrowd must be 0 or 1 (detectron2 reads any other true value, even "
+                       "\"0\", as a crowd region), got '0'"),
+    ({"iscrowd": 2}, "iscrowd must be 0 or 1"),
+    ({"area": "144"}, "area must be a number >= 0 (COCO evaluation sorts the objects into small, "
+                      "medium and large by it), got '144'"),
+    ({"area": -1}, "area must be a number >= 0"),
+    ({"area": float("nan")}, "area must be a number >= 0"),
+    ({"category_id": [3]}, "category_id [3] is not in 'categories' (ids: 3)"),
+])
+def test_annotation_fields_of_the_wrong_type_are_refused(fields, problem):
+    with pytest.raises(ValueError) as info:
+        check_coco_annotations(_one_image_coco(**fields), "f.json")
+    assert str(info.value).startswith("'f.json' has 1 invalid image or annotation entries:\n  "
+                                      f"annotation id 7 (image id 1, '1.png'): {problem}")
+
+
+@pytest.mark.parametrize("segmentation, problem", [
+    ([["4", "4", "16", "4", "16", "16"]], "segmentation polygons hold values that are not finite "
+                                          "numbers"),
+    ([[4, 4, "16", 4, 16, 16]], "segmentation polygons hold values that are not finite numbers"),
+    ([[4, 4, float("nan"), 4, 16, 16]], "segmentation polygons hold values that are not finite "
+                                        "numbers"),
+    ({"counts": "PPYo0", "size": [SIZE, 2 * SIZE]}, "segmentation is an RLE mask without "
+     "'counts', or whose 'size' [32, 64] is not its image's [height, width] [32, 32]"),
+    ({"size": [SIZE, SIZE]}, "segmentation is an RLE mask without 'counts'"),
+])
+def test_segmentations_that_cannot_be_decoded_are_refused(segmentation, problem):
+    for crowd in (0, 1):  # a crowd region's mask is read too (evaluation, ignored regions)
+        with pytest.raises(ValueError) as info:
+            check_coco_annotations(_one_image_coco(segmentation=segmentation, iscrowd=crowd),
+                                   "f.json", mask_format="bitmask")
+        assert "annotation id 7 (image id 1, '1.png'): " + problem in str(info.value)
+
+
+@pytest.mark.parametrize("images, problem", [
+    ([{"id": [1], "file_name": "1.png", "height": SIZE, "width": SIZE}],
+     "images[0]: id must be an int or a string (detectron2 sorts the ids), got [1]"),
+    ([{"id": True, "file_name": "1.png", "height": SIZE, "width": SIZE}],
+     "images[0]: id must be an int or a string (detectron2 sorts the ids), got True"),
+    ([{"id": 1, "file_name": 1, "height": SIZE, "width": SIZE}],
+     "images[0] (id 1): file_name must be a non-empty string, got 1"),
+    ([{"id": 1, "file_name": "", "height": SIZE, "width": SIZE}],
+     "images[0] (id 1): file_name must be a non-empty string, got ''"),
+    ([{"id": 1, "file_name": "1.png", "height": SIZE, "width": SIZE},
+      {"id": "2", "file_name": "2.png", "height": SIZE, "width": SIZE}],
+     "image ids mix ints and strings (e.g. 1); detectron2 sorts them, which needs one type"),
+])
+def test_image_fields_of_the_wrong_type_are_refused(images, problem):
+    coco = {"images": images, "annotations": [], "categories": [{"id": 3, "name": "dog"}]}
+    with pytest.raises(ValueError) as info:
+        check_coco_annotations(coco, "f.json")
+    assert str(info.value) == f"'f.json' has 1 invalid image or annotation entries:\n  {problem}"
+
+
+def test_string_ids_of_one_type_still_register(tmp_path: Path):
+    images = [{"id": f"img{i}", "file_name": f"{i}.png", "height": SIZE, "width": SIZE}
+              for i in (1, 2)]
+    json_file, root = write_coco(tmp_path, num_images=2, images=images, annotations=[
+        annotation(1, "img1"), annotation(2, "img2")])
+    register_datasets_from_config(coco_cfg("bad_but_fine_string_ids", json_file, root))
+    assert [len(d["annotations"]) for d in DatasetCatalog.get("bad_but_fine_string_ids")] == [1, 1]
+
+
+@pytest.mark.parametrize("categories, problem", [
+    ([{"id": [3], "name": "dog"}], "categories[0]: id must be an int or a string (detectron2 "
+                                   "sorts the ids), got [3]"),
+    ([{"id": 3, "name": None}], "categories[0] (id 3): name must be a non-empty string (the "
+                                "class name in every result), got None"),
+    ([{"id": 3, "name": "dog"}, {"id": "7", "name": "cat"}],
+     "category ids mix ints and strings; detectron2 sorts them, which needs one type"),
+])
+def test_category_fields_of_the_wrong_type_are_refused(tmp_path: Path, categories, problem):
+    json_file, root = write_coco(tmp_path)
+    coco = json.loads(json_file.read_text())
+    coco["categories"] = categories
+    json_file.write_text(json.dumps(coco))
+    assert _refusal(coco_cfg("bad_category_fields", json_file, root)) == (
+        f"'{json_file}': {problem}")
+
+
+def test_a_test_set_needs_what_coco_evaluation_reads(tmp_path: Path):
+    """pycocotools' COCOeval reads every ground-truth annotation's area, and with masks the
+    segmentation of crowd regions too; without them evaluation fails after training."""
+    annotations = [annotation(i, i) for i in (1, 2, 3)]
+    del annotations[0]["area"], annotations[2]["area"]
+    annotations[1] = dict(annotations[1], iscrowd=1)
+    del annotations[1]["segmentation"]
+    json_file, root = write_coco(tmp_path, num_images=3, annotations=annotations)
+    cfg = coco_cfg("bad_eval_fields", json_file, root)
+    register_datasets_from_config(cfg)  # trained on only: area is not read
+    cfg = coco_cfg("bad_eval_fields_val", json_file, root)
+    cfg.MODEL.MASK_ON, cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = True, (), ("bad_eval_fields_val",)
+    assert _refusal(cfg) == (
+        f"'{json_file}' has 2 invalid image or annotation entries:\n"
+        "  annotation id 2 (image id 2, '2.png'): a crowd region of a DATASETS.TEST set under "
+        "MODEL.MASK_ON needs a segmentation: COCO's mask evaluation reads one for every "
+        "annotation\n"
+        "  2 annotations have no 'area' (ids 1, 3), which COCO evaluation of a DATASETS.TEST set "
+        "reads: add each object's area in pixels (its mask's; bbox width x height without masks)")

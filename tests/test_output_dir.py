@@ -148,4 +148,5 @@ def test_train_net_refuses_a_second_run_before_writing_anything(repo_root, tmp_p
     assert result.returncode == 1, result.stderr[-3000:]
     assert f"OutputDirError: OUTPUT_DIR '{out}' is in use by another training run" in \
         result.stderr
+    assert "Traceback" not in result.stderr  # one line per worker, and the launcher's
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # no config.yaml, no log.txt

@@ -180,6 +180,7 @@ def _refusal(repo_root, tmp_path, *args):
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Starting training" not in result.stdout + result.stderr
     assert "copypaste" not in result.stdout + result.stderr  # no AP
+    assert "Traceback" not in result.stderr  # one line: train_net.py: error: ...
     return result.stderr
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "EXIT_NON_FINITE",
     "EXIT_PEER_LOST",
     "EXIT_SIGTERM",
+    "SETUP_REFUSALS",
     "CheckpointError",
     "CheckpointMismatchError",
     "DataLoaderWorkerLost",
@@ -39,9 +40,13 @@ __all__ = [
     "UnsafeFileError",
     "UnsupportedImageError",
     "exit_code_of",
+    "exit_on_refusal",
 ]
 
+import contextlib
 import signal
+import sys
+from typing import Iterator
 
 EXIT_COLLAPSE = 3
 EXIT_NON_FINITE = 4
@@ -151,3 +156,20 @@ class TooManySkippedImages(RuntimeError):
 
 class ExportError(Exception):
     """A request the exporter cannot do for this model: one line for the user."""
+
+
+# What a set-up check raises when it refuses a config, file or dataset (exit code 1). Each carries
+# its whole explanation (the key, file or id, and what to do), so a traceback adds nothing.
+SETUP_REFUSALS = (ValueError, FileNotFoundError, OutputDirError, CheckpointError,
+                  CheckpointMismatchError, SetupRefusedElsewhere)
+
+
+@contextlib.contextmanager
+def exit_on_refusal(program: str) -> Iterator[None]:
+    """A refusal raised in the block ends the process with one line, ``<program>: error: ...``,
+    and exit code 1. The project's own error classes keep their name in the line."""
+    try:
+        yield
+    except SETUP_REFUSALS as e:
+        name = "" if type(e).__module__ == "builtins" else f"{type(e).__name__}: "
+        sys.exit(f"{program}: error: {name}{e}")

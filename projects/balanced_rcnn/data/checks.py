@@ -12,7 +12,8 @@ unique without naming one, and not at all for a json whose name contains "miniva
 training set under MODEL.MASK_ON and INPUT.MASK_FORMAT polygon an RLE segmentation of a
 non-crowd object (detectron2 fails when the image is first sampled; evaluation reads RLE fine),
 one image file under two image ids (its objects counted twice: a perfect detector scored 72.7
-AP), and an image height or width that is not a positive number.
+AP), an image height or width that is not a positive number, and fields of the wrong type that
+detectron2 or pycocotools would misread or fail on later (:data:`FIELD_RULES`).
 By RELIABILITY.BAD_ANNOTATIONS ("error" or "skip"): a box of zero area, a non-crowd box entirely
 outside its image (zero area once clipped), a polygon with fewer than 3 points and, with
 MODEL.MASK_ON, a non-crowd object without a segmentation, which detectron2 drops silently, with a
@@ -33,7 +34,7 @@ import math
 from numbers import Real
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-__all__ = ["BAD_ANNOTATION_POLICIES", "check_coco_annotations"]
+__all__ = ["BAD_ANNOTATION_POLICIES", "FIELD_RULES", "check_coco_annotations"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,25 @@ def _is_number(x: Any) -> bool:
     if type(x) is int:
         return True
     return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+_ID_TYPES = (int, str)  # detectron2 sorts the image and category ids: one of these for all
+
+# Each field rule: what a value must be, and why (the messages quote both).
+FIELD_RULES = {
+    "id": "an int or a string (detectron2 sorts the ids)",
+    "file_name": "a non-empty string",
+    "iscrowd": "0 or 1 (detectron2 reads any other true value, even \"0\", as a crowd region)",
+    "area": "a number >= 0 (COCO evaluation sorts the objects into small, medium and large by it)",
+}
+
+
+def _mixed_id_types(entries: Sequence[Dict[str, Any]], what: str) -> Optional[str]:
+    types = {type(entry["id"]) for entry in entries}
+    if len(types) > 1:
+        return (f"{what} ids mix ints and strings (e.g. {entries[0]['id']!r}); detectron2 sorts "
+                "them, which needs one type")
+    return None
 
 
 def _is_box(box: Any) -> bool:
@@ -108,26 +128,38 @@ def _geometry_problem(ann: Dict[str, Any], image: Dict[str, Any], masks: bool) -
     if masks and not crowd and not segmentation:
         return ("has no segmentation, which MODEL.MASK_ON needs for every non-crowd object "
                 f"(segmentation: {segmentation!r})")
-    if isinstance(segmentation, list):  # polygons; a dict is an RLE mask
+    if isinstance(segmentation, dict):  # an RLE mask, decoded at the image's size with masks
+        size = [image["height"], image["width"]]
+        if masks and ("counts" not in segmentation or segmentation.get("size") != size):
+            return ("segmentation is an RLE mask without 'counts', or whose 'size' "
+                    f"{segmentation.get('size')!r} is not its image's [height, width] {size}")
+    elif isinstance(segmentation, list):  # polygons
         for k, polygon in enumerate(segmentation):
             if not isinstance(polygon, list) or len(polygon) % 2:
                 return f"segmentation polygon {k} is not a flat list of x, y pairs"
             if len(polygon) < 6:
                 return (f"segmentation polygon {k} has {len(polygon) // 2} points (a polygon "
                         "needs at least 3)")
-        if segmentation and not crowd:
-            return _extent_disagreement(box, segmentation)
+        if segmentation:
+            return _extent_disagreement(box, segmentation, crowd)
     return None
 
 
-def _extent_disagreement(box: List[float], polygons: List[List[float]]) -> Optional[str]:
-    """The polygons' extent against the bbox (XYWH): at IoU below POLYGON_BOX_MIN_IOU one of
-    them is wrong; when the bbox read as [x1, y1, x2, y2] fits, it was written so."""
+def _extent_disagreement(box: List[float], polygons: List[List[float]], crowd: Any
+                         ) -> Optional[str]:
+    """Polygon values that are not numbers; else, for an object, the polygons' extent against
+    the bbox (XYWH): at IoU below POLYGON_BOX_MIN_IOU one of them is wrong; when the bbox read as
+    [x1, y1, x2, y2] fits, it was written so."""
+    xs = [v for p in polygons for v in p[0::2]]
+    ys = [v for p in polygons for v in p[1::2]]
     try:
-        xs = [v for p in polygons for v in p[0::2]]
-        ys = [v for p in polygons for v in p[1::2]]
         extent = (min(xs), min(ys), max(xs), max(ys))
-    except TypeError:  # non-numbers: detectron2 names them when it reads the polygon
+    except TypeError:  # a number compared with a string, say
+        extent = (None,)
+    # min and max of finite numbers are finite numbers; a NaN may hide behind a number.
+    if not (all(_is_number(v) for v in extent) and math.isfinite(sum(xs) + sum(ys))):
+        return "segmentation polygons hold values that are not finite numbers"
+    if crowd:
         return None
     x, y, w, h = box
     iou = _iou(extent, (x, y, x + w, y + h))
@@ -150,29 +182,42 @@ def _iou(a: Tuple[float, float, float, float], b: Tuple[float, float, float, flo
 
 def _duplicates(entries: Sequence[Any], key: str, show: str) -> Dict[Any, List[Any]]:
     """id -> the ``show`` values of the entries that share it, for every id used twice."""
+    # Other types (None, lists) are reported by the field checks.
     ids = [entry.get(key) for entry in entries if isinstance(entry, dict)]
-    ids = [i for i in ids if i is not None]
-    try:
-        if len(set(ids)) == len(ids):  # the common case, without grouping a million entries
-            return {}
-    except TypeError:  # an unhashable id: grouping below names it
-        pass
+    ids = [i for i in ids if type(i) in _ID_TYPES]
+    if len(set(ids)) == len(ids):  # the common case, without grouping a million entries
+        return {}
     groups: Dict[Any, List[Any]] = collections.defaultdict(list)
     for entry in entries:
-        if isinstance(entry, dict) and entry.get(key) is not None:
+        if isinstance(entry, dict) and type(entry.get(key)) in _ID_TYPES:
             groups[entry[key]].append(entry.get(show))
     return {i: shown for i, shown in groups.items() if len(shown) > 1}
 
 
+def _annotation_field_problem(ann: Dict[str, Any], evaluated_masks: bool) -> Optional[str]:
+    """A field of the wrong type (FIELD_RULES), or a crowd region without the segmentation that
+    the mask evaluation of an evaluated set reads."""
+    if ann.get("iscrowd", 0) not in (0, 1):
+        return f"iscrowd must be {FIELD_RULES['iscrowd']}, got {ann['iscrowd']!r}"
+    if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
+        return f"area must be {FIELD_RULES['area']}, got {ann['area']!r}"
+    if evaluated_masks and ann.get("iscrowd", 0) and not ann.get("segmentation"):
+        return ("a crowd region of a DATASETS.TEST set under MODEL.MASK_ON needs a "
+                "segmentation: COCO's mask evaluation reads one for every annotation")
+    return None
+
+
 def check_coco_annotations(
     coco: Dict[str, Any], json_file: str, bad_annotations: str = "error",
-    mask_format: Optional[str] = None, training: bool = True,
+    mask_format: Optional[str] = None, training: bool = True, evaluated: bool = False,
 ) -> Set[Any]:
     """
     Check the images and annotations of a parsed COCO instances json (see the module
     docstring). Returns the ids of the annotations to drop (with ``bad_annotations="skip"``).
     ``mask_format``: INPUT.MASK_FORMAT when the model has a mask head (MODEL.MASK_ON), else None;
-    ``training``: the dataset is in DATASETS.TRAIN.
+    ``training``: the dataset is in DATASETS.TRAIN; ``evaluated``: it is in DATASETS.TEST, so
+    pycocotools reads its json: every annotation needs an ``area`` and, with masks, a
+    segmentation (crowd regions too).
 
     Raises:
         ValueError: naming every problem (the first few in the message, the count of all).
@@ -188,8 +233,16 @@ def check_coco_annotations(
                    if not isinstance(image, dict) or k not in image]
         if missing:
             errors.append(f"images[{i}] has no {', '.join(missing)}: {image!r}"[:300])
+        elif type(image["id"]) not in _ID_TYPES:
+            errors.append(f"images[{i}]: id must be {FIELD_RULES['id']}, got {image['id']!r}")
+        elif type(image["file_name"]) is not str or not image["file_name"]:
+            errors.append(f"images[{i}] (id {image['id']!r}): file_name must be "
+                          f"{FIELD_RULES['file_name']}, got {image['file_name']!r}")
         else:
             images[image["id"]] = image
+    mixed = _mixed_id_types(list(images.values()), "image")
+    if mixed:
+        errors.append(mixed)
     for image_id, files in _duplicates(coco["images"], "id", "file_name").items():
         errors.append(f"image id {image_id!r} is used by {len(files)} images ("
                       f"{', '.join(map(repr, files[:3]))}); detectron2 would keep only one")
@@ -215,13 +268,18 @@ def check_coco_annotations(
     def where(ann_id: Any, image: Dict[str, Any]) -> str:
         return f"annotation id {ann_id} (image id {image['id']}, '{image['file_name']}')"
 
+    no_area: List[Any] = []  # the annotations of an evaluated set that have no area
     for i, ann in enumerate(coco["annotations"]):
-        image = images.get(ann.get("image_id"))
+        if not isinstance(ann, dict):
+            errors.append(f"annotations[{i}] is a {type(ann).__name__}, not an object")
+            continue
+        image_id = ann.get("image_id")
+        image = images.get(image_id) if type(image_id) in _ID_TYPES else None
         if image is None:
             errors.append(f"annotation id {ann.get('id', f'at index {i}')}: image_id "
                           f"{ann.get('image_id')!r} is not in 'images'")
             continue
-        if ann.get("category_id") not in category_ids:
+        if type(ann.get("category_id")) not in _ID_TYPES or ann["category_id"] not in category_ids:
             errors.append(f"{where(ann.get('id', f'at index {i}'), image)}: category_id "
                           f"{ann.get('category_id')!r} is not in 'categories' (ids: "
                           f"{', '.join(map(str, sorted(category_ids)))})")
@@ -232,6 +290,12 @@ def check_coco_annotations(
                           "is an RLE mask, which INPUT.MASK_FORMAT polygon cannot use for a "
                           "non-crowd object; set INPUT.MASK_FORMAT bitmask")
             continue
+        field = _annotation_field_problem(ann, evaluated and masks)
+        if field is not None:
+            errors.append(f"{where(ann.get('id', f'at index {i}'), image)}: {field}")
+            continue
+        if evaluated and "area" not in ann:
+            no_area.append(ann.get("id", f"at index {i}"))
         if image["id"] in unsized:
             continue
         problem = _geometry_problem(ann, image, masks)
@@ -239,6 +303,12 @@ def check_coco_annotations(
             ann_id = ann.get("id", f"at index {i}")
             bad_geometry.append((ann_id, f"{where(ann_id, image)}: {problem}"))
 
+    if no_area:
+        shown = ", ".join(map(str, no_area[:_LISTED])) + (", ..." if len(no_area) > _LISTED
+                                                           else "")
+        errors.append(f"{len(no_area)} annotations have no 'area' (ids {shown}), "
+                      "which COCO evaluation of a DATASETS.TEST set reads: add each object's "
+                      "area in pixels (its mask's; bbox width x height without masks)")
     if errors:
         raise ValueError(f"'{json_file}' has {len(errors)} invalid image or annotation entries:"
                          f"{_listing(errors)}")

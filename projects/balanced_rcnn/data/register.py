@@ -21,7 +21,7 @@ from detectron2.data.datasets import load_coco_json
 from .builtin import BUILTIN_SYNTHETIC, register_builtin_synthetic
 from .catalog import DatasetRegistry, coco_metadata
 from .class_counts import set_class_image_count_metadata
-from .checks import check_coco_annotations
+from .checks import FIELD_RULES, check_coco_annotations
 
 __all__ = [
     "read_coco_categories",
@@ -34,8 +34,8 @@ logger = logging.getLogger(__name__)
 
 _COCO_KEYS = ("images", "annotations", "categories")
 # name -> the arguments of register_coco_dataset that its checks depend on (json_file,
-# image_root, bad-annotation policy, mask format, training) of every COCO dataset registered
-# here, and the number of annotations it trains on.
+# image_root, bad-annotation policy, mask format, training, evaluated) of every COCO dataset
+# registered here, and the number of annotations it trains on.
 _REGISTERED = DatasetRegistry()
 _NUM_ANNOTATIONS: Dict[str, int] = {}
 _NUM_OBJECTS: Dict[str, int] = {}  # the non-crowd annotations, which are trained on
@@ -69,6 +69,16 @@ def read_coco_json(json_file: str) -> Dict[str, Any]:
         if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
             raise ValueError(f"'{json_file}': categories[{i}] needs an 'id' and a 'name', "
                              f"got {cat!r}")
+        if type(cat["id"]) not in (int, str):
+            raise ValueError(f"'{json_file}': categories[{i}]: id must be {FIELD_RULES['id']}, "
+                             f"got {cat['id']!r}")
+        if type(cat["name"]) is not str or not cat["name"]:
+            raise ValueError(f"'{json_file}': categories[{i}] (id {cat['id']!r}): name must be a "
+                             f"non-empty string (the class name in every result), got "
+                             f"{cat['name']!r}")
+    if len({type(c["id"]) for c in categories}) > 1:
+        raise ValueError(f"'{json_file}': category ids mix ints and strings; detectron2 sorts "
+                         "them, which needs one type")
     ids = [c["id"] for c in categories]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
@@ -104,17 +114,18 @@ def _load_coco(json_file: str, image_root: str, name: str, dropped: AbstractSet[
 
 def register_coco_dataset(name: str, json_file: str, image_root: str,
                           key: str = "register_coco_dataset", bad_annotations: str = "error",
-                          mask_format: Optional[str] = None, training: bool = True) -> None:
+                          mask_format: Optional[str] = None, training: bool = True,
+                          evaluated: bool = False) -> None:
     """
     Register a COCO instances dataset whose class names come from its json, after checking the
     files, images and annotations. ``key`` names where the entry came from (a config key) in
     error messages; ``bad_annotations`` is RELIABILITY.BAD_ANNOTATIONS, ``mask_format``
-    INPUT.MASK_FORMAT with MODEL.MASK_ON, else None, ``training`` whether it is trained on
-    (data/checks.py). Idempotent for the same arguments; a name registered by other code is
-    never replaced.
+    INPUT.MASK_FORMAT with MODEL.MASK_ON, else None, ``training`` and ``evaluated`` whether it
+    is trained on and evaluated (data/checks.py). Idempotent for the same arguments; a name
+    registered by other code is never replaced.
     """
     json_file, image_root = str(Path(json_file).resolve()), str(Path(image_root).resolve())
-    checked_as = (json_file, image_root, bad_annotations, mask_format, training)
+    checked_as = (json_file, image_root, bad_annotations, mask_format, training, evaluated)
     builtin = " (a built-in synthetic dataset)" if name in BUILTIN_SYNTHETIC else ""
     taken = f"{key}: dataset name '{name}' is already registered{builtin}; choose another name"
     if _REGISTERED.holds(name, checked_as, refusal=taken):
@@ -128,7 +139,7 @@ def register_coco_dataset(name: str, json_file: str, image_root: str,
     coco = read_coco_json(json_file)
     categories = sorted(coco["categories"], key=lambda c: c["id"])
     dropped = frozenset(check_coco_annotations(coco, json_file, bad_annotations, mask_format,
-                                               training))
+                                               training, evaluated))
     _NUM_ANNOTATIONS[name] = len(coco["annotations"]) - len(dropped)
     _NUM_IMAGES[name] = len(coco["images"])
     _NUM_OBJECTS[name] = sum(1 for a in coco["annotations"]
@@ -191,7 +202,8 @@ def register_datasets_from_config(cfg: CfgNode) -> None:
         register_coco_dataset(*entry, key=key,
                               bad_annotations=cfg.RELIABILITY.BAD_ANNOTATIONS,
                               mask_format=cfg.INPUT.MASK_FORMAT if cfg.MODEL.MASK_ON else None,
-                              training=name in cfg.DATASETS.TRAIN)
+                              training=name in cfg.DATASETS.TRAIN,
+                              evaluated=name in cfg.DATASETS.TEST)
     for name in cfg.DATASETS.TRAIN:
         if _NUM_ANNOTATIONS.get(name) == 0:
             logger.warning(
