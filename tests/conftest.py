@@ -1,7 +1,10 @@
 """Shared fixtures: deterministic seeds, an EventStorage, and quiet logs; the builders of the
 balanced heads' inputs that the loss tests share (``from conftest import ...``)."""
+import importlib.util
 import math
 import random
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -11,6 +14,17 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.proposal_generator import build_proposal_generator
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name: str) -> ModuleType:
+    """tools/<name>.py as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

@@ -46,3 +46,16 @@ def test_demo_writes_every_artifact_and_prints_the_ap(repo_root, tmp_path):
     assert "  health monitor    " in written and "Where to look next:" in written
     assert f"--weights {output / 'model_final.pth'} --input IMAGE_OR_FOLDER" in written
     assert (output / "model_final.pth").is_file()
+    # A folder given with --output-dir may hold another run: the demo does not train over it.
+    mtime = (output / "model_final.pth").stat().st_mtime_ns
+    rerun = subprocess.run(
+        [sys.executable, str(repo_root / "tools" / "demo.py"),
+         "--config-file", str(repo_root / "configs/quick_schedules/swin_tiny_balanced_instant_test.yaml"),
+         "--output-dir", str(output), "SOLVER.MAX_ITER", "4"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert rerun.returncode == 1, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert (f"train_net.py: error: OutputDirError: OUTPUT_DIR '{output}' already holds the "
+            "checkpoints of a run") in rerun.stderr
+    assert "Traceback" not in rerun.stderr
+    assert (output / "model_final.pth").stat().st_mtime_ns == mtime

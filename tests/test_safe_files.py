@@ -3,7 +3,6 @@ config.py): a crafted .pkl, .pth or YAML is refused on every path that reads one
 --eval-only, --resume, each tool), naming the file and what it tried to build, and leaves no
 trace of having run; detectron2's model-zoo .pkl format still loads."""
 
-import importlib.util
 import os
 import pickle
 import subprocess
@@ -18,7 +17,7 @@ from balanced_rcnn.errors import UnsafeFileError
 from balanced_rcnn.reliability.checkpoint import AtomicCheckpointer
 from balanced_rcnn.reliability.safe_files import load_model_zoo_pickle
 
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, load_tool
 
 TINY = f"configs/{TINY_CONFIG}"
 
@@ -156,13 +155,6 @@ def test_train_net_refuses_crafted_files(repo_root, crafted, tmp_path, how):
     assert "Traceback" not in log  # one line: train_net.py: error: ...
 
 
-def _tool(repo_root, name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", repo_root / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("tool, argv, expected", [
     ("predict", ["--weights", "{pkl}", "--input", "{dir}", "--output", "{dir}/out"], PKL_REFUSAL),
     ("predict", ["--weights", "{pth}", "--input", "{dir}", "--output", "{dir}/out"], PTH_REFUSAL),
@@ -174,7 +166,7 @@ def test_tools_refuse_crafted_weights(repo_root, crafted, tmp_path, capsys, tool
     (tmp_path / "image.png").write_bytes(b"")  # never read: the weights are refused first
     argv = [a.format(pkl=crafted["pkl"], pth=crafted["pth"], dir=tmp_path) for a in argv]
     with pytest.raises(SystemExit) as info:
-        _tool(repo_root, tool).main(["--config-file", str(repo_root / TINY), *argv])
+        load_tool(tool).main(["--config-file", str(repo_root / TINY), *argv])
     assert expected in str(info.value.code) + capsys.readouterr().err
 
 
@@ -187,6 +179,6 @@ def test_tools_refuse_crafted_weights(repo_root, crafted, tmp_path, capsys, tool
 ])
 def test_tools_refuse_crafted_configs(repo_root, crafted, capsys, tool, argv):
     with pytest.raises((SystemExit, UnsafeFileError)) as info:
-        _tool(repo_root, tool).main(["--config-file", str(crafted["yaml"]), *argv])
+        load_tool(tool).main(["--config-file", str(crafted["yaml"]), *argv])
     message = str(info.value.code if isinstance(info.value, SystemExit) else info.value)
     assert f"Config '{crafted['yaml']}', {YAML_REFUSAL}" in message + capsys.readouterr().err

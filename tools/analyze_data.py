@@ -26,6 +26,7 @@ from balanced_rcnn import register_datasets_from_config  # noqa: E402
 from balanced_rcnn.config import load_project_config  # noqa: E402
 from balanced_rcnn.preflight import preflight_report, render_report  # noqa: E402
 from balanced_rcnn.preflight.anchor_coverage import SIZE_BANDS  # noqa: E402
+from balanced_rcnn.reliability.tool_outputs import prepare_output_folder  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -84,12 +85,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         register_datasets_from_config(cfg)
         if not cfg.DATASETS.TRAIN:
             raise ValueError("DATASETS.TRAIN is empty: there is no training set to analyze")
+        output = prepare_output_folder(args.output or Path(cfg.OUTPUT_DIR) / "preflight",
+                                       "--output", ["report.json", "report.png"],
+                                       {"--config-file": args.config_file})
         report = preflight_report(cfg, args.anchor_images, args.epochs)
     except (FileNotFoundError, ValueError, KeyError) as e:
         sys.exit(f"analyze_data: error: {e}")
     print(render_report(report))
-    output = args.output or Path(cfg.OUTPUT_DIR) / "preflight"
-    output.mkdir(parents=True, exist_ok=True)
     public = {k: v for k, v in report.items() if not k.startswith("_")}
     (output / "report.json").write_text(json.dumps(public, indent=2) + "\n")
     draw(report, output / "report.png")

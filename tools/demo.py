@@ -29,6 +29,7 @@ import numpy as np
 from balanced_rcnn import register_datasets_from_config
 from balanced_rcnn.config import load_project_config
 from balanced_rcnn.deploy import build_predictor
+from balanced_rcnn.reliability.tool_outputs import prepare_output_folder
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.visualizer import Visualizer
@@ -54,16 +55,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def train_and_evaluate(args: argparse.Namespace, output_dir: Path) -> None:
+def train_and_evaluate(args: argparse.Namespace, output_dir: Path, own_folder: bool) -> None:
+    """train_net.py into ``output_dir``; exits with its status when it fails."""
     command = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(args.config_file)]
     if args.resume:
         command.append("--resume")
-    else:
-        # A rerun of the demo trains anew in its own folder (train_net.py alone refuses that).
+    elif own_folder:
+        # A rerun of the demo trains anew in the config's own folder (train_net.py alone refuses
+        # that). A folder given with --output-dir may hold another run: train_net.py refuses to
+        # train over its checkpoints, and says how to go on.
         command += ["RELIABILITY.OVERWRITE_OUTPUT", "True"]
     command += [*args.opts, "OUTPUT_DIR", str(output_dir)]
     print("+ " + " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=REPO)
+    status = subprocess.run(command, cwd=REPO).returncode
+    if status:
+        sys.exit(status)  # train_net.py has said why (docs/reliability.md, "Exit codes")
 
 
 def final_metrics(metrics_json: Path) -> Dict[str, float]:
@@ -133,10 +139,15 @@ def health_verdict(records: List[dict]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     args = parse_args(argv)
-    if args.output_dir is None:
+    own_folder = args.output_dir is None
+    if own_folder:
         args.output_dir = REPO / load_project_config(str(args.config_file), args.opts).OUTPUT_DIR
-    output_dir = args.output_dir.resolve()
-    train_and_evaluate(args, output_dir)
+    try:
+        output_dir = prepare_output_folder(args.output_dir, "--output-dir", ["summary.txt"],
+                                           {"--config-file": args.config_file}).resolve()
+    except ValueError as e:
+        sys.exit(f"demo: error: {e}")
+    train_and_evaluate(args, output_dir, own_folder)
 
     plots = plot_metrics.plot_metrics(output_dir / "metrics.json", output_dir / "plots")
     drawings = draw_ground_truth_beside_predictions(output_dir, args.num_vis, args.vis_threshold)

@@ -47,6 +47,7 @@ from balanced_rcnn.deploy import (
 from balanced_rcnn.errors import (CheckpointError, CheckpointMismatchError, ExportError,
                                   UnsafeFileError)
 from balanced_rcnn.reliability.checkpoint import AtomicCheckpointer, check_checkpoint_fits
+from balanced_rcnn.reliability.tool_outputs import prepare_output_folder
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
@@ -119,10 +120,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     setup_logger(name="export_model")
     try:
         cfg = setup_cfg(args)
+        path = args.output / ("model.ts" if args.format == "torchscript" else "model.onnx")
+        try:
+            prepare_output_folder(args.output, "--output", [path.name, "report.json"],
+                                  {"--config-file": args.config_file, "--weights":
+                                   cfg.MODEL.WEIGHTS, "--sample-image": args.sample_image})
+        except ValueError as e:
+            raise ExportError(str(e)) from None
         images = check_images(cfg, args)
         model = load_model(cfg)
         tensors = [preprocess(cfg, read_image(str(p), format="BGR")) for p in images]
-        path = args.output / ("model.ts" if args.format == "torchscript" else "model.onnx")
         start = time.perf_counter()
         export(model, tensors[0], args.format, args.export_method, path)
         seconds = time.perf_counter() - start

@@ -158,8 +158,15 @@ def plot_metrics(metrics_path: Path, output_dir: Optional[Path] = None) -> List[
     if output_dir is None:
         base = metrics_path if metrics_path.is_dir() else metrics_path.parent
         output_dir = base / "plots"
+    # The PNGs are named after the metrics: none can be metrics.json. (The rule of
+    # reliability/tool_outputs.py, without importing the package: this tool needs no torch.)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output-dir {output_dir} is a file, not a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--output-dir {output_dir} cannot be created: {e.strerror}") from None
     written = []
     for name, keys in group_metrics(list(series)).items():
         out = output_dir / f"{name}.png"

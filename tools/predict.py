@@ -42,6 +42,7 @@ from balanced_rcnn.config_checks import check_config_choices
 from balanced_rcnn.deploy import ExportedPredictor, build_predictor
 from balanced_rcnn.errors import CheckpointError, CheckpointMismatchError
 from balanced_rcnn.reliability.checkpoint import check_checkpoint_fits
+from balanced_rcnn.reliability.tool_outputs import prepare_output_folder
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, Metadata, MetadataCatalog
 from detectron2.data.detection_utils import read_image
@@ -243,6 +244,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     setup_logger(name="predict")
     try:
         cfg = setup_cfg(args)
+        writes = ["coco_instances_results.json"] + ([] if args.coco_json else ["image_ids.json"])
+        prepare_output_folder(
+            args.output, "--output", writes,
+            {"--config-file": args.config_file, "--weights": args.weights,
+             "--exported": args.exported, "--coco-json": args.coco_json, "--input": args.input})
         images = list_images(args.input, args.output)
         register_datasets_from_config(cfg)
         if args.exported is None:
@@ -253,7 +259,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
             image_ids = image_ids_from_coco(images, args.coco_json)
         else:
             image_ids = list(range(1, len(images) + 1))
-        args.output.mkdir(parents=True, exist_ok=True)
         results, entries = predict(cfg, images, image_ids, metadata, args.output, args.exported,
                                    args.confidence_threshold)
     except (FileNotFoundError, ValueError, CheckpointError, CheckpointMismatchError) as e:
