@@ -29,7 +29,8 @@ from detectron2.utils.logger import setup_logger
 from balanced_rcnn import Trainer
 from balanced_rcnn.config import load_project_config
 from balanced_rcnn.config_checks import check_config_choices
-from balanced_rcnn.config_ranges import check_config_ranges, ignored_key_warnings
+from balanced_rcnn.config_ranges import (check_config_ranges, check_launch_devices,
+                                         ignored_key_warnings)
 from balanced_rcnn.data import register_datasets_from_config
 from balanced_rcnn.errors import TrainingHealthError, exit_on_refusal
 from balanced_rcnn.health.check_images import check_health_images
@@ -116,6 +117,7 @@ if __name__ == "__main__":
     with exit_on_refusal("train_net.py"):
         config = load_config(args)
         check_config_ranges(config)
+        check_launch_devices(config, args.num_gpus)
     # The project's launch: exits with the status of a failed worker (README, "Reliability":
     # 3 collapse, 4 non-finite, 75 lost peer, 130 / 143 Ctrl-C / SIGTERM after a checkpoint).
     launch(

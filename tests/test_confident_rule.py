@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import balanced_cfg
 from balanced_rcnn.config_checks import check_config_choices
+from balanced_rcnn.config_ranges import check_config_ranges
 from balanced_rcnn.health import TrainingHealthMonitor
 from balanced_rcnn.health.collapse import (CollapseTracker, count_collapses,
                                            is_starved_of_foreground, is_unconfident_check)
@@ -144,13 +145,16 @@ def test_confident_score_follows_the_deployment_threshold_and_bad_keys_are_named
     assert confident_score(cfg) == 0.7
     cfg.HEALTH.CONFIDENT_SCORE = 0.3
     assert confident_score(cfg) == 0.3
-    for key, value, message in (
-            ("CONFIDENT_SCORE", 1.5, "HEALTH.CONFIDENT_SCORE must be a score in [0, 1], or -1 "
-                                     "for TEST.DEPLOYMENT_SCORE_THRESH; got 1.5"),
-            ("CONFIDENT_FRACTION", -0.1, "HEALTH.CONFIDENT_FRACTION must be in [0, 1], got -0.1"),
-            ("CONFIDENT_AFTER", 2.0, "HEALTH.CONFIDENT_AFTER must be in [0, 1], got 2.0")):
+    for key, value, check, message in (
+            ("CONFIDENT_SCORE", 1.5, check_config_choices, "HEALTH.CONFIDENT_SCORE must be a "
+             "score in [0, 1], or -1 for TEST.DEPLOYMENT_SCORE_THRESH; got 1.5"),
+            ("CONFIDENT_FRACTION", -0.1, check_config_ranges,
+             "HEALTH.CONFIDENT_FRACTION must be in [0, 1], got -0.1"),
+            ("CONFIDENT_AFTER", 2.0, check_config_ranges,
+             "HEALTH.CONFIDENT_AFTER must be in [0, 1], got 2.0")):
         bad = balanced_cfg()
+        bad.MODEL.DEVICE = "cpu"
         bad.HEALTH[key] = value
         with pytest.raises(ValueError) as info:
-            check_config_choices(bad)
+            check(bad)
         assert str(info.value) == message

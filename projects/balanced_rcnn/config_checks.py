@@ -142,6 +142,3 @@ def _check_health_rule_keys(cfg: CfgNode) -> None:
     if health.CONFIDENT_SCORE != -1 and not 0.0 <= health.CONFIDENT_SCORE <= 1.0:
         raise ValueError("HEALTH.CONFIDENT_SCORE must be a score in [0, 1], or -1 for "
                          f"TEST.DEPLOYMENT_SCORE_THRESH; got {health.CONFIDENT_SCORE}")
-    for key in ("CONFIDENT_FRACTION", "CONFIDENT_AFTER"):
-        if not 0.0 <= health[key] <= 1.0:
-            raise ValueError(f"HEALTH.{key} must be in [0, 1], got {health[key]}")
