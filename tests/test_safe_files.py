@@ -182,3 +182,13 @@ def test_tools_refuse_crafted_configs(repo_root, crafted, capsys, tool, argv):
         load_tool(tool).main(["--config-file", str(crafted["yaml"]), *argv])
     message = str(info.value.code if isinstance(info.value, SystemExit) else info.value)
     assert f"Config '{crafted['yaml']}', {YAML_REFUSAL}" in message + capsys.readouterr().err
+
+
+def test_the_swin_converter_refuses_a_crafted_download(crafted, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        load_tool("convert_swin_checkpoint").main([str(crafted["pth"]),
+                                                   str(tmp_path / "converted.pth")])
+    assert info.value.code == 2  # argparse's error status, with the tool's usage
+    assert (f"error: Refusing to load checkpoint '{crafted['pth']}' (named by the converter's "
+            f"input): {PTH_REFUSAL}") in capsys.readouterr().err
+    assert not (tmp_path / "converted.pth").exists()

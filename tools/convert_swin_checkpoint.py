@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from balanced_rcnn.errors import CheckpointError, UnsafeFileError
 from balanced_rcnn.modeling.backbone import D2SwinTransformer
+from balanced_rcnn.reliability.checkpoint import read_weights_file
 
 # Where the backbone's Swin sits inside GeneralizedRCNN (FPN.bottom_up).
 MODEL_PREFIX = "backbone.bottom_up."
@@ -88,9 +90,9 @@ class ConversionReport:
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """The state_dict of an official checkpoint ({"model": state_dict}) or of a bare one."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("model", checkpoint)
+    """The state_dict of an official checkpoint ({"model": state_dict}) or of a bare one, read
+    as every checkpoint of this project is: tensors only, no code runs."""
+    state = read_weights_file(path, named_by="the converter's input")["model"]
     if "patch_embed.proj.weight" not in state:
         raise ValueError(
             f"{path} is not a Swin Transformer checkpoint: no 'patch_embed.proj.weight' among its "
@@ -172,7 +174,10 @@ def main(argv: Optional[List[str]] = None) -> ConversionReport:
     if Path(args.output).resolve() == Path(args.input).resolve():
         parser.error(f"the output {args.output} is the input: it would overwrite the download")
 
-    converted, report = convert(read_state_dict(args.input))
+    try:
+        converted, report = convert(read_state_dict(args.input))
+    except (CheckpointError, UnsafeFileError, ValueError) as e:
+        parser.error(str(e))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": converted, "source": Path(args.input).name}, args.output)
     print(report.format())

@@ -49,6 +49,7 @@ __all__ = [
     "check_checkpoint_fits",
     "check_weights_file",
     "local_checkpoint_path",
+    "read_weights_file",
     "save_checkpoint_and_synchronize",
 ]
 
@@ -290,6 +291,20 @@ class AtomicCheckpointer(DetectionCheckpointer):
         hint = f" (this folder also has: {', '.join(others[-3:])})" if others else ""
         return (f"Delete it and write the name of an earlier checkpoint into {self._source}"
                 f"{hint}, or start without --resume.")
+
+
+def read_weights_file(filename: str, named_by: str = "") -> Dict[str, Any]:
+    """A weights file as the checkpointer reads it, without a model: {"model": tensors, ...}.
+    No code runs; ``named_by`` (e.g. "the converter's input") goes into the messages.
+
+    Raises:
+        UnsafeFileError: the file would build objects other than tensors and plain data.
+        CheckpointError: it is truncated, corrupt or not a checkpoint.
+    """
+    check_no_unsafe_torch_load()
+    reader = AtomicCheckpointer(torch.nn.Module())
+    reader._source = named_by or None
+    return reader._load_file(filename)
 
 
 def _model_zoo_checkpoint(data: Any) -> Dict[str, Any]:
