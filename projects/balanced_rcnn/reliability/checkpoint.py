@@ -255,30 +255,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
         return incompatible
 
     def _read_checked(self, filename: str) -> Dict[str, Any]:
-        if zipfile.is_zipfile(filename):
-            problem = _check_zip_records(filename)
-        else:
-            with open(filename, "rb") as f:
-                starts_like_zip = f.read(4) == _ZIP_MAGIC
-            # torch.save writes a zip; one whose end (the central directory) is missing was cut.
-            problem = "it starts as a zip archive but its end is missing" if starts_like_zip \
-                else None
-        if problem is None:
-            try:
-                return super()._load_file(filename)
-            except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as e:
-                if _UNSUPPORTED_GLOBAL.search(str(e)):  # intact, but would build other objects
-                    raise UnsafeFileError(_unsafe_pth_message(filename, self._named_by(), e)) \
-                        from None
-                # An empty file gives EOFError, other bytes UnpicklingError ("Weights only load
-                # failed", misleading here), a damaged legacy (non-zip) file RuntimeError/OSError.
-                first_line = (str(e).strip().splitlines() or [""])[0][:300]
-                problem = f"torch.load failed: {type(e).__name__}" + (
-                    f": {first_line}" if first_line else "")
-        raise CheckpointError(
-            f"Cannot load checkpoint '{filename}'{self._named_by()}: it is truncated, corrupt or "
-            f"not a checkpoint ({problem}). {self._remedy(filename)}"
-        )
+        return _read_checked(filename, self._named_by(), lambda: super(
+            AtomicCheckpointer, self)._load_file(filename), self._remedy(filename))
 
     def _remedy(self, filename: str) -> str:
         if self._source != os.path.join(self.save_dir, LAST_CHECKPOINT):
@@ -293,18 +271,54 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 f"{hint}, or start without --resume.")
 
 
+def _read_checked(filename: str, named_by: str, load: Callable[[], Dict[str, Any]],
+                  remedy: str) -> Dict[str, Any]:
+    """``load()`` of the .pth ``filename`` after checking its zip records, with its failures
+    named: UnsafeFileError for a file that would build other objects, else CheckpointError."""
+    if zipfile.is_zipfile(filename):
+        problem = _check_zip_records(filename)
+    else:
+        with open(filename, "rb") as f:
+            starts_like_zip = f.read(4) == _ZIP_MAGIC
+        # torch.save writes a zip; one whose end (the central directory) is missing was cut.
+        problem = "it starts as a zip archive but its end is missing" if starts_like_zip \
+            else None
+    if problem is None:
+        try:
+            return load()
+        except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as e:
+            if _UNSUPPORTED_GLOBAL.search(str(e)):  # intact, but would build other objects
+                raise UnsafeFileError(_unsafe_pth_message(filename, named_by, e)) from None
+            # An empty file gives EOFError, other bytes UnpicklingError ("Weights only load
+            # failed", misleading here), a damaged legacy (non-zip) file RuntimeError/OSError.
+            first_line = (str(e).strip().splitlines() or [""])[0][:300]
+            problem = f"torch.load failed: {type(e).__name__}" + (
+                f": {first_line}" if first_line else "")
+    raise CheckpointError(
+        f"Cannot load checkpoint '{filename}'{named_by}: it is truncated, corrupt or not a "
+        f"checkpoint ({problem}). {remedy}"
+    )
+
+
 def read_weights_file(filename: str, named_by: str = "") -> Dict[str, Any]:
-    """A weights file as the checkpointer reads it, without a model: {"model": tensors, ...}.
-    No code runs; ``named_by`` (e.g. "the converter's input") goes into the messages.
+    """A .pth or .pkl weights file read as the checkpointer reads it, without a model:
+    {"model": tensors or arrays, ...}. No code runs. ``named_by`` (e.g. "the converter's
+    input") goes into the messages.
 
     Raises:
         UnsafeFileError: the file would build objects other than tensors and plain data.
         CheckpointError: it is truncated, corrupt or not a checkpoint.
     """
     check_no_unsafe_torch_load()
-    reader = AtomicCheckpointer(torch.nn.Module())
-    reader._source = named_by or None
-    return reader._load_file(filename)
+    named_by = f" (named by {named_by})" if named_by else ""
+    if filename.endswith(".pkl"):
+        return _model_zoo_checkpoint(load_model_zoo_pickle(filename, named_by))
+
+    def load() -> Dict[str, Any]:
+        data = torch.load(filename, map_location=torch.device("cpu"), weights_only=True)
+        return data if isinstance(data, dict) and "model" in data else {"model": data}
+
+    return _read_checked(filename, named_by, load, "Point it at an intact file.")
 
 
 def _model_zoo_checkpoint(data: Any) -> Dict[str, Any]:
