@@ -107,7 +107,7 @@ def main(args):
         # Every worker stops at the same step. Leave together, so that the launcher, which kills
         # the others when one exits, does not kill the main worker while it writes its logs.
         comm.synchronize()
-        sys.exit(e.exit_code)  # README, "Training health": 3 collapse, 4 non-finite
+        sys.exit(e.exit_code)  # docs/reliability.md, "Exit codes": 3 collapse, 4 non-finite
 
 
 if __name__ == "__main__":
@@ -118,8 +118,9 @@ if __name__ == "__main__":
         config = load_config(args)
         check_config_ranges(config)
         check_launch_devices(config, args.num_gpus)
-    # The project's launch: exits with the status of a failed worker (README, "Reliability":
-    # 3 collapse, 4 non-finite, 75 lost peer, 130 / 143 Ctrl-C / SIGTERM after a checkpoint).
+    # The project's launch: exits with the status of a failed worker (docs/reliability.md, "Exit
+    # codes": 3 collapse, 4 non-finite, 75 lost peer, 130 / 143 Ctrl-C / SIGTERM after a
+    # checkpoint).
     launch(
         main,
         args.num_gpus,

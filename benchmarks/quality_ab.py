@@ -413,7 +413,7 @@ def restore_run(archive: Optional[Path], name: str, run_dir: Path) -> None:
 
 def finish(name: str, run_dir: Path, spec: dict, returncode: int, seconds: float,
            schedule: Schedule) -> dict:
-    # train_net.py's exit codes when the health monitor stops a run (README, "Training health").
+    # train_net.py's exit codes when the health monitor stops a run (docs/reliability.md, "Exit codes").
     status = {0: "ok", EXIT_NON_FINITE: "non-finite", EXIT_COLLAPSE: "stopped: collapse"}.get(
         returncode, f"failed ({returncode})")
     metrics = run_dir / "metrics.json"

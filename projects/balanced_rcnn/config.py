@@ -146,7 +146,7 @@ def _add_health_config(cfg: CN) -> None:
 
 
 def _add_reliability_config(cfg: CN) -> None:
-    # Bad inputs and interrupted or broken runs (README, "Reliability"). Checkpoints are always
+    # Bad inputs and interrupted or broken runs (docs/reliability.md). Checkpoints are always
     # written atomically and SIGTERM / Ctrl-C always checkpoint before exiting: no key for those.
     cfg.RELIABILITY = CN()
     # Invalid annotations in a DATASETS.REGISTER_COCO json (zero-area box, polygon with < 3

@@ -93,6 +93,6 @@ def launch(
                    else f"exited with code {e.exit_code}")
             rank = machine_rank * num_gpus_per_machine + e.error_index
             print(f"launch: worker rank {rank} (pid {e.error_pid}) {how}; any other workers of "
-                  f"this machine were stopped. Exit code {status} (README, 'Reliability').",
+                  f"this machine were stopped. Exit code {status} (docs/reliability.md, 'Exit codes').",
                   file=sys.stderr, flush=True)
             sys.exit(status)

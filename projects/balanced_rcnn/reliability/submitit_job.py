@@ -126,8 +126,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
             time.sleep(self.stop_timeout_s + 60)
         if status != 0:
             # Not after our own SIGTERM: then submitit's handler requeues and exits instead.
-            raise RuntimeError(f"train_net.py exited with status {status} (README, "
-                               f"'Reliability'); its log: {self.output_dir}/log.txt")
+            raise RuntimeError(f"train_net.py exited with status {status} (docs/"
+                               f"reliability.md, 'Exit codes'); its log: {self.output_dir}/log.txt")
         return status
 
     def _poll(self) -> Optional[int]:
