@@ -155,6 +155,7 @@ def test_predict_with_the_exported_model(trained, datasets, tmp_path):
                        "tracing"),
     ("no_checkpoint", "export_model: checkpoint not found: "),
     ("other_classes", "does not fit the config's model: 6 tensors have another shape"),
+    ("unreadable_sample", "export_model: none of the 1 sample and check images could be read"),
 ])
 def test_refusals_are_one_line(trained, datasets, tmp_path, capsys, case, message):
     fmt, method, opts = "torchscript", "tracing", []
@@ -171,6 +172,9 @@ def test_refusals_are_one_line(trained, datasets, tmp_path, capsys, case, messag
                 "--sample-image",
                 str(datasets / "synthetic_shapes_tiny_val" / "images" / "000000.png")]
         opts = opts[4:] + opts[:4]  # the option first, the overrides last
+    elif case == "unreadable_sample":
+        (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # a header, no image
+        opts = ["--sample-image", str(tmp_path / "cut.png")]
     with pytest.raises(SystemExit) as info:
         _export(run, fmt, method, tmp_path / "out", *opts)
     assert info.value.code == 2
@@ -187,3 +191,18 @@ def test_deploy_benchmark_tiny(datasets, tmp_path):
     assert set(data["timings_ms"]) == {"eager", "torchscript", "onnx"}
     assert all(v > 0 for v in data["timings_ms"].values())
     assert "| runtime | ms per image | / eager | export s |" in (tmp_path / "bench_deploy.md").read_text()
+
+
+def test_an_unreadable_image_among_good_ones_is_skipped_and_named(datasets, tmp_path, caplog):
+    """The rule of predict.py, export_model.py's check images and the demo's drawings."""
+    from balanced_rcnn.deploy import readable_images, skipped_images_line
+
+    good = datasets / "synthetic_shapes_tiny_val" / "images" / "000000.png"
+    (tmp_path / "cut.png").write_bytes(good.read_bytes()[:60])
+    skipped = []
+    read = list(readable_images([good, tmp_path / "cut.png", good], "BGR", skipped))
+    assert [i for i, _ in read] == [0, 2] and skipped == [1]
+    assert read[0][1].shape == (64, 64, 3)
+    assert f"Skipping {tmp_path / 'cut.png'}: cannot read it (" in caplog.text
+    assert skipped_images_line(["cut.png"], 3) == "Skipped 1 of 3 images that cannot be read: " \
+                                                   "cut.png"

@@ -28,10 +28,9 @@ import cv2
 import numpy as np
 from balanced_rcnn import register_datasets_from_config
 from balanced_rcnn.config import load_project_config
-from balanced_rcnn.deploy import build_predictor
+from balanced_rcnn.deploy import build_predictor, readable_images, skipped_images_line
 from balanced_rcnn.reliability.tool_outputs import prepare_output_folder
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.utils.visualizer import Visualizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,9 +104,10 @@ def draw_ground_truth_beside_predictions(output_dir: Path, num_images: int,
     vis_dir.mkdir(exist_ok=True)
     # Prefer images with objects: an empty image shows little of what the model learned.
     records = sorted(DatasetCatalog.get(dataset), key=lambda r: len(r["annotations"]) == 0)
-    written = []
-    for record in records[:num_images]:
-        image = read_image(record["file_name"], format="RGB")
+    records = records[:num_images]
+    written, skipped = [], []
+    for i, image in readable_images([r["file_name"] for r in records], "RGB", skipped):
+        record = records[i]
         predictions = predictor(image[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else image)
         instances = predictions["instances"].to("cpu")
         truth = _labelled(Visualizer(image, metadata, scale=3.0).draw_dataset_dict(
@@ -119,6 +119,8 @@ def draw_ground_truth_beside_predictions(output_dir: Path, num_images: int,
         path = vis_dir / f"{Path(record['file_name']).stem}_truth_vs_prediction.png"
         cv2.imwrite(str(path), np.concatenate([truth, gap, drawn], axis=1)[:, :, ::-1])
         written.append(path)
+    if skipped:  # the summary still comes: the drawings are an extra
+        print(skipped_images_line([records[i]["file_name"] for i in skipped], len(records)))
     return written
 
 

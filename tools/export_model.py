@@ -43,6 +43,8 @@ from balanced_rcnn.deploy import (
     compare_outputs,
     export,
     preprocess,
+    readable_images,
+    skipped_images_line,
 )
 from balanced_rcnn.errors import (CheckpointError, CheckpointMismatchError, ExportError,
                                   UnsafeFileError)
@@ -50,7 +52,6 @@ from balanced_rcnn.reliability.checkpoint import AtomicCheckpointer, check_check
 from balanced_rcnn.reliability.tool_outputs import prepare_output_folder
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 
 logger = logging.getLogger("export_model")
@@ -129,7 +130,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             raise ExportError(str(e)) from None
         images = check_images(cfg, args)
         model = load_model(cfg)
-        tensors = [preprocess(cfg, read_image(str(p), format="BGR")) for p in images]
+        skipped: List[int] = []
+        read = list(readable_images(images, "BGR", skipped))
+        if skipped:
+            logger.warning(skipped_images_line([str(images[i]) for i in skipped], len(images)))
+        if not read:
+            raise ExportError(f"none of the {len(images)} sample and check images could be read")
+        images = [images[i] for i, _ in read]
+        tensors = [preprocess(cfg, image) for _, image in read]
         start = time.perf_counter()
         export(model, tensors[0], args.format, args.export_method, path)
         seconds = time.perf_counter() - start

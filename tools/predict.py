@@ -39,13 +39,13 @@ import torch
 from balanced_rcnn import register_datasets_from_config
 from balanced_rcnn.config import load_project_config
 from balanced_rcnn.config_checks import check_config_choices
-from balanced_rcnn.deploy import ExportedPredictor, build_predictor
+from balanced_rcnn.deploy import (ExportedPredictor, build_predictor, readable_images,
+                                  skipped_images_line)
 from balanced_rcnn.errors import CheckpointError, CheckpointMismatchError
 from balanced_rcnn.reliability.checkpoint import check_checkpoint_fits
 from balanced_rcnn.reliability.tool_outputs import prepare_output_folder
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, Metadata, MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
@@ -208,15 +208,11 @@ def predict(cfg: CfgNode, images: List[Tuple[Path, str]], image_ids: List[int],
     predictor = build_predictor(cfg) if exported is None else ExportedPredictor(cfg, exported)
     results: List[Dict] = []
     entries: List[Dict] = []
-    skipped: List[str] = []
+    skipped: List[int] = []
     taken: set = set()
-    for (path, name), image_id in zip(images, image_ids):
-        try:
-            image = read_image(str(path), format="BGR")  # DefaultPredictor takes BGR
-        except Exception as e:  # one unusable file never costs the others' results
-            logger.warning(f"Skipping {path}: cannot read it ({type(e).__name__}: {e})")
-            skipped.append(name)
-            continue
+    # DefaultPredictor takes BGR.
+    for i, image in readable_images([path for path, _ in images], "BGR", skipped):
+        name, image_id = images[i][1], image_ids[i]
         h, w = image.shape[:2]
         entries.append({"id": image_id, "file_name": name, "height": h, "width": w})
         instances = predictor(image)["instances"].to("cpu")
@@ -231,9 +227,7 @@ def predict(cfg: CfgNode, images: List[Tuple[Path, str]], image_ids: List[int],
         cv2.imwrite(str(out), drawn[:, :, ::-1])
         logger.info(f"{name}: {len(instances)} detections -> {out}")
     if skipped:
-        shown = ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else "")
-        logger.warning(f"Skipped {len(skipped)} of {len(images)} images that cannot be read: "
-                       f"{shown}")
+        logger.warning(skipped_images_line([images[i][1] for i in skipped], len(images)))
         if not entries:
             raise ValueError(f"none of the {len(images)} images could be read (--input)")
     return to_dataset_category_ids(results, metadata), entries

@@ -18,13 +18,15 @@ Tracing and ONNX follow the sample image's code path (detectron2's caveat for tr
 exported models were checked on images of other sizes than the sample (tests/test_export.py).
 """
 
+import logging
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import transforms as T
+from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.export import scripting_with_instances
 from detectron2.export.torchscript_patch import patch_builtin_len
@@ -47,7 +49,11 @@ __all__ = [
     "export",
     "load_exported",
     "preprocess",
+    "readable_images",
+    "skipped_images_line",
 ]
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("torchscript", "onnx")
 EXPORT_METHODS = ("tracing", "scripting")
@@ -215,3 +221,23 @@ def compare_outputs(ours: List[torch.Tensor], eager: List[torch.Tensor]) -> Dict
         "max_mask_diff": float((m1 - m2).abs().max()) if len(m1) else 0.0,
         "min_mask_iou": float(iou.min()) if len(iou) else 1.0,
     }
+
+
+def readable_images(paths: Sequence[Path], image_format: str, skipped: List[int]
+                    ) -> Iterator[Tuple[int, np.ndarray]]:
+    """(index, image) of each of ``paths`` that can be read, in ``image_format``; the index of
+    each other one is logged and appended to ``skipped``: one unusable file never costs the
+    results of the others (the tools' rule)."""
+    for i, path in enumerate(paths):
+        try:
+            image = read_image(str(path), format=image_format)
+        except Exception as e:  # whatever PIL raises for a file it cannot decode
+            logger.warning(f"Skipping {path}: cannot read it ({type(e).__name__}: {e})")
+            skipped.append(i)
+            continue
+        yield i, image
+
+
+def skipped_images_line(names: Sequence[str], total: int) -> str:
+    shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+    return f"Skipped {len(names)} of {total} images that cannot be read: {shown}"
