@@ -34,7 +34,7 @@ import math
 from numbers import Real
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-__all__ = ["BAD_ANNOTATION_POLICIES", "FIELD_RULES", "check_coco_annotations"]
+__all__ = ["BAD_ANNOTATION_POLICIES", "FIELD_RULES", "ID_TYPES", "check_coco_annotations"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
-_ID_TYPES = (int, str)  # detectron2 sorts the image and category ids: one of these for all
+ID_TYPES = (int, str)  # detectron2 sorts the image and category ids: one of these for all
 
 # Each field rule: what a value must be, and why (the messages quote both).
 FIELD_RULES = {
@@ -184,12 +184,12 @@ def _duplicates(entries: Sequence[Any], key: str, show: str) -> Dict[Any, List[A
     """id -> the ``show`` values of the entries that share it, for every id used twice."""
     # Other types (None, lists) are reported by the field checks.
     ids = [entry.get(key) for entry in entries if isinstance(entry, dict)]
-    ids = [i for i in ids if type(i) in _ID_TYPES]
+    ids = [i for i in ids if type(i) in ID_TYPES]
     if len(set(ids)) == len(ids):  # the common case, without grouping a million entries
         return {}
     groups: Dict[Any, List[Any]] = collections.defaultdict(list)
     for entry in entries:
-        if isinstance(entry, dict) and type(entry.get(key)) in _ID_TYPES:
+        if isinstance(entry, dict) and type(entry.get(key)) in ID_TYPES:
             groups[entry[key]].append(entry.get(show))
     return {i: shown for i, shown in groups.items() if len(shown) > 1}
 
@@ -233,7 +233,7 @@ def check_coco_annotations(
                    if not isinstance(image, dict) or k not in image]
         if missing:
             errors.append(f"images[{i}] has no {', '.join(missing)}: {image!r}"[:300])
-        elif type(image["id"]) not in _ID_TYPES:
+        elif type(image["id"]) not in ID_TYPES:
             errors.append(f"images[{i}]: id must be {FIELD_RULES['id']}, got {image['id']!r}")
         elif type(image["file_name"]) is not str or not image["file_name"]:
             errors.append(f"images[{i}] (id {image['id']!r}): file_name must be "
@@ -274,12 +274,12 @@ def check_coco_annotations(
             errors.append(f"annotations[{i}] is a {type(ann).__name__}, not an object")
             continue
         image_id = ann.get("image_id")
-        image = images.get(image_id) if type(image_id) in _ID_TYPES else None
+        image = images.get(image_id) if type(image_id) in ID_TYPES else None
         if image is None:
             errors.append(f"annotation id {ann.get('id', f'at index {i}')}: image_id "
                           f"{ann.get('image_id')!r} is not in 'images'")
             continue
-        if type(ann.get("category_id")) not in _ID_TYPES or ann["category_id"] not in category_ids:
+        if type(ann.get("category_id")) not in ID_TYPES or ann["category_id"] not in category_ids:
             errors.append(f"{where(ann.get('id', f'at index {i}'), image)}: category_id "
                           f"{ann.get('category_id')!r} is not in 'categories' (ids: "
                           f"{', '.join(map(str, sorted(category_ids)))})")

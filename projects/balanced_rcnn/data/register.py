@@ -21,7 +21,7 @@ from detectron2.data.datasets import load_coco_json
 from .builtin import BUILTIN_SYNTHETIC, register_builtin_synthetic
 from .catalog import DatasetRegistry, coco_metadata
 from .class_counts import set_class_image_count_metadata
-from .checks import FIELD_RULES, check_coco_annotations
+from .checks import FIELD_RULES, ID_TYPES, check_coco_annotations
 
 __all__ = [
     "read_coco_categories",
@@ -69,7 +69,7 @@ def read_coco_json(json_file: str) -> Dict[str, Any]:
         if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
             raise ValueError(f"'{json_file}': categories[{i}] needs an 'id' and a 'name', "
                              f"got {cat!r}")
-        if type(cat["id"]) not in (int, str):
+        if type(cat["id"]) not in ID_TYPES:
             raise ValueError(f"'{json_file}': categories[{i}]: id must be {FIELD_RULES['id']}, "
                              f"got {cat['id']!r}")
         if type(cat["name"]) is not str or not cat["name"]:
