@@ -26,17 +26,17 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from balanced_rcnn import Trainer
-from balanced_rcnn.config import load_project_config
-from balanced_rcnn.config_checks import check_config_choices
-from balanced_rcnn.config_ranges import (check_config_ranges, check_launch_devices,
-                                         ignored_key_warnings)
-from balanced_rcnn.data import register_datasets_from_config
-from balanced_rcnn.errors import TrainingHealthError, exit_on_refusal
-from balanced_rcnn.health.check_images import check_health_images
-from balanced_rcnn.reliability.checkpoint import AtomicCheckpointer, check_weights_file
-from balanced_rcnn.reliability.launch import collective_timeout, launch, refused_together
-from balanced_rcnn.reliability.output_dir import claim_output_dir, remove_earlier_run
+from training_harness import GuardedTrainer
+from training_harness.config import load_project_config
+from training_harness.config_checks import check_config_choices
+from training_harness.config_ranges import (check_config_ranges, check_launch_devices,
+                                            ignored_key_warnings)
+from training_harness.data import register_datasets_from_config
+from training_harness.errors import TrainingHealthError, exit_on_refusal
+from training_harness.health.check_images import check_health_images
+from training_harness.reliability.checkpoint import AtomicCheckpointer, check_weights_file
+from training_harness.reliability.launch import collective_timeout, launch, refused_together
+from training_harness.reliability.output_dir import claim_output_dir, remove_earlier_run
 
 
 def load_config(args) -> CfgNode:
@@ -53,15 +53,17 @@ def setup(args) -> CfgNode:
     main_worker = comm.is_main_process()
     if main_worker:
         for warning in ignored_key_warnings(cfg):
-            logging.getLogger("balanced_rcnn").warning(warning)
+            logging.getLogger("training_harness").warning(warning)
     with refused_together():  # a refusal on the main worker stops every worker at once
         if main_worker and not args.eval_only:
             # Before anything is written into it (log.txt, config.yaml, checkpoints).
             claim_output_dir(cfg.OUTPUT_DIR, resume=args.resume,
                              overwrite=cfg.RELIABILITY.OVERWRITE_OUTPUT)
-    # The project's own loggers (balanced_rcnn.*: dataset generation, the health monitor) write to
-    # the console and to OUTPUT_DIR/log.txt like detectron2's.
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="balanced_rcnn")
+    # The project's own loggers (balanced_rcnn.*: the samplers, the evaluators; training_harness.*:
+    # dataset generation, the health monitor) write to the console and to OUTPUT_DIR/log.txt like
+    # detectron2's.
+    for name in ("balanced_rcnn", "training_harness"):
+        setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=name)
     # Dataset registration from the config (the synthetic datasets and DATASETS.REGISTER_COCO).
     # It lives here, not at import time, because launch() starts fresh worker processes whose
     # catalogs are empty: every worker runs setup().
@@ -87,15 +89,15 @@ def main(args):
     with exit_on_refusal("train_net.py"):
         cfg = setup(args)
         if args.eval_only:
-            model = Trainer.build_model(cfg)
+            model = GuardedTrainer.build_model(cfg)
             # Every model tensor must come from the checkpoint: no AP for weights not loaded.
             checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, require_full_model=True)
             checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         else:
-            trainer = Trainer(cfg)
+            trainer = GuardedTrainer(cfg)
             trainer.resume_or_load(resume=args.resume)
     if args.eval_only:
-        results = Trainer.test(cfg, model)
+        results = GuardedTrainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
         return results

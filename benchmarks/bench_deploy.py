@@ -8,7 +8,7 @@ machine, in one run (ratios to eager).
 The model is the CPU demo's (configs/quick_schedules/swin_tiny_balanced_demo.yaml, random init:
 speed does not depend on the weights) with SCORE_THRESH_TEST 0, so every image keeps its 100
 detections and the mask head runs on all of them (the slowest case). All three run the same
-image tensor through the exported interface of balanced_rcnn/deploy.py (DetectionOutputs: no
+image tensor through the exported interface of training_harness/deploy.py (DetectionOutputs: no
 resizing, no postprocessing), alternating (A B C, C B A, ...), one thread each unless --threads;
 medians are compared. Export times are printed too.
 """
@@ -22,9 +22,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from balanced_rcnn import Trainer
-from balanced_rcnn.config import load_project_config
-from balanced_rcnn.deploy import DetectionOutputs, export, load_exported
+from training_harness import GuardedTrainer
+from training_harness.config import load_project_config
+from training_harness.deploy import DetectionOutputs, export, load_exported
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
 import common  # noqa: E402
@@ -47,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = load_project_config(str(common.REPO / CONFIG),
                               ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.DEVICE", "cpu"])
     torch.manual_seed(0)
-    model = Trainer.build_model(cfg).eval()
+    model = GuardedTrainer.build_model(cfg).eval()
     image = torch.rand(3, side, side, generator=torch.Generator().manual_seed(0)) * 255
     eager = DetectionOutputs(model)
     runners = {"eager": torch.no_grad()(lambda: eager(image))}

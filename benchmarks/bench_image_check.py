@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from detectron2.data.detection_utils import read_image
 
-from balanced_rcnn.data.images import check_image_mode
+from training_harness.data.images import check_image_mode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
 import common  # noqa: E402

@@ -81,10 +81,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if run.returncode:
         raise RuntimeError(f"analyze_data.py failed:\n{run.stdout[-2000:]}{run.stderr[-2000:]}")
 
-    from balanced_rcnn.config import load_project_config
-    from balanced_rcnn.data import register_datasets_from_config
-    from balanced_rcnn.preflight import preflight_summary
     from detectron2.data import DatasetCatalog
+    from training_harness.config import load_project_config
+    from training_harness.data import register_datasets_from_config
+    from training_harness.preflight import preflight_summary
 
     cfg = load_project_config(str(common.REPO / "configs" / "swin_balanced.yaml"), opts)
     register_datasets_from_config(cfg)

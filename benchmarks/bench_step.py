@@ -47,9 +47,9 @@ from detectron2.utils.events import EventStorage
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from balanced_rcnn import Trainer
-from balanced_rcnn.config import load_project_config
-from balanced_rcnn.data import register_builtin_synthetic
+from training_harness import GuardedTrainer
+from training_harness.config import load_project_config
+from training_harness.data import register_builtin_synthetic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
 import common  # noqa: E402
@@ -99,8 +99,8 @@ def fixed_batch(cfg: CfgNode, dataset: str) -> List[dict]:
     return [mapper(copy.deepcopy(r)) for r in records]
 
 
-def build_trainer(cfg: CfgNode, batch: List[dict]) -> Trainer:
-    class FixedBatchTrainer(Trainer):
+def build_trainer(cfg: CfgNode, batch: List[dict]) -> GuardedTrainer:
+    class FixedBatchTrainer(GuardedTrainer):
         @classmethod
         def build_train_loader(cls, cfg):
             return itertools.repeat(batch)  # the same images every step, no loading cost
@@ -309,7 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     register_builtin_synthetic()
     dataset = "synthetic_shapes_tiny_val" if args.tiny else "synthetic_shapes_val"
 
-    setup_logger()  # cached: the Trainer's own call then keeps the level set here
+    setup_logger()  # cached: the GuardedTrainer's own call then keeps the level set here
     logger = logging.getLogger("detectron2")
     level = logger.level
     logger.setLevel(logging.WARNING)  # the model summaries of 4 trainers would bury the table

@@ -29,10 +29,10 @@ import numpy as np
 from detectron2.config import get_cfg
 from detectron2.utils.env import seed_all_rng
 
-from balanced_rcnn import Trainer, add_balanced_rcnn_config
-from balanced_rcnn.config import load_project_config
-from balanced_rcnn.data import register_datasets_from_config
-from balanced_rcnn.health.divergence import JUMP_REFERENCE_FLOOR
+from training_harness import GuardedTrainer, add_training_harness_config
+from training_harness.config import load_project_config
+from training_harness.data import register_datasets_from_config
+from training_harness.health.divergence import JUMP_REFERENCE_FLOOR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the A/B's modules beside this file
 import common  # noqa: E402
@@ -53,7 +53,7 @@ def step_losses(command: List[str], output_dir: Path) -> Dict[str, np.ndarray]:
     cfg.freeze()
     seed_all_rng(cfg.SEED)  # as train_net.py's default_setup: the A/B run's initialization
     register_datasets_from_config(cfg)
-    trainer = Trainer(cfg)
+    trainer = GuardedTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
     histories = trainer.storage.histories()
@@ -100,7 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     args = parse_args(argv)
     common.set_threads(args.threads)
     defaults = get_cfg()
-    add_balanced_rcnn_config(defaults)
+    add_training_harness_config(defaults)
     ceiling, jump = defaults.HEALTH.LOSS_CEILING, defaults.HEALTH.LOSS_JUMP_FACTOR
     output = common.REPO / "output" / ("quality_ab_tiny" if args.tiny else "quality_ab")
     study = quality_ab.Study(

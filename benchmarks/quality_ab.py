@@ -55,16 +55,16 @@ import common  # noqa: E402
 import quality_arms  # noqa: E402
 from quality_arms import ARMS, PRETRAINS, SETTINGS, TINY_SETTINGS, Arm, Setting  # noqa: E402
 
-from balanced_rcnn.config import add_balanced_rcnn_config, load_project_config
-from balanced_rcnn.data import BUILTIN_SYNTHETIC
-from balanced_rcnn.errors import EXIT_COLLAPSE, EXIT_NON_FINITE
 from balanced_rcnn.evaluation.frequency_groups import frequency_groups
-from balanced_rcnn.health.check_images import check_records
-from balanced_rcnn.health.collapse import count_collapses, objects_per_image
-from balanced_rcnn.health.grad_shares import GRAD_SHARE_PREFIX
-from balanced_rcnn.health.step_measures import FOREGROUND_SHARES
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
+from training_harness.config import add_training_harness_config, load_project_config
+from training_harness.data import BUILTIN_SYNTHETIC
+from training_harness.errors import EXIT_COLLAPSE, EXIT_NON_FINITE
+from training_harness.health.check_images import check_records
+from training_harness.health.collapse import count_collapses, objects_per_image
+from training_harness.health.grad_shares import GRAD_SHARE_PREFIX
+from training_harness.health.step_measures import FOREGROUND_SHARES
 
 NAME = "quality_ab"
 TRAIN_NET = common.REPO / "train_net.py"
@@ -278,7 +278,7 @@ def collapse_rule(config: Dict[str, object]) -> dict:
 @lru_cache(maxsize=1)
 def _health_defaults():
     cfg = get_cfg()
-    add_balanced_rcnn_config(cfg)
+    add_training_harness_config(cfg)
     return cfg.HEALTH
 
 

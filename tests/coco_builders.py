@@ -12,6 +12,7 @@ import numpy as np
 from balanced_rcnn import add_balanced_rcnn_config
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from training_harness import add_training_harness_config
 
 SIZE = 32  # height and width of the test images
 CATEGORIES = [{"id": 3, "name": "dog"}, {"id": 7, "name": "cat"}]
@@ -48,6 +49,7 @@ def write_coco(root: Path, num_images: int = 4, annotations: Optional[List[Dict]
 def project_cfg() -> CfgNode:
     cfg = get_cfg()
     add_balanced_rcnn_config(cfg)
+    add_training_harness_config(cfg)
     return cfg
 
 

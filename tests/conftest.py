@@ -57,7 +57,7 @@ def repo_root():
 def load_project_config(repo_root):
     """``load_project_config("swin_balanced.yaml")``: a file of configs/ merged over detectron2's
     defaults and the project's keys (unfrozen)."""
-    from balanced_rcnn.config import load_project_config
+    from training_harness.config import load_project_config
 
     def load(relative_path):
         return load_project_config(str(repo_root / "configs" / relative_path))
@@ -152,6 +152,15 @@ def balanced_cfg(**balanced_loss):
     add_balanced_rcnn_config(cfg)
     for key, value in balanced_loss.items():
         cfg.MODEL.BALANCED_LOSS[key] = value
+    return cfg
+
+
+def harness_cfg():
+    """:func:`balanced_cfg` with the training harness's keys."""
+    from training_harness import add_training_harness_config
+
+    cfg = balanced_cfg()
+    add_training_harness_config(cfg)
     return cfg
 
 

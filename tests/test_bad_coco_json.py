@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 
 import pytest
-from balanced_rcnn import register_datasets_from_config
-from balanced_rcnn.data.checks import check_coco_annotations
 from detectron2.data import DatasetCatalog
+from training_harness import register_datasets_from_config
+from training_harness.data.checks import check_coco_annotations
 
 from coco_builders import SIZE, annotation, coco_cfg, write_coco
 

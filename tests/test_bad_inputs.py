@@ -15,14 +15,14 @@ from typing import Dict, List
 import cv2
 import numpy as np
 import pytest
-from balanced_rcnn import register_datasets_from_config
-from balanced_rcnn.data.loader import build_train_loader
-from balanced_rcnn.data.mapper import SKIPPED_KEY, SkippingDatasetMapper
-from balanced_rcnn.data.train_dicts import load_train_dicts
-from balanced_rcnn.errors import TooManySkippedImages
-from balanced_rcnn.reliability.launch import collective_timeout
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.modeling import build_model
+from training_harness import register_datasets_from_config
+from training_harness.data.loader import build_train_loader
+from training_harness.data.mapper import SKIPPED_KEY, SkippingMapper
+from training_harness.data.train_dicts import load_train_dicts
+from training_harness.errors import TooManySkippedImages
+from training_harness.reliability.launch import collective_timeout
 
 from coco_builders import SIZE, annotation, coco_cfg, project_cfg, write_coco
 
@@ -226,7 +226,7 @@ def test_unusable_image_is_skipped_logged_and_handed_on(tiny_cfg, tmp_path, capl
     cfg = coco_cfg("bad_read", json_file, image_root, tiny_cfg)
     register_datasets_from_config(cfg)
     dicts = DatasetCatalog.get("bad_read")
-    mapper = SkippingDatasetMapper(cfg, True, max_skipped=1)
+    mapper = SkippingMapper(DatasetMapper(cfg, True), max_skipped=1)
     with caplog.at_level(logging.WARNING):
         assert mapper(dicts[1]) is None  # detectron2's MapDataset then draws another image
     assert f"Skipping training image '{bad}': {reason.format(file=bad)}" in caplog.text
@@ -237,7 +237,7 @@ def test_unusable_image_is_skipped_logged_and_handed_on(tiny_cfg, tmp_path, capl
     assert mapper(dicts[1]) is None and not caplog.text  # known bad: not read or logged again
     # In evaluation the same file is an error: a skipped image would change the result.
     with pytest.raises(ValueError, match=rf"^Cannot use image '{bad}' \(image id 2\): "):
-        SkippingDatasetMapper(cfg, False)(dicts[1])
+        SkippingMapper(DatasetMapper(cfg, False))(dicts[1])
 
 
 def test_training_loader_resamples_summarizes_and_stops_at_the_limit(tiny_cfg, tmp_path):
@@ -267,7 +267,7 @@ def test_training_loader_resamples_summarizes_and_stops_at_the_limit(tiny_cfg, t
 
 
 def test_skip_limit_is_a_fraction_of_the_training_set():
-    from balanced_rcnn.data.mapper import SkippedImages
+    from training_harness.data.mapper import SkippedImages
 
     skipped = SkippedImages(num_images=1000, max_fraction=0.01)
     for i in range(10):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from balanced_rcnn.errors import CheckpointError
-from balanced_rcnn.reliability.checkpoint import (
+from training_harness.errors import CheckpointError
+from training_harness.reliability.checkpoint import (
     AtomicCheckpointer,
     atomic_write,
     check_weights_file,

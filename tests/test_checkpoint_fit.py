@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from balanced_rcnn.errors import CheckpointError, CheckpointMismatchError
-from balanced_rcnn.reliability.checkpoint import AtomicCheckpointer, check_weights_file
-from balanced_rcnn.reliability.checkpoint_fit import misfit_message
 from detectron2.modeling import build_model
+from training_harness.errors import CheckpointError, CheckpointMismatchError
+from training_harness.reliability.checkpoint import AtomicCheckpointer, check_weights_file
+from training_harness.reliability.checkpoint_fit import misfit_message
 
 
 def _tiny_checkpoint(cfg, folder: Path, num_classes: int, name: str = "model_final") -> Path:
@@ -97,7 +97,7 @@ def test_model_weights_that_are_not_a_checkpoint_are_refused_at_set_up(tiny_cfg,
 
 
 def test_fine_tuning_from_weights_that_fill_no_backbone_tensor_is_refused():
-    from balanced_rcnn.reliability.checkpoint_fit import empty_backbone_message
+    from training_harness.reliability.checkpoint_fit import empty_backbone_message
 
     backbone = ["backbone.bottom_up.patch_embed.proj.weight", "backbone.fpn_lateral2.weight"]
     # An official Swin checkpoint: its names (layers.0..., patch_embed...) match nothing.

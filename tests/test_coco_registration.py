@@ -7,8 +7,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from balanced_rcnn import register_datasets_from_config
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from training_harness import register_datasets_from_config
 
 from coco_builders import forgetting_datasets, tiny_synthetic_cfg
 

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 from typing import List, Optional, Sequence
 
 import pytest
-from balanced_rcnn.errors import DetectionCollapseError
-from balanced_rcnn.health import TrainingHealthMonitor
-from balanced_rcnn.health.collapse import count_collapses, is_collapsed_check, objects_per_image
+from training_harness.errors import DetectionCollapseError
+from training_harness.health import TrainingHealthMonitor
+from training_harness.health.collapse import count_collapses, is_collapsed_check, objects_per_image
 
 
 class _Checkpointer:

@@ -7,13 +7,13 @@ import logging
 from types import SimpleNamespace
 
 import pytest
-from conftest import balanced_cfg
-from balanced_rcnn.config_checks import check_config_choices
-from balanced_rcnn.config_ranges import check_config_ranges
-from balanced_rcnn.health import TrainingHealthMonitor
-from balanced_rcnn.health.collapse import (CollapseTracker, count_collapses,
+from conftest import harness_cfg
+from training_harness.config_checks import check_config_choices
+from training_harness.config_ranges import check_config_ranges
+from training_harness.health import TrainingHealthMonitor
+from training_harness.health.collapse import (CollapseTracker, count_collapses,
                                            is_starved_of_foreground, is_unconfident_check)
-from balanced_rcnn.health.monitor import confident_score
+from training_harness.health.monitor import confident_score
 
 OBJECTS = 0.9375  # the sparse setting's 16 check images hold 15 objects
 RULE = dict(warmup_iters=100, fraction=0.05, patience=3, objects=OBJECTS,
@@ -108,7 +108,7 @@ def _steps(monitor, event_storage, positives, start=0):
 def test_monitor_counts_steps_without_foreground_and_says_which_check_counts(
         event_storage, caplog):
     monitor = _monitor(event_storage, confident_fraction=0.0)
-    with caplog.at_level(logging.INFO, logger="balanced_rcnn.health.monitor"):
+    with caplog.at_level(logging.INFO, logger="training_harness.health.monitor"):
         # Period 1 (iterations 0-9): 5 of 10 steps without foreground, not more than half.
         _steps(monitor, event_storage, [0, 3] * 5)
         assert monitor.state_dict()["streak"] == 0
@@ -133,14 +133,14 @@ def test_monitor_says_when_it_checks_fewer_images_than_asked(event_storage, capl
     records = [{"image_id": i, "annotations": [{"bbox": [0, 0, 4, 4]}]} for i in range(20)]
     monitor._check_records = lambda: records
     monitor.trainer.model = SimpleNamespace()
-    with caplog.at_level(logging.INFO, logger="balanced_rcnn.health.monitor"):
+    with caplog.at_level(logging.INFO, logger="training_harness.health.monitor"):
         monitor.before_train()
     assert ("Training health: HEALTH.NUM_IMAGES is 32 but scripted has only 20 images that "
             "hold objects (HEALTH.OBJECT_IMAGES_ONLY): the checks run on those 20.") in caplog.text
 
 
 def test_confident_score_follows_the_deployment_threshold_and_bad_keys_are_named():
-    cfg = balanced_cfg()
+    cfg = harness_cfg()
     cfg.TEST.DEPLOYMENT_SCORE_THRESH = 0.7
     assert confident_score(cfg) == 0.7
     cfg.HEALTH.CONFIDENT_SCORE = 0.3
@@ -152,7 +152,7 @@ def test_confident_score_follows_the_deployment_threshold_and_bad_keys_are_named
              "HEALTH.CONFIDENT_FRACTION must be in [0, 1], got -0.1"),
             ("CONFIDENT_AFTER", 2.0, check_config_ranges,
              "HEALTH.CONFIDENT_AFTER must be in [0, 1], got 2.0")):
-        bad = balanced_cfg()
+        bad = harness_cfg()
         bad.MODEL.DEVICE = "cpu"
         bad.HEALTH[key] = value
         with pytest.raises(ValueError) as info:

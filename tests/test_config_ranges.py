@@ -6,15 +6,15 @@ import sys
 
 import pytest
 import torch
-from balanced_rcnn.config_checks import config_value
-from balanced_rcnn.config_ranges import (LIST_RANGES, RANGES, UNRANGED, check_config_ranges,
+from training_harness.config_checks import config_value
+from training_harness.config_ranges import (LIST_RANGES, RANGES, UNRANGED, check_config_ranges,
                                          check_launch_devices, ignored_key_warnings)
 
-from conftest import balanced_cfg
+from conftest import harness_cfg
 
 
 def _cpu_cfg():
-    cfg = balanced_cfg()
+    cfg = harness_cfg()
     cfg.MODEL.DEVICE = "cpu"
     return cfg
 
@@ -98,13 +98,13 @@ def test_every_numeric_key_of_the_built_components_has_a_range_or_a_reason():
     covered = set(RANGES) | set(LIST_RANGES) | {"SOLVER.STEPS", "MODEL.SWIN.DEPTHS",
                                                 "MODEL.SWIN.NUM_HEADS"}
     sections = tuple(k[:-1] for k in UNRANGED if k.endswith("*"))
-    missing = [key for key in _numeric_keys(balanced_cfg()) if key.startswith(_BUILT)
+    missing = [key for key in _numeric_keys(harness_cfg()) if key.startswith(_BUILT)
                and key not in covered and key not in UNRANGED and not key.startswith(sections)]
     assert missing == []
 
 
 def test_more_gpus_than_the_machine_shows_is_refused(monkeypatch):
-    cfg = balanced_cfg()
+    cfg = harness_cfg()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
@@ -121,7 +121,7 @@ def test_more_gpus_than_the_machine_shows_is_refused(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
 def test_cuda_settings_on_a_machine_without_cuda_name_the_cpu_overrides():
-    cfg = balanced_cfg()  # detectron2's default device: cuda
+    cfg = harness_cfg()  # detectron2's default device: cuda
     with pytest.raises(ValueError, match="MODEL.DEVICE is cuda but this machine has no CUDA GPU: "
                        "run on a GPU machine, or add `MODEL.DEVICE cpu SOLVER.AMP.ENABLED False`"):
         check_config_ranges(cfg)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from balanced_rcnn import Trainer
 from balanced_rcnn.engine import clip_and_measure_grad_norm
 from detectron2.data import DatasetMapper
 from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
+from training_harness import GuardedTrainer
 
 FULL_CONFIGS = {
     # file: (embed dim, depths, heads, drop path, heads' registered names)
@@ -203,7 +203,7 @@ def test_full_config_builds_and_trains_one_step_on_cpu(load_project_config, data
         drop_path,
     )
 
-    model = Trainer.build_model(cfg)
+    model = GuardedTrainer.build_model(cfg)
     backbone = model.backbone.bottom_up
     assert backbone.embed_dim == embed_dim
     assert [len(layer.blocks) for layer in backbone.layers] == depths
@@ -217,7 +217,7 @@ def test_full_config_builds_and_trains_one_step_on_cpu(load_project_config, data
     mapper = DatasetMapper(cfg, is_train=True)
     batch = [mapper(dict(d)) for d in dataset_dicts]
     assert [tuple(b["image"].shape[1:]) for b in batch] == [(64, 85), (64, 85)]
-    optimizer = Trainer.build_optimizer(cfg, model)
+    optimizer = GuardedTrainer.build_optimizer(cfg, model)
     params = dict(model.named_parameters())
     checked = (
         "backbone.bottom_up.patch_embed.proj.weight",

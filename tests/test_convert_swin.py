@@ -5,8 +5,8 @@ import importlib.util
 
 import pytest
 import torch
-from balanced_rcnn import Trainer
 from detectron2.checkpoint import DetectionCheckpointer
+from training_harness import GuardedTrainer
 
 # A small Swin in the official release's layout: C = 32, two blocks per stage (so the shifted
 # ones carry an attn_mask), window 7, trained at 224 px.
@@ -93,7 +93,7 @@ def test_converted_checkpoint_fills_every_backbone_parameter(converter, tiny_cfg
 
     tiny_cfg.MODEL.SWIN.DEPTHS = list(DEPTHS)
     tiny_cfg.MODEL.WEIGHTS = str(converted)
-    model = Trainer.build_model(tiny_cfg)
+    model = GuardedTrainer.build_model(tiny_cfg)
     DetectionCheckpointer(model).resume_or_load(tiny_cfg.MODEL.WEIGHTS, resume=False)
 
     swin = model.backbone.bottom_up
@@ -132,12 +132,12 @@ def test_not_a_swin_checkpoint(converter, tmp_path):
 
 def test_coco_checkpoint_into_a_model_with_other_classes(tiny_cfg, tmp_path):
     tiny_cfg.MODEL.ROI_HEADS.NUM_CLASSES = 80
-    coco_model = Trainer.build_model(tiny_cfg)
+    coco_model = GuardedTrainer.build_model(tiny_cfg)
     DetectionCheckpointer(coco_model, save_dir=str(tmp_path)).save("coco")
     coco = coco_model.state_dict()
 
     tiny_cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
-    model = Trainer.build_model(tiny_cfg)
+    model = GuardedTrainer.build_model(tiny_cfg)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     DetectionCheckpointer(model).resume_or_load(str(tmp_path / "coco.pth"), resume=False)
 

@@ -95,7 +95,7 @@ def test_probability_outside_zero_one_is_refused(probability, tiny_cfg):
 def test_training_loader_with_copy_paste_leaves_no_image_empty(tmp_path, monkeypatch, tiny_cfg):
     import itertools
 
-    from balanced_rcnn.data import build_train_loader
+    from training_harness.data import build_train_loader
 
     monkeypatch.setenv("BALANCED_RCNN_DATASETS", str(tmp_path))
     tiny_cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False  # synthetic_shapes_tiny_train: 4 empty

@@ -5,13 +5,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from balanced_rcnn.health.detection_check import (
+from detectron2.structures import Instances
+from torch import nn
+from training_harness.health.detection_check import (
     DetectionCounter,
     count_detections,
     detections_by_image_kind,
 )
-from detectron2.structures import Instances
-from torch import nn
 
 SCORES = [[0.9, 0.3, 0.04], [], [0.6]]  # three images
 
@@ -87,8 +87,8 @@ def test_count_runs_in_eval_mode_without_gradients_and_the_mask_branch():
 def test_a_detectron2_model_is_counted_before_the_rescaling_to_the_original_size(tiny_cfg):
     """GeneralizedRCNN's own postprocessing rescales boxes and drops those that became empty:
     the count uses the detections at the network's input size (as before training)."""
-    from balanced_rcnn.health.detection_check import UnscaledDetections
     from detectron2.modeling import build_model
+    from training_harness.health.detection_check import UnscaledDetections
 
     torch.manual_seed(0)
     model = build_model(tiny_cfg).eval()

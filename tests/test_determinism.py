@@ -6,16 +6,16 @@ DataLoader worker process, whose augmentations draw from its own generators.
 
 from typing import Dict, List
 
-from balanced_rcnn import Trainer
-from balanced_rcnn.data import register_datasets_from_config
 from detectron2.utils.env import seed_all_rng
+from training_harness import GuardedTrainer
+from training_harness.data import register_datasets_from_config
 
 LOSSES = ("total_loss", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask")
 
 
 def _losses(cfg) -> Dict[str, List[float]]:
     seed_all_rng(cfg.SEED)
-    trainer = Trainer(cfg)
+    trainer = GuardedTrainer(cfg)
     trainer.train()
     return {name: [v for v, _ in trainer.storage.history(name).values()] for name in LOSSES}
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
-from balanced_rcnn.errors import LossExplosionError
-from balanced_rcnn.health.divergence import LossDivergenceRule, explosion_message
-from balanced_rcnn.errors import EXIT_NON_FINITE
+from training_harness.errors import LossExplosionError
+from training_harness.errors import EXIT_NON_FINITE
+from training_harness.health.divergence import LossDivergenceRule, explosion_message
 
 from conftest import TINY_CONFIG
 

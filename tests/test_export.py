@@ -14,8 +14,8 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultPredictor
 
-from balanced_rcnn import Trainer
-from balanced_rcnn.deploy import ExportedPredictor
+from training_harness import GuardedTrainer
+from training_harness.deploy import ExportedPredictor
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 # Tolerances of exported vs eager: float32 kernels of another runtime (onnxruntime) reorder sums.
@@ -40,7 +40,7 @@ def _save_model(cfg, folder: Path) -> Path:
     folder.mkdir(parents=True)
     cfg.OUTPUT_DIR = str(folder)
     torch.manual_seed(0)
-    model = Trainer.build_model(cfg)
+    model = GuardedTrainer.build_model(cfg)
     DetectionCheckpointer(model, save_dir=str(folder)).save("model_final")
     (folder / "config.yaml").write_text(cfg.dump())
     return folder
@@ -64,7 +64,7 @@ def trained(datasets, tmp_path_factory, load_project_config_module):
 
 @pytest.fixture(scope="module")
 def load_project_config_module(repo_root):
-    from balanced_rcnn.config import load_project_config
+    from training_harness.config import load_project_config
 
     def load(relative_path, opts=()):
         return load_project_config(str(repo_root / "configs" / relative_path), opts)
@@ -102,7 +102,7 @@ def test_traced_export_gives_the_eager_detections(trained, datasets, tmp_path, f
     if fmt == "onnx":
         assert saved["onnx_opset"] == 17
     # Another input size than the sample's, through the predictor tools/predict.py uses.
-    from balanced_rcnn.config import load_project_config
+    from training_harness.config import load_project_config
 
     run_cfg = load_project_config(str(trained / "config.yaml"),
                                   weights=str(trained / "model_final.pth"))
@@ -195,7 +195,7 @@ def test_deploy_benchmark_tiny(datasets, tmp_path):
 
 def test_an_unreadable_image_among_good_ones_is_skipped_and_named(datasets, tmp_path, caplog):
     """The rule of predict.py, export_model.py's check images and the demo's drawings."""
-    from balanced_rcnn.deploy import readable_images, skipped_images_line
+    from training_harness.deploy import readable_images, skipped_images_line
 
     good = datasets / "synthetic_shapes_tiny_val" / "images" / "000000.png"
     (tmp_path / "cut.png").write_bytes(good.read_bytes()[:60])

@@ -83,8 +83,8 @@ def test_training_classes_that_differ_leave_the_groups_out(tmp_path, monkeypatch
 
 def test_federated_loss_gets_the_class_image_counts_it_reads(tmp_path, monkeypatch, tiny_cfg):
     # detectron2's federated loss reads metadata only its LVIS registration sets.
-    from balanced_rcnn.data import register_datasets_from_config
     from detectron2.data.detection_utils import get_fed_loss_cls_weights
+    from training_harness.data import register_datasets_from_config
 
     monkeypatch.setenv("BALANCED_RCNN_DATASETS", str(tmp_path))
     tiny_cfg.DATASETS.TRAIN = ("synthetic_shapes_tiny_train",)

@@ -6,7 +6,7 @@ import torch
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from balanced_rcnn.health.grad_shares import LossGradientShares, loss_gradient_shares
+from training_harness.health.grad_shares import LossGradientShares, loss_gradient_shares
 
 
 def test_shares_by_hand():
@@ -82,12 +82,12 @@ def test_a_common_scale_leaves_the_shares_unchanged():
 def test_reentrant_checkpointing_turns_the_measurement_off(caplog):
     import logging
 
-    from balanced_rcnn.health.grad_shares import shares_measurable
+    from training_harness.health.grad_shares import shares_measurable
 
     model = _Toy()
     assert shares_measurable(model.backbone)
     model.backbone.use_checkpoint = True  # what detectron2's Swin stages carry
-    with caplog.at_level(logging.WARNING, logger="balanced_rcnn.health.grad_shares"):
+    with caplog.at_level(logging.WARNING, logger="training_harness.health.grad_shares"):
         assert not shares_measurable(model.backbone)
     assert "no health/grad_share/* scalars: the backbone uses activation checkpointing" in (
         caplog.text)

@@ -18,7 +18,7 @@ from typing import List
 
 import pytest
 import torch
-from balanced_rcnn.errors import EXIT_COLLAPSE, EXIT_NON_FINITE
+from training_harness.errors import EXIT_COLLAPSE, EXIT_NON_FINITE
 
 TINY_CONFIG = "configs/quick_schedules/swin_tiny_balanced_instant_test.yaml"
 
@@ -33,7 +33,7 @@ SITECUSTOMIZE = textwrap.dedent(
         from detectron2.modeling import GeneralizedRCNN
         from detectron2.utils.events import get_event_storage
 
-        from balanced_rcnn.engine.trainer import Trainer
+        from training_harness.engine.trainer import GuardedTrainer
 
         fault, at = os.environ["HEALTH_TEST_FAULT"].split(":")
         at = int(at)
@@ -47,8 +47,8 @@ SITECUSTOMIZE = textwrap.dedent(
                         with torch.no_grad():
                             model.roi_heads.box_predictor.cls_score.bias[-1] = 30.0
 
-            build_hooks = Trainer.build_hooks
-            Trainer.build_hooks = lambda self: build_hooks(self) + [ForceBackground()]
+            build_hooks = GuardedTrainer.build_hooks
+            GuardedTrainer.build_hooks = lambda self: build_hooks(self) + [ForceBackground()]
 
         if fault == "nan":
             forward = GeneralizedRCNN.forward

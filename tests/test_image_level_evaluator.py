@@ -119,7 +119,7 @@ def test_records_without_their_own_image_id_are_refused(forget_bad_datasets):
 
 
 def test_a_bad_threshold_is_refused_at_set_up(tiny_cfg):
-    from balanced_rcnn.config_checks import check_config_choices
+    from training_harness.config_checks import check_config_choices
 
     tiny_cfg.TEST.DEPLOYMENT_SCORE_THRESH = 5.0
     with pytest.raises(ValueError, match=r"TEST.DEPLOYMENT_SCORE_THRESH must be a score in "

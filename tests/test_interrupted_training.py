@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Callable, List
 
 import torch
-from balanced_rcnn import Trainer
-from balanced_rcnn.reliability.checkpoint import AtomicCheckpointer
+from training_harness import GuardedTrainer
+from training_harness.reliability.checkpoint import AtomicCheckpointer
 
 CONFIG = "configs/quick_schedules/swin_tiny_balanced_instant_test.yaml"
 MAX_ITER, PERIOD = 12, 2  # checkpoints after iterations 1, 3, 5, 7, 9, 11
@@ -134,7 +134,7 @@ def test_killed_three_times_resumes_to_max_iter(repo_root, tmp_path, tiny_cfg):
     assert _last(output) == "model_final.pth"
     final = output / "model_final.pth"
     assert _iteration(final) == MAX_ITER - 1
-    model = Trainer.build_model(tiny_cfg)
+    model = GuardedTrainer.build_model(tiny_cfg)
     extra = AtomicCheckpointer(model).load(str(final))  # refuses a damaged file
     assert extra["iteration"] == MAX_ITER - 1
     saved = torch.load(final, map_location="cpu", weights_only=False)["model"]

@@ -6,12 +6,12 @@ optimizer.step(); those tests fail if that order changes."""
 import pytest
 import torch
 from balanced_rcnn.engine.grad_norm import GRAD_NORM_SCALAR
-from balanced_rcnn.errors import EXIT_NON_FINITE, NonFiniteTrainingError
-from balanced_rcnn.health import GuardedSimpleTrainer
-from balanced_rcnn.health.nonfinite import _non_finite_report, write_metrics
 from balanced_rcnn.utils.events import put_tensor_scalars
 from detectron2.utils.events import EventStorage
 from torch import nn
+from training_harness.errors import EXIT_NON_FINITE, NonFiniteTrainingError
+from training_harness.health import GuardedSimpleTrainer
+from training_harness.health.nonfinite import _non_finite_report, write_metrics
 
 
 def test_finite_step_writes_detectron2s_metrics(event_storage):

@@ -10,8 +10,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from balanced_rcnn.errors import OutputDirError
-from balanced_rcnn.reliability.output_dir import (
+from training_harness.errors import OutputDirError
+from training_harness.reliability.output_dir import (
     LOCK_FILE,
     claim_output_dir,
     release_output_dir,
@@ -23,7 +23,7 @@ from conftest import TINY_CONFIG
 # A process that takes the lock, says so, and waits for stdin to close.
 HOLDER = textwrap.dedent("""
     import sys
-    from balanced_rcnn.reliability.output_dir import claim_output_dir
+    from training_harness.reliability.output_dir import claim_output_dir
     claim_output_dir(sys.argv[1], resume=False, holder="process 4242 on host h")
     print("locked", flush=True)
     sys.stdin.read()
@@ -86,7 +86,7 @@ def test_fresh_start_into_a_folder_with_checkpoints_is_refused_or_overwritten(tm
         (folder / name).write_text("x")
     (folder / "last_checkpoint").write_text("model_final.pth")
     # Each claim below runs in a child process: this one would hold the lock after the first.
-    claim = ("import sys; from balanced_rcnn.reliability.output_dir import claim_output_dir; "
+    claim = ("import sys; from training_harness.reliability.output_dir import claim_output_dir; "
              "claim_output_dir(sys.argv[1], resume=sys.argv[2] == 'resume', "
              "overwrite=sys.argv[3] == 'overwrite')")
 
@@ -115,7 +115,7 @@ def test_resume_into_checkpoints_without_their_tag_is_refused_naming_the_newest(
     for age, name in enumerate(("model_final.pth", "model_0000499.pth", "model_0000999.pth")):
         (folder / name).write_text("x")
         os.utime(folder / name, (1_000_000 - age, 1_000_000 - age))  # model_final is newest
-    claim = ("import sys; from balanced_rcnn.reliability.output_dir import claim_output_dir; "
+    claim = ("import sys; from training_harness.reliability.output_dir import claim_output_dir; "
              "claim_output_dir(sys.argv[1], resume=True)")
     refused = subprocess.run([sys.executable, "-c", claim, str(folder)], capture_output=True,
                              text=True)

@@ -10,7 +10,6 @@ from pathlib import Path
 import pycocotools.mask as mask_util
 import pytest
 from balanced_rcnn import add_balanced_rcnn_config
-from balanced_rcnn.data import SyntheticShapesParams, generate_synthetic_shapes
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import Metadata
@@ -18,6 +17,8 @@ from detectron2.modeling import build_model
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from training_harness import add_training_harness_config
+from training_harness.data import SyntheticShapesParams, generate_synthetic_shapes
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "predict.py"
 spec = importlib.util.spec_from_file_location("predict_tool", TOOL)
@@ -29,6 +30,7 @@ def _tiny_cfg():
     """Stock ResNet-18-FPN Mask R-CNN heads at their smallest: builds and runs in a blink."""
     cfg = get_cfg()
     add_balanced_rcnn_config(cfg)
+    add_training_harness_config(cfg)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.MASK_ON = True
     cfg.MODEL.WEIGHTS = ""

@@ -10,10 +10,10 @@ import pytest
 import torch
 from detectron2.structures import BoxMode
 
-from balanced_rcnn.preflight.anchor_coverage import AnchorMatching, anchor_coverage
-from balanced_rcnn.preflight.dataset_stats import dataset_statistics
-from balanced_rcnn.preflight.report import preflight_report, preflight_summary, render_report
-from balanced_rcnn.preflight.schedule import times_seen
+from training_harness.preflight.anchor_coverage import AnchorMatching, anchor_coverage
+from training_harness.preflight.dataset_stats import dataset_statistics
+from training_harness.preflight.report import preflight_report, preflight_summary, render_report
+from training_harness.preflight.schedule import times_seen
 
 TINY = "configs/quick_schedules/swin_tiny_balanced_demo.yaml"
 
@@ -21,7 +21,7 @@ TINY = "configs/quick_schedules/swin_tiny_balanced_demo.yaml"
 @pytest.fixture
 def tiny(repo_root):
     """The CPU demo's config with KEY VALUE overrides."""
-    from balanced_rcnn.config import load_project_config
+    from training_harness.config import load_project_config
 
     return lambda *opts: load_project_config(str(repo_root / TINY), list(opts))
 
@@ -182,8 +182,8 @@ def test_summary_line(tiny):
 def test_matching_on_the_candidate_anchors_equals_matching_on_all(repo_root, opts):
     """AnchorMatching matches each image's boxes against the anchors near them only; detectron2's
     matcher on every anchor of the image gives the same numbers (800 px)."""
-    from balanced_rcnn.config import load_project_config
     from detectron2.structures import Boxes, pairwise_iou
+    from training_harness.config import load_project_config
 
     matching = AnchorMatching.from_config(
         load_project_config(str(repo_root / "configs/swin_balanced.yaml"), opts))

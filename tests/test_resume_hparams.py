@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
-from balanced_rcnn.engine.resume_hparams import apply_config_hyperparameters
 from detectron2.solver import LRMultiplier
 from fvcore.common.param_scheduler import MultiStepParamScheduler
+from training_harness.engine.resume_hparams import apply_config_hyperparameters
 
 from conftest import TINY_CONFIG
 

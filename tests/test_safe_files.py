@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from balanced_rcnn.config import load_project_config
-from balanced_rcnn.errors import UnsafeFileError
-from balanced_rcnn.reliability.checkpoint import AtomicCheckpointer
-from balanced_rcnn.reliability.safe_files import load_model_zoo_pickle
+from training_harness.config import load_project_config
+from training_harness.errors import UnsafeFileError
+from training_harness.reliability.checkpoint import AtomicCheckpointer
+from training_harness.reliability.safe_files import load_model_zoo_pickle
 
 from conftest import TINY_CONFIG, load_tool
 

@@ -99,7 +99,7 @@ def test_other_samplers_are_left_to_detectron2():
 
 
 def test_training_loader_uses_it(tmp_path, monkeypatch, caplog, tiny_cfg):
-    from balanced_rcnn.data import build_train_loader
+    from training_harness.data import build_train_loader
 
     monkeypatch.setenv("BALANCED_RCNN_DATASETS", str(tmp_path))
     cfg = tiny_cfg

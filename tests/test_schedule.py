@@ -1,5 +1,5 @@
 """tools/schedule.py: epochs -> MAX_ITER / STEPS / periods for a dataset and batch (the
-arithmetic of balanced_rcnn.preflight.schedule, which the pre-flight report shares)."""
+arithmetic of training_harness.preflight.schedule, which the pre-flight report shares)."""
 
 import importlib.util
 import json
@@ -19,7 +19,7 @@ def _tool():
 
 def test_coco_1x_is_the_published_schedule():
     # 118287 train2017 images at 16 per step, 12 epochs, drops at epochs 8 and 11.
-    from balanced_rcnn.preflight.schedule import schedule_keys
+    from training_harness.preflight.schedule import schedule_keys
 
     out = schedule_keys(118287, 16, 12, [8, 11], 1, 1)
     assert out["iterations_per_epoch"] == 7393

@@ -5,11 +5,11 @@ an EventStorage; detectron2's Swin backbone does not script (stock either)."""
 
 import pytest
 import torch
-from balanced_rcnn.deploy import SCRIPT_FIELDS
 from detectron2.export import scripting_with_instances
 from detectron2.export.torchscript_patch import freeze_training_mode, patch_instances
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
+from training_harness.deploy import SCRIPT_FIELDS
 
 from test_balanced_model import _batch, _cfg
 
@@ -84,10 +84,10 @@ def test_losses_outside_an_event_storage():
 
 
 def test_swin_backbone_does_not_script_neither_does_detectron2s(tiny_cfg):
-    from balanced_rcnn import Trainer
     from detectron2.modeling.backbone.swin import SwinTransformer
+    from training_harness import GuardedTrainer
 
-    model = Trainer.build_model(tiny_cfg).eval()
+    model = GuardedTrainer.build_model(tiny_cfg).eval()
     with pytest.raises(RuntimeError):
         _script(model.backbone)
     with pytest.raises(RuntimeError):

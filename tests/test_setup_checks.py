@@ -6,19 +6,20 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from balanced_rcnn import register_datasets_from_config
-from balanced_rcnn.config_checks import (
+from detectron2.data import DatasetMapper
+from detectron2.data import DatasetCatalog
+from PIL import Image
+from training_harness import register_datasets_from_config
+from training_harness.config_checks import (
     CHOICES,
     FREE_TEXT_KEYS,
     REGISTRY_KEYS,
     check_config_choices,
 )
-from balanced_rcnn.data.images import check_image_mode, size_mismatch_hint
-from balanced_rcnn.errors import UnsupportedImageError
-from balanced_rcnn.data.mapper import SkippingDatasetMapper
-from balanced_rcnn.health.check_images import check_health_images
-from detectron2.data import DatasetCatalog
-from PIL import Image
+from training_harness.data.images import check_image_mode, size_mismatch_hint
+from training_harness.data.mapper import SkippingMapper
+from training_harness.errors import UnsupportedImageError
+from training_harness.health.check_images import check_health_images
 
 from coco_builders import SIZE, coco_cfg, write_coco
 
@@ -90,9 +91,11 @@ def test_every_string_key_is_checked_or_declared_free_text(tiny_cfg):
 def test_detectron2_defaults_pass(tiny_cfg):
     from balanced_rcnn import add_balanced_rcnn_config
     from detectron2.config import get_cfg
+    from training_harness import add_training_harness_config
 
     cfg = get_cfg()
     add_balanced_rcnn_config(cfg)
+    add_training_harness_config(cfg)
     check_config_choices(cfg)  # Res5ROIHeads with an empty ROI_BOX_HEAD.NAME included
 
 
@@ -140,7 +143,7 @@ def test_palette_grey_and_alpha_images_are_read_with_their_colors(tiny_cfg, tmp_
         root / "3.png")  # RGBA
     cfg = coco_cfg("bad_palette", json_file, root, tiny_cfg)
     register_datasets_from_config(cfg)
-    mapper = SkippingDatasetMapper(cfg, False)
+    mapper = SkippingMapper(DatasetMapper(cfg, False))
     images = [mapper(d)["image"].permute(1, 2, 0).numpy() for d in DatasetCatalog.get(
         "bad_palette")]
     rgb = [i if tiny_cfg.INPUT.FORMAT == "RGB" else i[..., ::-1] for i in images]
@@ -169,8 +172,8 @@ def test_set_up_checks_leave_the_random_state_as_they_found_it(tiny_cfg, tmp_pat
     import random
 
     import torch
-    from balanced_rcnn.reliability.checkpoint import AtomicCheckpointer, check_weights_file
     from detectron2.modeling import build_model
+    from training_harness.reliability.checkpoint import AtomicCheckpointer, check_weights_file
 
     json_file, root = write_coco(tmp_path)
     cfg = coco_cfg("bad_random_state", json_file, root, tiny_cfg)

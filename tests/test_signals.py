@@ -1,5 +1,5 @@
 """Ctrl-C (SIGINT) during training: the step completes, a checkpoint is saved, exit code 130;
-and where the Trainer puts the reliability hooks.
+and where the GuardedTrainer puts the reliability hooks.
 
 SIGTERM through train_net.py, with --resume afterwards: tests/test_interrupted_training.py.
 """
@@ -10,12 +10,12 @@ import signal
 
 import pytest
 import torch
-from balanced_rcnn import Trainer
-from balanced_rcnn.data import register_datasets_from_config
-from balanced_rcnn.errors import TrainingInterrupted
-from balanced_rcnn.reliability.signals import CheckpointOnSignal
-from balanced_rcnn.reliability.watchdog import PeerWatchdogHook
 from detectron2.engine import HookBase, hooks
+from training_harness import GuardedTrainer
+from training_harness.data import register_datasets_from_config
+from training_harness.errors import TrainingInterrupted
+from training_harness.reliability.signals import CheckpointOnSignal
+from training_harness.reliability.watchdog import PeerWatchdogHook
 
 
 class _SendSignal(HookBase):
@@ -29,7 +29,7 @@ class _SendSignal(HookBase):
             os.kill(os.getpid(), self.signum)
 
 
-def _ten_step_trainer(tiny_cfg, tmp_path) -> Trainer:
+def _ten_step_trainer(tiny_cfg, tmp_path) -> GuardedTrainer:
     """The tiny model for 10 steps into tmp_path/output, no evaluation, no periodic checkpoint."""
     tiny_cfg.DATASETS.SYNTHETIC_ROOT = str(tmp_path / "datasets")
     tiny_cfg.DATASETS.TEST = ()
@@ -37,7 +37,7 @@ def _ten_step_trainer(tiny_cfg, tmp_path) -> Trainer:
     tiny_cfg.SOLVER.MAX_ITER = 10
     tiny_cfg.SOLVER.CHECKPOINT_PERIOD = 100
     register_datasets_from_config(tiny_cfg)
-    return Trainer(tiny_cfg)
+    return GuardedTrainer(tiny_cfg)
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGHUP, 129)])
@@ -76,7 +76,7 @@ def test_ctrl_c_or_a_closed_terminal_saves_the_completed_step(tiny_cfg, tmp_path
 def test_a_dead_data_loader_worker_saves_the_last_step_and_exits_75(tiny_cfg, tmp_path, caplog):
     """torch raises this RuntimeError in the training process when the OOM killer ends one of
     its loader workers; the process is alive and can still save."""
-    from balanced_rcnn.errors import DataLoaderWorkerLost
+    from training_harness.errors import DataLoaderWorkerLost
 
     trainer = _ten_step_trainer(tiny_cfg, tmp_path)
     batches = iter(trainer._trainer.data_loader)

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from balanced_rcnn.reliability.submitit_job import TrainingJob, last_checkpoint_iteration
+from training_harness.reliability.submitit_job import TrainingJob, last_checkpoint_iteration
 
 REPO = Path(__file__).resolve().parents[1]
 INSTANT = "configs/quick_schedules/swin_tiny_balanced_instant_test.yaml"

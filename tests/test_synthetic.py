@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
-from balanced_rcnn.data.synthetic import (
+from training_harness.data.synthetic import (
     SyntheticShapesParams,
     _largest_remainder,
     generate_synthetic_shapes,

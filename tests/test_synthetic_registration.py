@@ -8,8 +8,10 @@ import re
 from pathlib import Path
 
 import pytest
-from balanced_rcnn import register_datasets_from_config
-from balanced_rcnn.data import (
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import COCOEvaluator
+from training_harness import register_datasets_from_config
+from training_harness.data import (
     BUILTIN_SYNTHETIC,
     SyntheticShapesParams,
     builtin,
@@ -17,9 +19,7 @@ from balanced_rcnn.data import (
     register_builtin_synthetic,
     register_synthetic_shapes,
 )
-from balanced_rcnn.data.cache import build_cached, read_manifest
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.evaluation import COCOEvaluator
+from training_harness.data.cache import build_cached, read_manifest
 
 from coco_builders import (
     coco_cfg,

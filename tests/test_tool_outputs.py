@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from balanced_rcnn.reliability.tool_outputs import prepare_output_folder
+from training_harness.reliability.tool_outputs import prepare_output_folder
 
 from conftest import TINY_CONFIG, load_tool
 

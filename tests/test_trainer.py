@@ -1,4 +1,4 @@
-"""Trainer: optimizer parameter groups, gradient clipping, the gradient-norm log, evaluation."""
+"""The Trainer: optimizer parameter groups, gradient clipping, the gradient-norm log, evaluation."""
 
 import copy
 from pathlib import Path
@@ -6,14 +6,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from balanced_rcnn import Trainer
-from balanced_rcnn.data import register_datasets_from_config
 from balanced_rcnn.engine import GRAD_NORM_SCALAR, GradientNormHook, build_optimizer
 from balanced_rcnn.evaluation import FrequencyGroupCOCOEvaluator, ImageLevelEvaluator
 from balanced_rcnn.utils.events import flush_tensor_scalars
 from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase, SimpleTrainer, hooks
 from detectron2.evaluation import COCOEvaluator
+from training_harness import GuardedTrainer
+from training_harness.data import register_datasets_from_config
 
 
 def _weight_decay_by_name(model, optimizer):
@@ -22,8 +22,8 @@ def _weight_decay_by_name(model, optimizer):
 
 
 def test_adamw_groups_follow_the_swin_recipe(tiny_cfg):
-    model = Trainer.build_model(tiny_cfg)
-    optimizer = Trainer.build_optimizer(tiny_cfg, model)
+    model = GuardedTrainer.build_model(tiny_cfg)
+    optimizer = GuardedTrainer.build_optimizer(tiny_cfg, model)
     # full_model clipping is not an optimizer wrapper: the optimizer is a plain AdamW.
     assert type(optimizer) is torch.optim.AdamW
     assert {(g["lr"], g["betas"]) for g in optimizer.param_groups} == {(0.0008, (0.9, 0.999))}
@@ -134,7 +134,7 @@ def test_full_model_clip_in_the_training_loop(event_storage, max_norm):
     norm, clipped, reference = _reference_step(model, x, max_norm or float("inf"))
     assert norm.item() > 1e6
 
-    # As Trainer wires it: the hook on the SimpleTrainer that runs backward.
+    # As GuardedTrainer wires it: the hook on the SimpleTrainer that runs backward.
     trainer = SimpleTrainer(model, [x], torch.optim.SGD(model.parameters(), lr=0.1))
     grads = {}
     trainer.register_hooks([GradientNormHook(max_norm=max_norm), _RecordGradients(grads)])
@@ -189,7 +189,7 @@ def synthetic_cfg(tiny_cfg, tmp_path):
 
 def test_trainer_logs_grad_norm_every_step_and_skips_eval_without_test_set(synthetic_cfg):
     synthetic_cfg.DATASETS.TEST = ()
-    trainer = Trainer(synthetic_cfg)
+    trainer = GuardedTrainer(synthetic_cfg)
     assert [type(h) for h in trainer._trainer._hooks] == [GradientNormHook]
     assert not any(isinstance(h, hooks.EvalHook) for h in trainer._hooks)
     trainer.train()
@@ -203,13 +203,13 @@ def test_trainer_logs_grad_norm_every_step_and_skips_eval_without_test_set(synth
     # Everything the heads and the hook recorded as tensors reached EventStorage.
     assert not getattr(trainer.storage, "_balanced_rcnn_pending_scalars")
     with pytest.raises(ValueError, match="DATASETS.TEST is empty"):
-        Trainer.test(synthetic_cfg, trainer.model)
+        GuardedTrainer.test(synthetic_cfg, trainer.model)
 
 
 def test_build_evaluator_is_pycocotools_bbox_and_segm_and_image_level(synthetic_cfg):
     DatasetCatalog.get("synthetic_shapes_tiny_val")  # generates the images and the json
     synthetic_cfg.TEST.DEPLOYMENT_SCORE_THRESH = 0.7
-    coco, image_level = Trainer.build_evaluator(synthetic_cfg,
+    coco, image_level = GuardedTrainer.build_evaluator(synthetic_cfg,
                                                 "synthetic_shapes_tiny_val")._evaluators
     assert isinstance(coco, FrequencyGroupCOCOEvaluator) and isinstance(coco, COCOEvaluator)
     assert coco._tasks == ("bbox", "segm")
@@ -219,7 +219,7 @@ def test_build_evaluator_is_pycocotools_bbox_and_segm_and_image_level(synthetic_
     assert (image_level.dataset_name, image_level.score_threshold) == (
         "synthetic_shapes_tiny_val", 0.7)
     synthetic_cfg.MODEL.MASK_ON = False
-    coco, _ = Trainer.build_evaluator(synthetic_cfg, "synthetic_shapes_tiny_val")._evaluators
+    coco, _ = GuardedTrainer.build_evaluator(synthetic_cfg, "synthetic_shapes_tiny_val")._evaluators
     assert coco._tasks == ("bbox",)
 
 
@@ -228,13 +228,13 @@ def test_resume_after_the_last_iteration_writes_the_missing_model_final(syntheti
     synthetic_cfg.DATASETS.TEST = ()
     synthetic_cfg.SOLVER.CHECKPOINT_PERIOD = 1
     synthetic_cfg.HEALTH.ENABLED = False
-    Trainer(synthetic_cfg).train()
+    GuardedTrainer(synthetic_cfg).train()
     output = Path(synthetic_cfg.OUTPUT_DIR)
     last_periodic = torch.load(output / "model_0000002.pth", weights_only=False)
     (output / "model_final.pth").unlink()
     (output / "last_checkpoint").write_text("model_0000002.pth")
 
-    trainer = Trainer(synthetic_cfg)
+    trainer = GuardedTrainer(synthetic_cfg)
     trainer.resume_or_load(resume=True)
     assert trainer.start_iter == synthetic_cfg.SOLVER.MAX_ITER == 3
     assert (output / "last_checkpoint").read_text() == "model_final.pth"
@@ -248,11 +248,11 @@ def test_resume_after_the_last_iteration_writes_the_missing_model_final(syntheti
 
 
 def test_trainer_sets_every_attribute_default_trainer_sets(synthetic_cfg):
-    """Trainer.__init__ assembles DefaultTrainer's pieces itself (engine/trainer.py): an
+    """GuardedTrainer.__init__ assembles DefaultTrainer's pieces itself (engine/trainer.py): an
     attribute that a new detectron2 adds to DefaultTrainer.__init__ must be added there too."""
     from detectron2.engine import DefaultTrainer
 
-    ours = Trainer(synthetic_cfg)
+    ours = GuardedTrainer(synthetic_cfg)
     # What detectron2's own builders know (its loader, its gradient clipping):
     synthetic_cfg.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"
     synthetic_cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
@@ -263,14 +263,14 @@ def test_trainer_sets_every_attribute_default_trainer_sets(synthetic_cfg):
 
 
 def test_hooks_run_in_the_order_build_hooks_writes_them(synthetic_cfg):
-    from balanced_rcnn.health import TrainingHealthMonitor
-    from balanced_rcnn.reliability import CheckpointOnSignal, PeerWatchdogHook
+    from training_harness.health import TrainingHealthMonitor
+    from training_harness.reliability import CheckpointOnSignal, PeerWatchdogHook
 
-    kinds = [type(h) for h in Trainer(synthetic_cfg)._hooks]
+    kinds = [type(h) for h in GuardedTrainer(synthetic_cfg)._hooks]
     assert kinds == [hooks.IterationTimer, hooks.LRScheduler, TrainingHealthMonitor,
                      hooks.PeriodicCheckpointer, CheckpointOnSignal, hooks.EvalHook,
                      hooks.PeriodicWriter, hooks.CallbackHook, PeerWatchdogHook]
     synthetic_cfg.HEALTH.ENABLED = False
     synthetic_cfg.DATASETS.TEST = ()
-    kinds = [type(h) for h in Trainer(synthetic_cfg)._hooks]
+    kinds = [type(h) for h in GuardedTrainer(synthetic_cfg)._hooks]
     assert TrainingHealthMonitor not in kinds and hooks.EvalHook not in kinds

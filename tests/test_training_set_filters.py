@@ -7,11 +7,11 @@ import logging
 from pathlib import Path
 
 import pytest
-from balanced_rcnn import register_datasets_from_config
-from balanced_rcnn.data.train_dicts import load_train_dicts
-from balanced_rcnn.errors import TooManySkippedImages
 from detectron2.data import DatasetCatalog
 from detectron2.data.build import get_detection_dataset_dicts
+from training_harness import register_datasets_from_config
+from training_harness.data.train_dicts import load_train_dicts
+from training_harness.errors import TooManySkippedImages
 
 from coco_builders import annotation, coco_cfg, write_coco
 

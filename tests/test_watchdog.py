@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import List
 
 import torch.distributed as dist
-from balanced_rcnn.errors import EXIT_PEER_LOST
-from balanced_rcnn.reliability.watchdog import PeerWatchdog
+from training_harness.errors import EXIT_PEER_LOST
+from training_harness.reliability.watchdog import PeerWatchdog
 
 PERIOD = 0.05  # heartbeat period of the in-memory tests
 
@@ -100,7 +100,7 @@ def test_rank_0_gone_with_its_store_is_lost():
 PINNED_STORE = """
 import datetime, sys
 import torch.distributed as dist
-from balanced_rcnn.reliability.watchdog import _KEY_PREFIX, _own_store_connection
+from training_harness.reliability.watchdog import _KEY_PREFIX, _own_store_connection
 
 port = int(sys.argv[1])
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)

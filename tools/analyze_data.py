@@ -22,11 +22,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from balanced_rcnn import register_datasets_from_config  # noqa: E402
-from balanced_rcnn.config import load_project_config  # noqa: E402
-from balanced_rcnn.preflight import preflight_report, render_report  # noqa: E402
-from balanced_rcnn.preflight.anchor_coverage import SIZE_BANDS  # noqa: E402
-from balanced_rcnn.reliability.tool_outputs import prepare_output_folder  # noqa: E402
+from training_harness import register_datasets_from_config  # noqa: E402
+from training_harness.config import load_project_config  # noqa: E402
+from training_harness.preflight import preflight_report, render_report  # noqa: E402
+from training_harness.preflight.anchor_coverage import SIZE_BANDS  # noqa: E402
+from training_harness.reliability.tool_outputs import prepare_output_folder  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from balanced_rcnn.errors import CheckpointError, UnsafeFileError
 from balanced_rcnn.modeling.backbone import D2SwinTransformer
-from balanced_rcnn.reliability.checkpoint import read_weights_file
+from training_harness.errors import CheckpointError, UnsafeFileError
+from training_harness.reliability.checkpoint import read_weights_file
 
 # Where the backbone's Swin sits inside GeneralizedRCNN (FPN.bottom_up).
 MODEL_PREFIX = "backbone.bottom_up."

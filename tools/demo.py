@@ -26,12 +26,12 @@ from typing import Dict, List, Optional, Sequence
 
 import cv2
 import numpy as np
-from balanced_rcnn import register_datasets_from_config
-from balanced_rcnn.config import load_project_config
-from balanced_rcnn.deploy import build_predictor, readable_images, skipped_images_line
-from balanced_rcnn.reliability.tool_outputs import prepare_output_folder
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.visualizer import Visualizer
+from training_harness import register_datasets_from_config
+from training_harness.config import load_project_config
+from training_harness.deploy import build_predictor, readable_images, skipped_images_line
+from training_harness.reliability.tool_outputs import prepare_output_folder
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "quick_schedules" / "swin_tiny_balanced_sparse_demo.yaml"

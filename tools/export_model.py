@@ -15,7 +15,7 @@ shapes on the sample image, the export time, and per check image the largest dif
 boxes, scores and masks between the exported and the eager model, whether the classes agree and
 the smallest mask IoU. The sample image is --sample-image, else the first image of the config's
 DATASETS.TEST[0]; the check images are the next ones of that dataset (or the sample alone). The
-exported model's inputs and outputs (balanced_rcnn/deploy.py): one (3, H, W) float32 image
+exported model's inputs and outputs (training_harness/deploy.py): one (3, H, W) float32 image
 resized as the config's test transform does, in INPUT.FORMAT channel order; boxes (D, 4),
 scores (D,), classes (D,), masks (D, 1, 28, 28) probabilities in that resized image. Turn them
 into detections of the original image with detectron2's detector_postprocess, as
@@ -31,9 +31,12 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
-from balanced_rcnn import Trainer, register_datasets_from_config
-from balanced_rcnn.config import load_project_config
-from balanced_rcnn.deploy import (
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog
+from detectron2.utils.logger import setup_logger
+from training_harness import GuardedTrainer, register_datasets_from_config
+from training_harness.config import load_project_config
+from training_harness.deploy import (
     EXPORT_METHODS,
     FORMATS,
     ONNX_OPSET,
@@ -46,13 +49,10 @@ from balanced_rcnn.deploy import (
     readable_images,
     skipped_images_line,
 )
-from balanced_rcnn.errors import (CheckpointError, CheckpointMismatchError, ExportError,
+from training_harness.errors import (CheckpointError, CheckpointMismatchError, ExportError,
                                   UnsafeFileError)
-from balanced_rcnn.reliability.checkpoint import AtomicCheckpointer, check_checkpoint_fits
-from balanced_rcnn.reliability.tool_outputs import prepare_output_folder
-from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog
-from detectron2.utils.logger import setup_logger
+from training_harness.reliability.checkpoint import AtomicCheckpointer, check_checkpoint_fits
+from training_harness.reliability.tool_outputs import prepare_output_folder
 
 logger = logging.getLogger("export_model")
 
@@ -98,7 +98,7 @@ def load_model(cfg: CfgNode) -> torch.nn.Module:
         check_checkpoint_fits(cfg, resume=False, full_model=True)
     except (CheckpointError, CheckpointMismatchError, UnsafeFileError) as e:
         raise ExportError(str(e)) from None
-    model = Trainer.build_model(cfg).eval()
+    model = GuardedTrainer.build_model(cfg).eval()
     AtomicCheckpointer(model, require_full_model=True).load(cfg.MODEL.WEIGHTS)
     return model
 

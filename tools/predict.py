@@ -36,19 +36,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import torch
-from balanced_rcnn import register_datasets_from_config
-from balanced_rcnn.config import load_project_config
-from balanced_rcnn.config_checks import check_config_choices
-from balanced_rcnn.deploy import (ExportedPredictor, build_predictor, readable_images,
-                                  skipped_images_line)
-from balanced_rcnn.errors import CheckpointError, CheckpointMismatchError
-from balanced_rcnn.reliability.checkpoint import check_checkpoint_fits
-from balanced_rcnn.reliability.tool_outputs import prepare_output_folder
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, Metadata, MetadataCatalog
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
+from training_harness import register_datasets_from_config
+from training_harness.config import load_project_config
+from training_harness.config_checks import check_config_choices
+from training_harness.deploy import (ExportedPredictor, build_predictor, readable_images,
+                                  skipped_images_line)
+from training_harness.errors import CheckpointError, CheckpointMismatchError
+from training_harness.reliability.checkpoint import check_checkpoint_fits
+from training_harness.reliability.tool_outputs import prepare_output_folder
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # Small images are drawn enlarged so that labels stay legible.

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from balanced_rcnn.preflight.schedule import schedule_keys
+from training_harness.preflight.schedule import schedule_keys
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -94,7 +94,7 @@ def train_args(args: argparse.Namespace) -> List[str]:
 
 
 def _output_dir(args: argparse.Namespace) -> str:
-    from balanced_rcnn.config import load_project_config
+    from training_harness.config import load_project_config
 
     try:
         cfg = load_project_config(str(args.config_file), args.opts)
@@ -153,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None):
         print(f"submit_slurm: {e}", file=sys.stderr)
         sys.exit(2)
 
-    from balanced_rcnn.reliability.submitit_job import TrainingJob
+    from training_harness.reliability.submitit_job import TrainingJob
 
     job = executor.submit(TrainingJob(str(TRAIN_NET), train_args(args), args.gpus_per_node,
                                       output_dir, stop_timeout_s=max(args.signal_delay - 30, 10)))

@@ -1,38 +1,22 @@
 """
-Datasets: the deterministic synthetic shapes generator, its built-in registered variants,
-registration of users' COCO datasets from the config, and the data loaders that check the
-datasets up front and skip (training) or name (evaluation) the images they cannot use.
-
-Importing this package registers the built-in synthetic datasets (names and metadata only; the
-images are generated on first use).
+Training data for imbalanced sets: the object-share samplers (samplers.py), simple copy-paste onto
+empty images (copy_paste.py) and the training loader that uses them (loader.py).
 """
-from .builtin import (
-    BUILTIN_SYNTHETIC,
-    default_dataset_root,
-    prepare_synthetic_shapes,
-    register_builtin_synthetic,
-    register_synthetic_shapes,
+from .copy_paste import CopyPasteDatasetMapper
+from .loader import build_train_loader, build_train_mapper
+from .samplers import (
+    CLASS_AWARE_OBJECT_SHARE_SAMPLER,
+    OBJECT_SHARE_SAMPLER,
+    build_object_share_sampler,
+    holds_objects,
 )
-from .loader import build_test_loader, build_train_loader
-from ..errors import TooManySkippedImages
-from .mapper import SkippingDatasetMapper
-from .register import register_coco_dataset, register_datasets_from_config
-from .synthetic import SyntheticShapesParams, generate_synthetic_shapes
-
-register_builtin_synthetic()
 
 __all__ = [
-    "BUILTIN_SYNTHETIC",
-    "SkippingDatasetMapper",
-    "SyntheticShapesParams",
-    "TooManySkippedImages",
-    "build_test_loader",
+    "CLASS_AWARE_OBJECT_SHARE_SAMPLER",
+    "OBJECT_SHARE_SAMPLER",
+    "CopyPasteDatasetMapper",
+    "build_object_share_sampler",
     "build_train_loader",
-    "default_dataset_root",
-    "generate_synthetic_shapes",
-    "prepare_synthetic_shapes",
-    "register_builtin_synthetic",
-    "register_coco_dataset",
-    "register_datasets_from_config",
-    "register_synthetic_shapes",
+    "build_train_mapper",
+    "holds_objects",
 ]

@@ -18,12 +18,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from detectron2.config import configurable
-from detectron2.data import DatasetFromList
+from detectron2.data import DatasetFromList, DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode, polygons_to_bitmask
 
-from .mapper import SkippingDatasetMapper
 from .samplers import holds_objects
 
 __all__ = ["CopyPasteDatasetMapper", "PasteTransform", "paste_objects"]
@@ -85,8 +84,8 @@ def paste_objects(donor: Dict[str, Any], donor_image: np.ndarray, target_height:
     return PasteTransform(donor_image[:height, :width], union[:height, :width]), pasted
 
 
-class CopyPasteDatasetMapper(SkippingDatasetMapper):
-    """SkippingDatasetMapper that pastes objects onto empty training images (module docstring).
+class CopyPasteDatasetMapper(DatasetMapper):
+    """DatasetMapper that pastes objects onto empty training images (module docstring).
     ``donors``: the training records that hold objects."""
 
     @configurable
@@ -105,9 +104,8 @@ class CopyPasteDatasetMapper(SkippingDatasetMapper):
         self.paste_probability = paste_probability
 
     @classmethod
-    def from_config(cls, cfg, is_train: bool = True, max_skipped: float = float("inf"),
-                    donors: Sequence[Dict[str, Any]] = ()):
-        ret = super().from_config(cfg, is_train, max_skipped)
+    def from_config(cls, cfg, is_train: bool = True, donors: Sequence[Dict[str, Any]] = ()):
+        ret = super().from_config(cfg, is_train)
         ret.update(donors=donors, paste_probability=cfg.INPUT.COPY_PASTE.PROBABILITY)
         return ret
 

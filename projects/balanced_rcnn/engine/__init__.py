@@ -1,6 +1,6 @@
 """Training: the project's DefaultTrainer, its optimizer and its whole-model gradient clipping
-and gradient-norm log. What watches a run is in health/, what keeps it resumable in
-reliability/."""
+and gradient-norm log. What watches a run and keeps it resumable is the training_harness
+package."""
 
 from .grad_norm import GRAD_NORM_SCALAR, GradientNormHook, clip_and_measure_grad_norm
 from .optimizer import build_optimizer, build_param_groups

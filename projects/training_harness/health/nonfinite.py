@@ -11,7 +11,7 @@ write, which runs after ``after_backward`` and before ``optimizer.step()``:
   one ``.item()`` per term: no synchronization is added;
 - the workers exchange their values with one ``all_gather`` where detectron2 does one
   ``gather``, so every worker sees every worker's values and all of them take the same decision;
-- a non-finite value raises :class:`~balanced_rcnn.errors.NonFiniteTrainingError`, on
+- a non-finite value raises :class:`~training_harness.errors.NonFiniteTrainingError`, on
   every worker at the same step, naming the terms, the workers and the iteration. The optimizer
   step is not applied, so the weights are still those of the last finite step; the Trainer saves
   them before letting the error through.
@@ -29,13 +29,13 @@ from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
+from balanced_rcnn.engine.grad_norm import GRAD_NORM_SCALAR
+from balanced_rcnn.utils.events import pending_tensor_scalar
 from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
-from ..engine.grad_norm import GRAD_NORM_SCALAR
 from ..errors import NonFiniteTrainingError
-from ..utils.events import pending_tensor_scalar
 from .divergence import LossDivergenceRule
 
 __all__ = ["GuardedAMPTrainer", "GuardedSimpleTrainer", "NonFiniteGuardMixin", "write_metrics"]

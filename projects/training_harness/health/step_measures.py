@@ -6,7 +6,8 @@ the heads, the trainer and GradientNormHook recorded in the same step.
 import math
 from typing import Dict, Mapping
 
-from ..engine.grad_norm import GRAD_NORM_SCALAR
+from balanced_rcnn.engine.grad_norm import GRAD_NORM_SCALAR
+
 
 __all__ = ["FOREGROUND_SHARES", "step_measures"]
 

@@ -15,6 +15,12 @@ detectron2 when the model is built.
 import difflib
 from typing import Dict, Iterable, Sequence
 
+from balanced_rcnn.data.samplers import CLASS_AWARE_OBJECT_SHARE_SAMPLER, OBJECT_SHARE_SAMPLER
+from balanced_rcnn.engine.optimizer import CLIP_TYPES, OPTIMIZERS
+from balanced_rcnn.engine.trainer import AMP_PRECISIONS
+from balanced_rcnn.evaluation.image_level import check_deployment_score_thresh
+from balanced_rcnn.modeling.checks import check_balanced_loss_keys
+from balanced_rcnn.modeling.losses import BOX_REG_LOSS_TYPES, REG_NORMALIZERS
 from detectron2.config import CfgNode
 from detectron2.modeling import (
     ANCHOR_GENERATOR_REGISTRY,
@@ -30,13 +36,7 @@ from detectron2.modeling import (
 )
 
 from .data.checks import BAD_ANNOTATION_POLICIES
-from .data.samplers import CLASS_AWARE_OBJECT_SHARE_SAMPLER, OBJECT_SHARE_SAMPLER
 from .health.collapse import ACTIONS
-from .engine.optimizer import CLIP_TYPES, OPTIMIZERS
-from .engine.trainer import AMP_PRECISIONS
-from .evaluation.image_level import check_deployment_score_thresh
-from .modeling.checks import check_balanced_loss_keys
-from .modeling.losses import BOX_REG_LOSS_TYPES, REG_NORMALIZERS
 
 __all__ = ["CHOICES", "FREE_TEXT_KEYS", "REGISTRY_KEYS", "check_config_choices", "config_value"]
 

@@ -14,13 +14,13 @@ import logging
 from pathlib import Path
 from typing import AbstractSet, Any, Dict, List, Optional, Sequence
 
+from balanced_rcnn.data.class_counts import set_class_image_count_metadata
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 from .builtin import BUILTIN_SYNTHETIC, register_builtin_synthetic
 from .catalog import DatasetRegistry, coco_metadata
-from .class_counts import set_class_image_count_metadata
 from .checks import FIELD_RULES, ID_TYPES, check_coco_annotations
 
 __all__ = [

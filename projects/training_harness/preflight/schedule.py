@@ -15,10 +15,9 @@ import math
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+from balanced_rcnn.data.samplers import holds_objects, object_share_factors_from_config
 from detectron2.config import CfgNode
 from detectron2.data.samplers import RepeatFactorTrainingSampler
-
-from ..data.samplers import holds_objects, object_share_factors_from_config
 
 __all__ = ["iterations_per_epoch", "repeat_factors", "schedule_keys", "times_seen"]
 

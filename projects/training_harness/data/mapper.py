@@ -9,11 +9,11 @@ orientation, the json was written from the stored pixels) or of a pixel type tha
 misread (16-bit, float: data/images.py). detectron2's DatasetMapper raises on each of these, and
 training dies hours in for one file among millions.
 
-:class:`SkippingDatasetMapper` catches exactly these errors (OSError, PIL's SyntaxError for a
-broken PNG, SizeMismatchError, UnsupportedImageError), logs the file and the reason, remembers the
-file so that it is not read again, and returns None, on which detectron2's MapDataset draws
-another image. The record of the skip travels to the main process inside the next dataset dict
-this mapper returns (under :data:`SKIPPED_KEY`), which works across DataLoader worker processes;
+:class:`SkippingMapper` wraps a mapper and catches exactly these errors (OSError, PIL's
+SyntaxError for a broken PNG, SizeMismatchError, UnsupportedImageError), logs the file and the
+reason, remembers the file so that it is not read again, and returns None, on which
+detectron2's MapDataset draws another image. The record of the skip travels to the main process
+inside the next dataset dict this mapper returns (under :data:`SKIPPED_KEY`), which works across DataLoader worker processes;
 :class:`SkipTrackingLoader` takes it off the batch into :class:`SkippedImages`, which counts the
 distinct files, raises :class:`TooManySkippedImages` once more than
 RELIABILITY.MAX_SKIPPED_IMAGE_FRACTION of the training images are skipped, and logs a summary at
@@ -28,7 +28,6 @@ import logging
 import math
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data.detection_utils import SizeMismatchError
 
@@ -39,7 +38,7 @@ __all__ = [
     "SKIPPED_KEY",
     "SkipTrackingLoader",
     "SkippedImages",
-    "SkippingDatasetMapper",
+    "SkippingMapper",
 ]
 
 logger = logging.getLogger(__name__)
@@ -103,27 +102,22 @@ class SkippedImages:
             logger.warning(message)
 
 
-class SkippingDatasetMapper(DatasetMapper):
-    """DatasetMapper that skips (training) or names (evaluation) images it cannot use."""
+class SkippingMapper:
+    """Wraps a dataset mapper (a DatasetMapper, or the core's CopyPasteDatasetMapper) so that it
+    skips (training) or names (evaluation) the images it cannot use."""
 
-    @configurable
-    def __init__(self, is_train: bool = True, *, max_skipped: float = math.inf, **kwargs: Any):
+    def __init__(self, mapper: DatasetMapper, *, max_skipped: float = math.inf):
         """
         Args:
+            mapper: maps one dataset dict; its ``is_train`` says which of the two it does.
             max_skipped: this mapper raises TooManySkippedImages when it has skipped more
                 distinct files than this (the rest of the data set's allowance).
-            is_train, kwargs: DatasetMapper's.
         """
-        super().__init__(is_train, **kwargs)
+        self.mapper = mapper
+        self.is_train = mapper.is_train
         self.max_skipped = max_skipped
         self._bad: Dict[str, str] = {}
         self._pending: List[Tuple[str, str]] = []  # skips not yet handed to the main process
-
-    @classmethod
-    def from_config(cls, cfg, is_train: bool = True, max_skipped: float = math.inf):
-        ret = super().from_config(cfg, is_train)
-        ret["max_skipped"] = max_skipped
-        return ret
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         file_name = dataset_dict["file_name"]
@@ -131,7 +125,7 @@ class SkippingDatasetMapper(DatasetMapper):
             return None  # known bad: draw another one without reading it again
         try:
             check_image_mode(file_name)
-            ret = super().__call__(dataset_dict)
+            ret = self.mapper(dataset_dict)
         except _READ_ERRORS as e:
             reason = f"{type(e).__name__}: {e}"
             if isinstance(e, SizeMismatchError):

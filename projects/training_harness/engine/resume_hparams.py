@@ -13,9 +13,8 @@ state would fail at the first step.
 from typing import Any, Dict, List, Sequence
 
 import torch
+from balanced_rcnn.engine.optimizer import build_optimizer
 from detectron2.config import CfgNode
-
-from .optimizer import build_optimizer
 
 __all__ = ["apply_config_hyperparameters", "check_same_optimizer", "optimizer_kind"]
 

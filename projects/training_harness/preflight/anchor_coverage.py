@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from balanced_rcnn.data.samplers import holds_objects
 from detectron2.config import CfgNode
 from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.layers import ShapeSpec
@@ -30,8 +31,6 @@ from detectron2.modeling import build_backbone
 from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
-
-from ..data.samplers import holds_objects
 
 __all__ = ["SIZE_BANDS", "AnchorMatching", "anchor_coverage", "training_scales"]
 

@@ -5,9 +5,9 @@ between empty and object images and between classes, before anything is trained.
 
 from typing import Any, Dict, Mapping, Sequence
 
-from ..data.class_counts import class_image_counts
-from ..data.samplers import holds_objects
-from ..evaluation.frequency_groups import frequency_groups
+from balanced_rcnn.data.class_counts import class_image_counts
+from balanced_rcnn.data.samplers import holds_objects
+from balanced_rcnn.evaluation.frequency_groups import frequency_groups
 
 __all__ = ["FEW_IMAGES", "dataset_statistics"]
 

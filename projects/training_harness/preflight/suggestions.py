@@ -9,9 +9,9 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
+from balanced_rcnn.data.samplers import CLASS_AWARE_OBJECT_SHARE_SAMPLER, OBJECT_SHARE_SAMPLER
 from detectron2.config import CfgNode
 
-from ..data.samplers import CLASS_AWARE_OBJECT_SHARE_SAMPLER, OBJECT_SHARE_SAMPLER
 from .dataset_stats import FEW_IMAGES
 
 __all__ = ["MOSTLY_EMPTY", "NO_ANCHOR_SHARE", "anchor_candidates", "format_overrides",

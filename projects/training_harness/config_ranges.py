@@ -14,10 +14,10 @@ import os
 from typing import Callable, Dict, List, Tuple
 
 import torch
+from balanced_rcnn.data.samplers import CLASS_AWARE_OBJECT_SHARE_SAMPLER, OBJECT_SHARE_SAMPLER
 from detectron2.config import CfgNode
 
 from .config_checks import config_value
-from .data.samplers import CLASS_AWARE_OBJECT_SHARE_SAMPLER, OBJECT_SHARE_SAMPLER
 
 __all__ = ["LIST_RANGES", "RANGES", "UNRANGED", "check_config_ranges", "check_launch_devices",
            "ignored_key_warnings"]

@@ -8,10 +8,10 @@ short version train_net.py logs at set-up.
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from balanced_rcnn.data.samplers import holds_objects
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..data.samplers import holds_objects
 from .anchor_coverage import SIZE_BANDS, anchor_coverage, training_scales
 from .dataset_stats import dataset_statistics
 from .schedule import iterations_per_epoch, times_seen

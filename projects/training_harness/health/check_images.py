@@ -7,9 +7,9 @@ import copy
 from typing import Any, Dict, List, Sequence
 
 from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, DatasetMapper
 
-from ..data.mapper import SkippingDatasetMapper
+from ..data.mapper import SkippingMapper
 from ..utils.random_state import preserved_random_state
 
 __all__ = ["check_health_images", "check_records", "health_dataset", "load_check_records"]
@@ -51,7 +51,7 @@ def check_health_images(cfg: CfgNode) -> None:
     name = health_dataset(cfg)
     if not (health.ENABLED and health.PERIOD > 0 and name):
         return
-    mapper = SkippingDatasetMapper(cfg, False)
+    mapper = SkippingMapper(DatasetMapper(cfg, False))
     with preserved_random_state():  # the test-time resize draws its size from NumPy's state
         for record in load_check_records(name, health.NUM_IMAGES, health.OBJECT_IMAGES_ONLY):
             mapper(copy.deepcopy(record))

@@ -28,13 +28,14 @@ import time
 from typing import Any, Callable, Dict, List, Sequence
 
 import torch
+from balanced_rcnn.data.samplers import holds_objects
 from detectron2.config import CfgNode
+from detectron2.data import DatasetMapper
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
-from ..data.mapper import SkippingDatasetMapper
-from ..data.samplers import holds_objects
+from ..data.mapper import SkippingMapper
 from ..errors import EXIT_COLLAPSE, DetectionCollapseError
 from ..reliability.checkpoint import save_checkpoint_and_synchronize
 from .check_images import health_dataset, load_check_records
@@ -153,7 +154,7 @@ class TrainingHealthMonitor(HookBase):
         return cls(
             period=health.PERIOD, dataset_name=dataset, num_images=health.NUM_IMAGES,
             object_images_only=health.OBJECT_IMAGES_ONLY,
-            mapper=SkippingDatasetMapper(cfg, False),  # names an unusable image
+            mapper=SkippingMapper(DatasetMapper(cfg, False)),  # names an unusable image
             # Each worker's training batch fits in its memory with gradients, so it fits here.
             batch_size=cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size(),
             score_thresholds=health.SCORE_THRESHOLDS, main_threshold=health.MAIN_THRESHOLD,
