@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-core clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ demo: $(STAMP)
 # The test suite (what CI runs).
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
+
+# The core package's tests alone (pytest -m core): the heads, losses, samplers, evaluators and a
+# training run of the core without the harness.
+test-core: $(STAMP)
+	$(PY) -m pytest -m core $(ARGS)
 
 clean:
 	rm -rf $(VENV) output

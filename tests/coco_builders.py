@@ -12,7 +12,6 @@ import numpy as np
 from balanced_rcnn import add_balanced_rcnn_config
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from training_harness import add_training_harness_config
 
 SIZE = 32  # height and width of the test images
 CATEGORIES = [{"id": 3, "name": "dog"}, {"id": 7, "name": "cat"}]
@@ -47,6 +46,8 @@ def write_coco(root: Path, num_images: int = 4, annotations: Optional[List[Dict]
 
 
 def project_cfg() -> CfgNode:
+    from training_harness import add_training_harness_config  # write_coco serves core tests too
+
     cfg = get_cfg()
     add_balanced_rcnn_config(cfg)
     add_training_harness_config(cfg)

@@ -72,6 +72,19 @@ def tiny_cfg(load_project_config):
 
 
 @pytest.fixture
+def tiny_core_cfg(repo_root):
+    """:func:`tiny_cfg` with the core's keys only, loaded as a project without the harness
+    would: detectron2's defaults, ``add_balanced_rcnn_config`` and the file."""
+    from balanced_rcnn import add_balanced_rcnn_config
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_balanced_rcnn_config(cfg)
+    cfg.merge_from_file(str(repo_root / "configs" / TINY_CONFIG), allow_unsafe=False)
+    return cfg
+
+
+@pytest.fixture
 def refuse_host_sync(monkeypatch):
     """
     ``with refuse_host_sync(): ...``: inside, the Python-level ways of waiting for the device

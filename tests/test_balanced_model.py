@@ -21,6 +21,8 @@ from balanced_rcnn import (
 )
 from balanced_rcnn.utils.events import flush_tensor_scalars
 
+pytestmark = pytest.mark.core
+
 HEIGHT, WIDTH = 96, 128
 STEPS = 8
 LOGGED = [

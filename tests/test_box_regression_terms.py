@@ -18,6 +18,8 @@ from balanced_rcnn.modeling.losses import (
     iou_loss_terms,
 )
 
+pytestmark = pytest.mark.core
+
 
 SRC = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 20.0, 10.0]])
 GT = torch.tensor([[2.0, 0.0, 12.0, 10.0], [0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 0.0, 0.0]])

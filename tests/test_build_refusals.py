@@ -20,6 +20,8 @@ from detectron2.modeling.roi_heads import build_roi_heads
 from balanced_rcnn import BalancedFastRCNNOutputLayers
 from balanced_rcnn.modeling import BalancedLossSettings
 
+pytestmark = pytest.mark.core
+
 
 @pytest.mark.parametrize(
     "key,value,message",

@@ -22,6 +22,7 @@ def _donor():
     return {"file_name": "donor.png", "annotations": [square, crowd, boxed]}, image
 
 
+@pytest.mark.core
 def test_paste_transform_by_hand():
     pixels = np.full((2, 3, 3), 200, dtype=np.uint8)
     mask = np.array([[True, False, True], [False, True, False]])
@@ -33,6 +34,7 @@ def test_paste_transform_by_hand():
     np.testing.assert_array_equal(PasteTransform(pixels, mask).apply_coords(coords), coords)
 
 
+@pytest.mark.core
 def test_paste_objects_takes_every_non_crowd_object_at_its_place():
     donor, image = _donor()
     paste, pasted = paste_objects(donor, image, 8, 8)
@@ -47,6 +49,7 @@ def test_paste_objects_takes_every_non_crowd_object_at_its_place():
     assert not out[~inside].any()
 
 
+@pytest.mark.core
 def test_objects_that_do_not_fit_a_smaller_image_are_left_out():
     donor, image = _donor()
     paste, pasted = paste_objects(donor, image, 6, 6)  # the box object ends at 7
@@ -85,11 +88,12 @@ def test_mapper_pastes_onto_empty_images_only(tmp_path, monkeypatch, tiny_cfg):
     assert len(again["instances"]) == len(donor["annotations"])
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("probability", [-0.1, 1.5])
-def test_probability_outside_zero_one_is_refused(probability, tiny_cfg):
+def test_probability_outside_zero_one_is_refused(probability, tiny_core_cfg):
     with pytest.raises(ValueError, match=rf"INPUT.COPY_PASTE.PROBABILITY must be in \[0, 1\], "
                                          rf"got {probability}"):
-        _mapper(tiny_cfg, [], probability)
+        _mapper(tiny_core_cfg, [], probability)
 
 
 def test_training_loader_with_copy_paste_leaves_no_image_empty(tmp_path, monkeypatch, tiny_cfg):

@@ -18,6 +18,7 @@ from balanced_rcnn.evaluation.frequency_groups import (
 from coco_builders import ground_truth_as_predictions
 
 
+@pytest.mark.core
 def test_class_image_counts_count_images_not_objects():
     ann = lambda c, crowd=0: {"category_id": c, "iscrowd": crowd}  # noqa: E731
     dicts = [{"annotations": [ann(0), ann(0), ann(2)]}, {"annotations": [ann(0)]},
@@ -25,6 +26,7 @@ def test_class_image_counts_count_images_not_objects():
     assert class_image_counts(dicts, 3) == [2, 0, 1]  # crowd regions do not count
 
 
+@pytest.mark.core
 def test_thirds_by_count_most_frequent_first():
     # counts by class id: sorted 0 (50), 2 (10), 4 (7), 1 (3), 3 (1)
     assert frequency_groups([50, 3, 10, 1, 7]) == {"APf": [0, 2], "APc": [1, 4], "APr": [3]}
@@ -35,6 +37,7 @@ def test_thirds_by_count_most_frequent_first():
     assert frequency_groups([4, 4, 4]) == {"APf": [0], "APc": [1], "APr": [2]}  # ties by id
 
 
+@pytest.mark.core
 def test_group_ap_by_hand():
     groups = {"APr": [3], "APc": [1, 4], "APf": [0, 2]}
     ap = group_ap([40.0, math.nan, 20.0, 10.0, 30.0], groups)

@@ -50,6 +50,7 @@ def _instances(image_id):
     return inst
 
 
+@pytest.mark.core
 def test_counts_per_image_by_hand():
     def counts(image_id):
         inst = _instances(image_id)
@@ -63,6 +64,7 @@ def test_counts_per_image_by_hand():
     assert counts(5) == ("crowd_only", 1, 0, 0)
 
 
+@pytest.mark.core
 def test_evaluator_metrics_by_hand(forget_bad_datasets, caplog):
     DatasetCatalog.register("bad_image_level", lambda: RECORDS)
     evaluator = ImageLevelEvaluator("bad_image_level", 0.5)
@@ -92,6 +94,7 @@ def test_evaluator_metrics_by_hand(forget_bad_datasets, caplog):
     assert math.isnan(evaluator.evaluate()["image_level"]["false_alarm_images"])  # no image
 
 
+@pytest.mark.core
 def test_metrics_without_images_of_a_kind_are_nan():
     metrics = image_level_metrics([image_counts(RECORDS[0], torch.zeros(0, 4), torch.zeros(0),
                                                 torch.zeros(0, dtype=torch.long), 0.5)])
@@ -99,6 +102,7 @@ def test_metrics_without_images_of_a_kind_are_nan():
     assert math.isnan(metrics["object_images_detected"]) and math.isnan(metrics["recall50"])
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("threshold", [-0.1, 1.5])
 def test_threshold_outside_zero_one_is_refused(threshold, forget_bad_datasets):
     DatasetCatalog.register("bad_image_level", lambda: RECORDS)
@@ -107,6 +111,7 @@ def test_threshold_outside_zero_one_is_refused(threshold, forget_bad_datasets):
         ImageLevelEvaluator("bad_image_level", threshold)
 
 
+@pytest.mark.core
 def test_records_without_their_own_image_id_are_refused(forget_bad_datasets):
     shared = [dict(RECORDS[0], file_name="a.png"), dict(RECORDS[0], file_name="b.png")]
     DatasetCatalog.register("bad_shared_id", lambda: shared)

@@ -19,6 +19,8 @@ from balanced_rcnn.modeling.losses import (
 )
 from balanced_rcnn.modeling.normalizer import CountNormalizer
 
+pytestmark = pytest.mark.core
+
 
 def test_ema_counts_takes_the_first_batch_then_averages():
     unset = torch.tensor([-1.0, -1.0])

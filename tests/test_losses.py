@@ -4,6 +4,7 @@ inputs, zero weights). The box regression terms are tested in test_box_regressio
 
 import math
 
+import pytest
 import torch
 from conftest import EPS, LN2, LN3, UNIT_BOX_TRANSFORM, assert_scalar_close, random_boxes
 
@@ -14,6 +15,8 @@ from balanced_rcnn.modeling.losses import (
     mask_loss,
     objectness_loss,
 )
+
+pytestmark = pytest.mark.core
 
 
 # ---- count normalizer ----------------------------------------------------------------------

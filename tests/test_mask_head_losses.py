@@ -13,6 +13,8 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from balanced_rcnn.modeling import balanced_mask_rcnn_loss
 from balanced_rcnn.utils.events import flush_tensor_scalars
 
+pytestmark = pytest.mark.core
+
 
 @pytest.mark.parametrize("num_classes", [K, 1])  # class-specific, class-agnostic
 def test_mask_loss_and_its_statistics_equal_stocks(event_storage, num_classes):

@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 
 import balanced_rcnn
+import pytest
 from detectron2.config import get_cfg
 
 
+@pytest.mark.core
 def test_add_config_is_idempotent_and_keeps_values():
     cfg = get_cfg()
     balanced_rcnn.add_balanced_rcnn_config(cfg)
@@ -34,6 +36,7 @@ def test_add_harness_config_is_idempotent_and_keeps_values():
     assert cfg.RELIABILITY.BAD_ANNOTATIONS == "error"
 
 
+@pytest.mark.core
 def test_the_core_imports_nothing_of_the_harness():
     # At run time: a fresh interpreter imports the core and lists what came with it.
     code = ("import sys; from detectron2.data import DatasetCatalog; before = set(DatasetCatalog); "

@@ -4,6 +4,7 @@ the only state that the stock heads lack."""
 
 import math
 
+import pytest
 import torch
 from conftest import FEATURE_SHAPES, K, roi_heads_cfg
 from detectron2.modeling.roi_heads import build_roi_heads
@@ -13,6 +14,8 @@ from balanced_rcnn import (
     BalancedMaskRCNNConvUpsampleHead,
     BalancedROIHeads,
 )
+
+pytestmark = pytest.mark.core
 
 
 def test_roi_heads_build_with_balanced_parts_and_stock_initial_weights():

@@ -25,6 +25,8 @@ from detectron2.structures import Boxes, Instances
 from balanced_rcnn import BalancedFastRCNNOutputLayers
 from balanced_rcnn.utils.events import flush_tensor_scalars
 
+pytestmark = pytest.mark.core
+
 
 def test_box_losses_equal_hand_computed_values_and_log_the_counts(event_storage):
     cfg = roi_cfg(ROI_CLS_POS_WEIGHT=3.0)

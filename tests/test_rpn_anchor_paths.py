@@ -7,6 +7,8 @@ import pytest
 import torch
 from conftest import EPS, anchor_counts, build_rpn, rpn_cfg, rpn_loss_inputs
 
+pytestmark = pytest.mark.core
+
 
 def _copies(labels):
     return [label.clone() for label in labels]

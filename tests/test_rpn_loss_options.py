@@ -9,6 +9,8 @@ from conftest import EPS, anchor_counts, build_rpn, rpn_cfg, rpn_loss_inputs
 
 from balanced_rcnn.utils.events import flush_tensor_scalars
 
+pytestmark = pytest.mark.core
+
 
 def test_samples_normalizer_gives_stocks_losses_and_grads(event_storage):
     stock, balanced = build_rpn(rpn_cfg("RPN")), build_rpn(rpn_cfg(REG_NORMALIZER="samples"))

@@ -24,6 +24,8 @@ from detectron2.structures import Boxes, ImageList
 from balanced_rcnn import BalancedRPN
 from balanced_rcnn.utils.events import flush_tensor_scalars
 
+pytestmark = pytest.mark.core
+
 
 def test_registered_and_takes_its_loss_weights_from_config():
     rpn = build_rpn(rpn_cfg())

@@ -36,6 +36,7 @@ def _cfg(share=0.5, seed=3, sampler=OBJECT_SHARE_SAMPLER):
     return cfg
 
 
+@pytest.mark.core
 def test_repeat_factors_by_hand():
     # 2 of 10 images hold objects; share 0.5: r = 0.5 * 10 / 2 = 2.5 and 0.5 * 10 / 8 = 0.625.
     factors = object_share_repeat_factors(_dicts(2, 8), 0.5)
@@ -49,6 +50,7 @@ def test_repeat_factors_by_hand():
     torch.testing.assert_close(object_share_repeat_factors(_dicts(9, 1), 0.5), torch.ones(10))
 
 
+@pytest.mark.core
 def test_sampled_share_and_determinism():
     dicts = _dicts(20, 80)
     stream = list(itertools.islice(iter(build_object_share_sampler(_cfg(), dicts)), 20000))
@@ -60,6 +62,7 @@ def test_sampled_share_and_determinism():
     assert other != stream
 
 
+@pytest.mark.core
 def test_ddp_workers_share_one_stream(monkeypatch):
     dicts = _dicts(5, 45)
     single = list(itertools.islice(iter(build_object_share_sampler(_cfg(), dicts)), 40))
@@ -73,6 +76,7 @@ def test_ddp_workers_share_one_stream(monkeypatch):
     assert per_worker[0] == single[0::2] and per_worker[1] == single[1::2]
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("share", [0.0, -0.5, 1.5])
 def test_share_outside_zero_one_is_refused(share):
     with pytest.raises(ValueError, match=rf"DATALOADER.OBJECT_IMAGE_SHARE must be in \(0, 1\], "
@@ -80,12 +84,14 @@ def test_share_outside_zero_one_is_refused(share):
         build_object_share_sampler(_cfg(share), _dicts(2, 8))
 
 
+@pytest.mark.core
 def test_no_image_with_objects_is_refused():
     with pytest.raises(ValueError, match="none of the 4 training images has a non-crowd "
                                          "annotation"):
         build_object_share_sampler(_cfg(), _dicts(0, 3, num_crowd_only=1))
 
 
+@pytest.mark.core
 def test_a_share_already_reached_is_logged(caplog):
     with caplog.at_level(logging.INFO, logger="balanced_rcnn.data.samplers"):
         build_object_share_sampler(_cfg(0.5), _dicts(9, 1))
@@ -94,6 +100,7 @@ def test_a_share_already_reached_is_logged(caplog):
             "for the others") in caplog.text
 
 
+@pytest.mark.core
 def test_other_samplers_are_left_to_detectron2():
     assert build_object_share_sampler(_cfg(sampler="TrainingSampler"), _dicts(2, 8)) is None
 
@@ -130,6 +137,7 @@ def _long_tail_dicts():
              {"annotations": [ann(1, crowd=1)]}] + [{"annotations": []}] * 7)
 
 
+@pytest.mark.core
 def test_class_aware_factors_by_hand():
     dicts = _long_tail_dicts()
     # f(0) = 0.2, f(1) = 0.2 (the crowd image counts, as in detectron2's RFS); t = 1, no sqrt:
@@ -143,6 +151,7 @@ def test_class_aware_factors_by_hand():
                                torch.tensor([5.0, 5.0] + [1.0] * 8))
 
 
+@pytest.mark.core
 def test_class_aware_factors_follow_the_rarest_class():
     # class 0 in 4 images (f = 0.4), class 1 in 1 (f = 0.1), 5 empty; t = 1 with sqrt:
     # b = sqrt(2.5) for images 0-2 and sqrt(10) for image 3 (its rarest class); B = 3 sqrt(2.5)
@@ -161,6 +170,7 @@ def test_class_aware_factors_follow_the_rarest_class():
                                object_share_repeat_factors(dicts, 0.9))
 
 
+@pytest.mark.core
 def test_class_aware_sampler_draws_the_share_and_the_classes():
     dicts = _long_tail_dicts() * 10  # 100 images, the same frequencies
     cfg = _cfg(0.8, sampler=CLASS_AWARE_OBJECT_SHARE_SAMPLER)
@@ -174,6 +184,7 @@ def test_class_aware_sampler_draws_the_share_and_the_classes():
     assert again == stream
 
 
+@pytest.mark.core
 def test_class_aware_sampler_refuses_a_zero_threshold():
     cfg = _cfg(sampler=CLASS_AWARE_OBJECT_SHARE_SAMPLER)
     cfg.DATALOADER.REPEAT_THRESHOLD = 0.0  # detectron2's default

@@ -23,6 +23,8 @@ from balanced_rcnn import (
 )
 from balanced_rcnn.utils.events import flush_tensor_scalars
 
+pytestmark = pytest.mark.core
+
 EPS = 1e-6
 D = 6  # feature size of the toy predictors
 K = 3  # foreground classes
