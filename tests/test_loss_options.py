@@ -131,8 +131,9 @@ def test_settings_from_config_read_every_shared_key():
 
 def test_settings_pick_the_regression_divisor_and_the_positive_weight():
     positives, samples = torch.tensor(3.0), torch.tensor(8.0)
-    assert BalancedLossSettings().reg_divisor(positives, samples) is positives
-    assert BalancedLossSettings(reg_normalizer="samples").reg_divisor(positives, samples) is samples
+    assert BalancedLossSettings().reg_divisor(positives, samples) is samples  # the shipped default
+    design = BalancedLossSettings(reg_normalizer="positives")
+    assert design.reg_divisor(positives, samples) is positives
     num_pos, num_neg = torch.tensor(2.0), torch.tensor(198.0)
     assert BalancedLossSettings().positive_weight(2.0, num_pos, num_neg, 0.25) == 2.0
     adaptive = BalancedLossSettings(adaptive_pos_weight=True)

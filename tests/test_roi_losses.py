@@ -29,7 +29,7 @@ pytestmark = pytest.mark.core
 
 
 def test_box_losses_equal_hand_computed_values_and_log_the_counts(event_storage):
-    cfg = roi_cfg(ROI_CLS_POS_WEIGHT=3.0)
+    cfg = roi_cfg(REG_NORMALIZER="positives", ROI_CLS_POS_WEIGHT=3.0)
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2  # class 2 is the background
     predictor = BalancedFastRCNNOutputLayers(cfg, BOX_FEATURES)
     first = Instances(ROI_IMAGE_SIZE)  # two foreground proposals
@@ -76,7 +76,7 @@ LOSS_TYPES = [("smooth_l1", 0.0), ("smooth_l1", 0.5), ("giou", 0.0), ("diou", 0.
 def test_loss_cls_is_stocks_and_loss_box_reg_stocks_times_r_over_f(
     event_storage, agnostic, loss_type, beta
 ):
-    cfg = roi_cfg()
+    cfg = roi_cfg(REG_NORMALIZER="positives")
     cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = agnostic
     cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE = loss_type
     cfg.MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA = beta
@@ -134,7 +134,7 @@ def test_loss_weights_multiply(event_storage):
 
 @pytest.mark.parametrize("loss_type", ["smooth_l1", "giou", "ciou"])
 def test_no_foreground_gives_zero_box_loss_and_finite_grads(event_storage, loss_type):
-    cfg = roi_cfg(ROI_CLS_POS_WEIGHT=4.0)
+    cfg = roi_cfg(REG_NORMALIZER="positives", ROI_CLS_POS_WEIGHT=4.0)
     cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE = loss_type
     predictor = BalancedFastRCNNOutputLayers(cfg, BOX_FEATURES)
     proposals = random_proposals(with_gt=(False, False))  # F = 0, no gt_boxes at all
@@ -218,7 +218,8 @@ def test_adaptive_pos_weight_fills_the_positive_fraction(event_storage):
 
 
 def test_running_counts_of_the_box_predictor_average_over_steps(event_storage):
-    predictor = BalancedFastRCNNOutputLayers(roi_cfg(NORMALIZER_MOMENTUM=0.5), BOX_FEATURES)
+    cfg = roi_cfg(REG_NORMALIZER="positives", NORMALIZER_MOMENTUM=0.5)
+    predictor = BalancedFastRCNNOutputLayers(cfg, BOX_FEATURES)
     proposals, predictions = random_proposals(), box_predictions(21)
     num_fg = fg_count(proposals)
     predictor.losses(predictions, proposals)

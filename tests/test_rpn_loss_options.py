@@ -29,7 +29,7 @@ def test_samples_normalizer_gives_stocks_losses_and_grads(event_storage):
 
 
 def test_running_counts_normalize_over_steps(event_storage):
-    rpn = build_rpn(rpn_cfg(NORMALIZER_MOMENTUM=0.5))
+    rpn = build_rpn(rpn_cfg(REG_NORMALIZER="positives", NORMALIZER_MOMENTUM=0.5))
     first = rpn_loss_inputs(rpn)
     num_pos, num_neg = anchor_counts(first[2])
     rpn.losses(*first)

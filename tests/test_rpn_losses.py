@@ -34,7 +34,7 @@ def test_registered_and_takes_its_loss_weights_from_config():
 
 
 def test_losses_equal_hand_computed_values_and_log_the_counts(event_storage):
-    cfg = rpn_cfg(RPN_CLS_POS_WEIGHT=2.0)
+    cfg = rpn_cfg(REG_NORMALIZER="positives", RPN_CLS_POS_WEIGHT=2.0)
     cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 4  # 2 sampled anchors + 2 padding slots per image
     rpn = build_rpn(cfg)
     # Two levels: anchors 0, 1 on the first, anchor 2 on the second; two images.
@@ -75,7 +75,7 @@ LOSS_TYPES = [("smooth_l1", 0.0), ("smooth_l1", 0.1), ("giou", 0.0), ("diou", 0.
 
 @pytest.mark.parametrize("loss_type,beta", LOSS_TYPES)
 def test_losses_and_grads_are_stocks_times_b_n_over_the_counts(event_storage, loss_type, beta):
-    cfgs = [rpn_cfg("RPN"), rpn_cfg("BalancedRPN")]
+    cfgs = [rpn_cfg("RPN"), rpn_cfg("BalancedRPN", REG_NORMALIZER="positives")]
     for cfg in cfgs:
         cfg.MODEL.RPN.BBOX_REG_LOSS_TYPE = loss_type
         cfg.MODEL.RPN.SMOOTH_L1_BETA = beta
@@ -145,7 +145,7 @@ def _finite_loss_and_grads(losses, inputs):
 
 
 def test_images_without_annotations_give_zero_loc_loss_and_finite_grads(event_storage):
-    rpn = build_rpn(rpn_cfg(RPN_CLS_POS_WEIGHT=5.0))
+    rpn = build_rpn(rpn_cfg(REG_NORMALIZER="positives", RPN_CLS_POS_WEIGHT=5.0))
     inputs = rpn_loss_inputs(rpn, gt=[[], []])  # P = 0: only negatives
     num_pos, num_neg = anchor_counts(inputs[2])
     assert num_pos == 0 and num_neg == 2 * rpn.batch_size_per_image

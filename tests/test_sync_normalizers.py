@@ -44,6 +44,7 @@ def _cfg(momentum=0.0):
     cfg = get_cfg()
     add_balanced_rcnn_config(cfg)
     cfg.MODEL.BALANCED_LOSS.NORMALIZER_MOMENTUM = momentum
+    cfg.MODEL.BALANCED_LOSS.REG_NORMALIZER = "positives"  # the design: the counts divide every loss
     cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3"]
     cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[8], [16]]
     cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 8

@@ -28,9 +28,10 @@ def _add_balanced_loss_config(cfg: CN) -> None:
     # Replace every count by its mean over workers (one all-reduce) so that DDP's gradient
     # averaging equals training on one large batch.
     cfg.MODEL.BALANCED_LOSS.SYNC_NORMALIZERS = True
-    # Divisor of loss_rpn_loc and loss_box_reg: "positives" (the design: positive anchors P,
-    # foreground proposals F) or "samples" (detectron2's: B x N anchors, R proposals).
-    cfg.MODEL.BALANCED_LOSS.REG_NORMALIZER = "positives"
+    # Divisor of loss_rpn_loc and loss_box_reg: "samples" (detectron2's: B x N anchors, R
+    # proposals) or "positives" (the original design: positive anchors P, foreground proposals F;
+    # configs/swin_balanced_design.yaml).
+    cfg.MODEL.BALANCED_LOSS.REG_NORMALIZER = "samples"
     # m of a running average of every count (detectron2's RetinaNet/FCOS use 0.9); 0: the
     # counts of each batch (the design).
     cfg.MODEL.BALANCED_LOSS.NORMALIZER_MOMENTUM = 0.0

@@ -35,7 +35,7 @@ class BalancedLossSettings:
 
     eps: float = 1e-6
     sync_normalizers: bool = True
-    reg_normalizer: str = "positives"
+    reg_normalizer: str = "samples"
     normalizer_momentum: float = 0.0
     adaptive_pos_weight: bool = False
     prior_prob: float = 0.0
