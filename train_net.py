@@ -34,9 +34,10 @@ from training_harness.config_ranges import (check_config_ranges, check_launch_de
 from training_harness.data import register_datasets_from_config
 from training_harness.errors import TrainingHealthError, exit_on_refusal
 from training_harness.health.check_images import check_health_images
-from training_harness.reliability.checkpoint import AtomicCheckpointer, check_weights_file
+from training_harness.reliability.checkpoint import AtomicCheckpointer
 from training_harness.reliability.launch import collective_timeout, launch, refused_together
 from training_harness.reliability.output_dir import claim_output_dir, remove_earlier_run
+from training_harness.reliability.weights_files import check_weights_file
 
 
 def load_config(args) -> CfgNode:

@@ -9,11 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from training_harness.errors import CheckpointError
-from training_harness.reliability.checkpoint import (
-    AtomicCheckpointer,
-    atomic_write,
-    check_weights_file,
-)
+from training_harness.reliability.atomic_files import atomic_write
+from training_harness.reliability.checkpoint import AtomicCheckpointer
+from training_harness.reliability.weights_files import check_weights_file
 
 
 def _model() -> torch.nn.Module:

@@ -7,8 +7,9 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from training_harness.errors import CheckpointError, CheckpointMismatchError
-from training_harness.reliability.checkpoint import AtomicCheckpointer, check_weights_file
+from training_harness.reliability.checkpoint import AtomicCheckpointer
 from training_harness.reliability.checkpoint_fit import misfit_message
+from training_harness.reliability.weights_files import check_weights_file
 
 
 def _tiny_checkpoint(cfg, folder: Path, num_classes: int, name: str = "model_final") -> Path:

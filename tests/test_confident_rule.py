@@ -13,7 +13,7 @@ from training_harness.config_ranges import check_config_ranges
 from training_harness.health import TrainingHealthMonitor
 from training_harness.health.collapse import (CollapseTracker, count_collapses,
                                            is_starved_of_foreground, is_unconfident_check)
-from training_harness.health.monitor import confident_score
+from training_harness.health.collapse import confident_score
 
 OBJECTS = 0.9375  # the sparse setting's 16 check images hold 15 objects
 RULE = dict(warmup_iters=100, fraction=0.05, patience=3, objects=OBJECTS,

@@ -173,7 +173,8 @@ def test_set_up_checks_leave_the_random_state_as_they_found_it(tiny_cfg, tmp_pat
 
     import torch
     from detectron2.modeling import build_model
-    from training_harness.reliability.checkpoint import AtomicCheckpointer, check_weights_file
+    from training_harness.reliability.checkpoint import AtomicCheckpointer
+    from training_harness.reliability.weights_files import check_weights_file
 
     json_file, root = write_coco(tmp_path)
     cfg = coco_cfg("bad_random_state", json_file, root, tiny_cfg)

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from balanced_rcnn.modeling.backbone import D2SwinTransformer
 from training_harness.errors import CheckpointError, UnsafeFileError
-from training_harness.reliability.checkpoint import read_weights_file
+from training_harness.reliability.weights_files import read_weights_file
 
 # Where the backbone's Swin sits inside GeneralizedRCNN (FPN.bottom_up).
 MODEL_PREFIX = "backbone.bottom_up."

@@ -51,7 +51,8 @@ from training_harness.deploy import (
 )
 from training_harness.errors import (CheckpointError, CheckpointMismatchError, ExportError,
                                   UnsafeFileError)
-from training_harness.reliability.checkpoint import AtomicCheckpointer, check_checkpoint_fits
+from training_harness.reliability.checkpoint import AtomicCheckpointer
+from training_harness.reliability.checkpoint_fit import check_checkpoint_fits
 from training_harness.reliability.tool_outputs import prepare_output_folder
 
 logger = logging.getLogger("export_model")

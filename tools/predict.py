@@ -47,7 +47,7 @@ from training_harness.config_checks import check_config_choices
 from training_harness.deploy import (ExportedPredictor, build_predictor, readable_images,
                                   skipped_images_line)
 from training_harness.errors import CheckpointError, CheckpointMismatchError
-from training_harness.reliability.checkpoint import check_checkpoint_fits
+from training_harness.reliability.checkpoint_fit import check_checkpoint_fits
 from training_harness.reliability.tool_outputs import prepare_output_folder
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

@@ -19,7 +19,8 @@ outside its image (zero area once clipped), a polygon with fewer than 3 points a
 MODEL.MASK_ON, a non-crowd object without a segmentation, which detectron2 drops silently, with a
 bare count, or fails on when sampled or evaluated; and a non-crowd object whose polygons' extent
 and bbox overlap at IoU below POLYGON_BOX_MIN_IOU (a shifted polygon, or the bbox written as
-[x1, y1, x2, y2], which the message says when that reading fits). Duplicate category names are
+[x1, y1, x2, y2], which the message says when that reading fits); the geometry rules are in
+annotation_geometry.py. Duplicate category names are
 refused when the json is read (data/register.py), a training set whose objects are all crowd is
 warned about.
 
@@ -30,18 +31,15 @@ unreadable, truncated and wrongly sized images are only found by reading them, w
 
 import collections
 import logging
-import math
-from numbers import Real
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+from .annotation_geometry import geometry_problem, is_number
 
 __all__ = ["BAD_ANNOTATION_POLICIES", "FIELD_RULES", "ID_TYPES", "check_coco_annotations"]
 
 logger = logging.getLogger(__name__)
 
 BAD_ANNOTATION_POLICIES = ("error", "skip")
-# A polygon's extent and its bbox overlap at least this much (a box drawn around the polygon
-# gives 1; a polygon of a thin diagonal object still fills its box's extent).
-POLYGON_BOX_MIN_IOU = 0.5
 _LISTED = 5  # problems named in an error message
 _LOGGED = 20  # skipped annotations named in the log, per dataset
 
@@ -57,18 +55,6 @@ def image_id_of(image: Any) -> Any:
 def _listing(problems: Sequence[str], limit: int = _LISTED) -> str:
     more = len(problems) - limit
     return "\n  " + "\n  ".join(problems[:limit]) + (f"\n  ... and {more} more" if more > 0 else "")
-
-
-_JSON_NUMBERS = frozenset((int, float))  # not bool: type(True) is bool
-
-
-def _is_number(x: Any) -> bool:
-    # json's own types first: the abstract Real check costs a microsecond, times a million boxes.
-    if type(x) is float:
-        return math.isfinite(x)
-    if type(x) is int:
-        return True
-    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 ID_TYPES = (int, str)  # detectron2 sorts the image and category ids: one of these for all
@@ -90,96 +76,6 @@ def _mixed_id_types(entries: Sequence[Dict[str, Any]], what: str) -> Optional[st
     return None
 
 
-def _is_box(box: Any) -> bool:
-    """Whether ``box`` is four finite numbers. The common case costs one type test per value:
-    json's own int and float, whose finite sum proves each finite (a non-finite sum of finite
-    values, an overflow, takes the exact path)."""
-    if type(box) is not list or len(box) != 4:
-        return False
-    x, y, w, h = box
-    if (type(x) in _JSON_NUMBERS and type(y) in _JSON_NUMBERS and type(w) in _JSON_NUMBERS
-            and type(h) in _JSON_NUMBERS and math.isfinite(x + y + w + h)):
-        return True
-    return all(_is_number(v) for v in box)
-
-
-def _clipped_length(start: float, length: float, size: float) -> float:
-    # min(start + length, size) - max(start, 0), without two calls per box side
-    end = start + length
-    return (end if end < size else size) - (start if start > 0 else 0)
-
-
-def _geometry_problem(ann: Dict[str, Any], image: Dict[str, Any], masks: bool) -> Optional[str]:
-    """Why the box or the mask of a COCO annotation cannot be trained on, or None (``masks``:
-    the model trains a mask head, so every non-crowd object needs a segmentation)."""
-    box = ann.get("bbox")
-    if not _is_box(box):
-        return f"bbox {box!r} is not [x, y, width, height] (four finite numbers)"
-    if box[2] <= 0 or box[3] <= 0:
-        return f"bbox {box} has zero area (width {box[2]}, height {box[3]})"
-    crowd = ann.get("iscrowd", 0)
-    # detectron2 clips every box to its image and drops the empty ones without a word (crowd
-    # regions are not trained on).
-    if not crowd and (_clipped_length(box[0], box[2], image["width"]) <= 0
-                      or _clipped_length(box[1], box[3], image["height"]) <= 0):
-        return (f"bbox {box} lies outside its {image['width']}x{image['height']} image (zero "
-                "area after clipping)")
-    segmentation = ann.get("segmentation")
-    if masks and not crowd and not segmentation:
-        return ("has no segmentation, which MODEL.MASK_ON needs for every non-crowd object "
-                f"(segmentation: {segmentation!r})")
-    if isinstance(segmentation, dict):  # an RLE mask, decoded at the image's size with masks
-        size = [image["height"], image["width"]]
-        if masks and ("counts" not in segmentation or segmentation.get("size") != size):
-            return ("segmentation is an RLE mask without 'counts', or whose 'size' "
-                    f"{segmentation.get('size')!r} is not its image's [height, width] {size}")
-    elif isinstance(segmentation, list):  # polygons
-        for k, polygon in enumerate(segmentation):
-            if not isinstance(polygon, list) or len(polygon) % 2:
-                return f"segmentation polygon {k} is not a flat list of x, y pairs"
-            if len(polygon) < 6:
-                return (f"segmentation polygon {k} has {len(polygon) // 2} points (a polygon "
-                        "needs at least 3)")
-        if segmentation:
-            return _extent_disagreement(box, segmentation, crowd)
-    return None
-
-
-def _extent_disagreement(box: List[float], polygons: List[List[float]], crowd: Any
-                         ) -> Optional[str]:
-    """Polygon values that are not numbers; else, for an object, the polygons' extent against
-    the bbox (XYWH): at IoU below POLYGON_BOX_MIN_IOU one of them is wrong; when the bbox read as
-    [x1, y1, x2, y2] fits, it was written so."""
-    xs = [v for p in polygons for v in p[0::2]]
-    ys = [v for p in polygons for v in p[1::2]]
-    try:
-        extent = (min(xs), min(ys), max(xs), max(ys))
-    except TypeError:  # a number compared with a string, say
-        extent = (None,)
-    # min and max of finite numbers are finite numbers; a NaN may hide behind a number.
-    if not (all(_is_number(v) for v in extent) and math.isfinite(sum(xs) + sum(ys))):
-        return "segmentation polygons hold values that are not finite numbers"
-    if crowd:
-        return None
-    x, y, w, h = box
-    iou = _iou(extent, (x, y, x + w, y + h))
-    if iou >= POLYGON_BOX_MIN_IOU:
-        return None
-    hint = (" It matches the bbox read as [x1, y1, x2, y2]: COCO's bbox is [x, y, width, "
-            "height]." if w > x and h > y and _iou(extent, (x, y, w, h)) >= POLYGON_BOX_MIN_IOU
-            else "")
-    return (f"bbox {box} and its polygons' extent [{', '.join(f'{v:g}' for v in extent)}] "
-            f"(x1, y1, x2, y2) overlap at IoU {iou:.2f} < {POLYGON_BOX_MIN_IOU}: one of them is "
-            f"wrong.{hint}")
-
-
-def _iou(a: Tuple[float, float, float, float], b: Tuple[float, float, float, float]) -> float:
-    inter = (max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-             * max(0.0, min(a[3], b[3]) - max(a[1], b[1])))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _duplicates(entries: Sequence[Any], key: str, show: str) -> Dict[Any, List[Any]]:
     """id -> the ``show`` values of the entries that share it, for every id used twice."""
     # Other types (None, lists) are reported by the field checks.
@@ -199,7 +95,7 @@ def _annotation_field_problem(ann: Dict[str, Any], evaluated_masks: bool) -> Opt
     the mask evaluation of an evaluated set reads."""
     if ann.get("iscrowd", 0) not in (0, 1):
         return f"iscrowd must be {FIELD_RULES['iscrowd']}, got {ann['iscrowd']!r}"
-    if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
+    if "area" in ann and not (is_number(ann["area"]) and ann["area"] >= 0):
         return f"area must be {FIELD_RULES['area']}, got {ann['area']!r}"
     if evaluated_masks and ann.get("iscrowd", 0) and not ann.get("segmentation"):
         return ("a crowd region of a DATASETS.TEST set under MODEL.MASK_ON needs a "
@@ -252,7 +148,7 @@ def check_coco_annotations(
                       "id, and a detector would be scored against each copy")
     for i, image in enumerate(coco["images"]):
         if image_id_of(image) is not None and not all(
-                _is_number(image[k]) and image[k] > 0 for k in ("height", "width")):
+                is_number(image[k]) and image[k] > 0 for k in ("height", "width")):
             unsized.add(image["id"])
             errors.append(f"images[{i}] (id {image.get('id')!r}): height and width must be "
                           f"positive numbers, got {image.get('height')!r} and "
@@ -298,7 +194,7 @@ def check_coco_annotations(
             no_area.append(ann.get("id", f"at index {i}"))
         if image["id"] in unsized:
             continue
-        problem = _geometry_problem(ann, image, masks)
+        problem = geometry_problem(ann, image, masks)
         if problem is not None:
             ann_id = ann.get("id", f"at index {i}")
             bad_geometry.append((ann_id, f"{where(ann_id, image)}: {problem}"))

@@ -12,7 +12,8 @@ from detectron2.data import DatasetCatalog, DatasetMapper
 from ..data.mapper import SkippingMapper
 from ..utils.random_state import preserved_random_state
 
-__all__ = ["check_health_images", "check_records", "health_dataset", "load_check_records"]
+__all__ = ["check_health_images", "check_records", "check_set_warnings", "health_dataset",
+           "load_check_records"]
 
 
 def check_records(records: Sequence[Dict[str, Any]], num_images: int,
@@ -40,6 +41,21 @@ def load_check_records(dataset_name: str, num_images: int,
 def health_dataset(cfg: CfgNode) -> str:
     """The dataset of the detection checks: HEALTH.DATASET, else DATASETS.TEST[0], else ""."""
     return cfg.HEALTH.DATASET or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
+
+
+def check_set_warnings(cfg: CfgNode) -> List[str]:
+    """What the HEALTH keys leave the detection checks unable to see."""
+    warnings = []
+    if not health_dataset(cfg) and cfg.HEALTH.PERIOD > 0:
+        warnings.append("no detection checks (HEALTH.DATASET is empty and DATASETS.TEST names no "
+                        "dataset); the per-step measures and the non-finite stop stay on.")
+    lowest = min(min(cfg.HEALTH.SCORE_THRESHOLDS, default=1.0), cfg.HEALTH.MAIN_THRESHOLD)
+    if lowest < cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST:
+        warnings.append(
+            f"the model drops detections below MODEL.ROI_HEADS.SCORE_THRESH_TEST="
+            f"{cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST}, so counts at lower HEALTH thresholds "
+            f"(lowest: {lowest}) equal the count at that score.")
+    return warnings
 
 
 def check_health_images(cfg: CfgNode) -> None:

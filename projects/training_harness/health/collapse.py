@@ -18,8 +18,11 @@ HEALTH.PATIENCE consecutive such checks make a collapse.
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["ACTIONS", "CollapseTracker", "count_collapses", "is_collapsed_check",
-           "is_starved_of_foreground", "is_unconfident_check", "objects_per_image"]
+from detectron2.config import CfgNode
+
+__all__ = ["ACTIONS", "CollapseTracker", "ForegroundStarvation", "confident_score",
+           "count_collapses", "is_collapsed_check", "is_starved_of_foreground",
+           "is_unconfident_check", "objects_per_image"]
 
 ACTIONS = ("warn", "stop")  # HEALTH.ACTION
 
@@ -57,6 +60,39 @@ def is_starved_of_foreground(steps_without: int, steps: int) -> bool:
     """The no-foreground rule for the steps since the previous check: the sampled anchors (or
     ROIs) held no foreground in more than half of them (their median share is 0)."""
     return 2 * steps_without > steps
+
+
+class ForegroundStarvation:
+    """The steps since the last check, and those whose sampled anchors or ROIs held no
+    foreground, per measure (health/step_measures.py); :meth:`starved` applies the rule and
+    starts a new period."""
+
+    def __init__(self, measures: Sequence[str]):
+        self._measures = tuple(measures)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._steps = dict.fromkeys(self._measures, 0)
+        self._without = dict.fromkeys(self._measures, 0)
+
+    def record(self, step_measures: Dict[str, float]) -> None:
+        for name in self._measures:
+            if name in step_measures:
+                self._steps[name] += 1
+                self._without[name] += step_measures[name] == 0
+
+    def starved(self) -> bool:
+        starved = any(is_starved_of_foreground(self._without[name], self._steps[name])
+                      for name in self._measures)
+        self._reset()
+        return starved
+
+
+def confident_score(cfg: CfgNode) -> float:
+    """The score of the confident rule: HEALTH.CONFIDENT_SCORE, or with -1 the deployment's
+    TEST.DEPLOYMENT_SCORE_THRESH."""
+    score = cfg.HEALTH.CONFIDENT_SCORE
+    return cfg.TEST.DEPLOYMENT_SCORE_THRESH if score == -1 else score
 
 
 class CollapseTracker:

@@ -38,8 +38,10 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data.mapper import SkippingMapper
 from ..errors import EXIT_COLLAPSE, DetectionCollapseError
 from ..reliability.checkpoint import save_checkpoint_and_synchronize
-from .check_images import health_dataset, load_check_records
-from .collapse import ACTIONS, CollapseTracker, is_starved_of_foreground, objects_per_image
+from .check_images import check_set_warnings, health_dataset, load_check_records
+from .check_report import GOES_ON, CheckResult, banner, collapse_message, summary_message
+from .collapse import (ACTIONS, CollapseTracker, ForegroundStarvation, confident_score,
+                       objects_per_image)
 from .detection_check import DetectionCounter, count_detections, detections_by_image_kind
 from .grad_shares import LossGradientShares, loss_scale, shares_measurable
 from .step_measures import FOREGROUND_SHARES, step_measures
@@ -48,12 +50,6 @@ __all__ = ["TrainingHealthMonitor"]
 
 logger = logging.getLogger(__name__)
 
-
-def confident_score(cfg: CfgNode) -> float:
-    """The score of the confident rule: HEALTH.CONFIDENT_SCORE, or with -1 the deployment's
-    TEST.DEPLOYMENT_SCORE_THRESH."""
-    score = cfg.HEALTH.CONFIDENT_SCORE
-    return cfg.TEST.DEPLOYMENT_SCORE_THRESH if score == -1 else score
 
 class TrainingHealthMonitor(HookBase):
     """The hook described in the module docstring. Register it on every worker."""
@@ -113,10 +109,7 @@ class TrainingHealthMonitor(HookBase):
             )
         self._counter = DetectionCounter([*score_thresholds, confident_threshold], main_threshold)
         self._confident_index = self._counter.thresholds.index(float(confident_threshold))
-        self._foreground_rule = foreground_rule
-        # steps since the last check, and those without foreground, per measure (main worker)
-        self._fg_steps = dict.fromkeys(FOREGROUND_SHARES, 0)
-        self._fg_steps_without = dict.fromkeys(FOREGROUND_SHARES, 0)
+        self._starvation = ForegroundStarvation(FOREGROUND_SHARES) if foreground_rule else None
         self._period = period if dataset_name and num_images > 0 else 0
         self._dataset_name = dataset_name
         self._num_images = num_images
@@ -139,18 +132,8 @@ class TrainingHealthMonitor(HookBase):
     def from_config(cls, cfg: CfgNode) -> "TrainingHealthMonitor":
         health = cfg.HEALTH
         dataset = health_dataset(cfg)
-        if not dataset and health.PERIOD > 0:
-            logger.warning(
-                "Training health: no detection checks (HEALTH.DATASET is empty and DATASETS.TEST "
-                "names no dataset); the per-step measures and the non-finite stop stay on."
-            )
-        lowest = min(min(health.SCORE_THRESHOLDS, default=1.0), health.MAIN_THRESHOLD)
-        if lowest < cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST:
-            logger.warning(
-                f"Training health: the model drops detections below MODEL.ROI_HEADS."
-                f"SCORE_THRESH_TEST={cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST}, so counts at lower "
-                f"HEALTH thresholds (lowest: {lowest}) equal the count at that score."
-            )
+        for warning in check_set_warnings(cfg):
+            logger.warning(f"Training health: {warning}")
         return cls(
             period=health.PERIOD, dataset_name=dataset, num_images=health.NUM_IMAGES,
             object_images_only=health.OBJECT_IMAGES_ONLY,
@@ -225,10 +208,8 @@ class TrainingHealthMonitor(HookBase):
                                       if it == self.trainer.iter})
             if measures:
                 storage.put_scalars(**measures)
-            for name in FOREGROUND_SHARES:
-                if name in measures:
-                    self._fg_steps[name] += 1
-                    self._fg_steps_without[name] += measures[name] == 0
+            if self._starvation is not None:
+                self._starvation.record(measures)
         next_iter = self.trainer.iter + 1
         if self._period and self._num_check_images and next_iter % self._period == 0:
             start = time.perf_counter()
@@ -244,15 +225,10 @@ class TrainingHealthMonitor(HookBase):
         state = self._collapses.state
         if not state["num_checks"]:
             return
-        elapsed = time.perf_counter() - self._train_start
-        lines = [
-            f"Training health summary ({state['num_checks']} detection checks on "
-            f"{self._num_check_images} images of {self._dataset_name}):",
-            *self._collapses.summary_lines(f"score >= {self._main_threshold:g}"),
-            f"  time in detection checks: {self._check_seconds:.1f} s, "
-            f"{100 * self._check_seconds / max(elapsed, 1e-9):.1f}% of this run's training time",
-        ]
-        logger.info("\n".join(lines))
+        logger.info(summary_message(
+            state["num_checks"], f"{self._num_check_images} images of {self._dataset_name}",
+            self._collapses.summary_lines(f"score >= {self._main_threshold:g}"),
+            self._check_seconds, time.perf_counter() - self._train_start))
 
     # -- detection checks --
 
@@ -278,13 +254,9 @@ class TrainingHealthMonitor(HookBase):
         )
 
     def _starved_of_foreground(self) -> bool:
-        """The no-foreground rule over the steps since the last check (measured on the main
-        worker, the same answer on every worker), then a new period."""
-        starved = self._foreground_rule and any(
-            is_starved_of_foreground(self._fg_steps_without[name], self._fg_steps[name])
-            for name in FOREGROUND_SHARES)
-        self._fg_steps = dict.fromkeys(FOREGROUND_SHARES, 0)
-        self._fg_steps_without = dict.fromkeys(FOREGROUND_SHARES, 0)
+        """The no-foreground rule since the last check, measured on the main worker and the same
+        answer on every worker."""
+        starved = self._starvation is not None and self._starvation.starved()
         if comm.get_world_size() > 1:
             starved = comm.all_gather(starved)[0]
         return starved
@@ -298,53 +270,24 @@ class TrainingHealthMonitor(HookBase):
         report = self._collapses.record(iteration, dets, with_detections,
                                         confident=per_threshold[self._confident_index],
                                         starved=self._starved_of_foreground())
+        check = CheckResult(self._counter.thresholds, per_threshold, dets, with_detections,
+                            detections_by_image_kind(counts, self._counter.main_index))
         state = self._collapses.state
-        scalars = {f"health/dets_per_image@{t:g}": v
-                   for t, v in zip(self._counter.thresholds, per_threshold)}
-        scalars.update({"health/dets_per_image": dets, "health/images_with_dets": with_detections,
-                        "health/min_dets_per_image": state["lowest"][0],
-                        "health/collapse_streak": state["streak"],
-                        "health/num_collapses": state["num_collapses"]})
-        if state["best"] is not None:
-            scalars["health/best_dets_per_image"] = state["best"][0]
-        split = detections_by_image_kind(counts, self._counter.main_index)
-        scalars.update(split)
-        self.trainer.storage.put_scalars(smoothing_hint=False, **scalars)
-        per_score = ", ".join(f"{v:.2f} at score >= {t:g}"
-                              for t, v in zip(self._counter.thresholds, per_threshold))
-        apart = ", ".join(f"{split[key]:.2f} per image {what}" for key, what in (
-            ("health/dets_per_object_image", "with objects"),
-            ("health/dets_per_empty_image", "without")) if key in split)
-        counts_towards = (
-            f"; counts towards a collapse ({state['streak']} of {self._collapses.patience}): "
-            + "; ".join(state["why"]) if state["streak"] and state["why"] else "")
-        logger.info(
-            f"Training health check at iteration {iteration}: detections per image {per_score}; "
-            f"{100 * with_detections:.0f}% of the images have one; at score >= "
-            f"{self._main_threshold:g}: {apart}{counts_towards}")
+        self.trainer.storage.put_scalars(smoothing_hint=False, **check.scalars(state))
+        logger.info(check.line(iteration, self._main_threshold, state, self._collapses.patience))
         if report:
             self._report_collapse(iteration, dets)
 
     def _report_collapse(self, iteration: int, dets: float) -> None:
         state = self._collapses.state
-        message = (
-            f"Detection collapse at iteration {iteration}: {dets:.2f} detections per image at "
-            f"score >= {self._main_threshold:g} on {self._num_check_images} images of "
-            f"{self._dataset_name} ({'; '.join(state['why'])}) for {state['streak']} "
-            f"consecutive checks (HEALTH.PATIENCE {self._collapses.patience}, a check every "
-            f"{self._period} iterations)."
-        )
+        message = collapse_message(iteration, dets, self._main_threshold,
+                                   f"{self._num_check_images} images of {self._dataset_name}",
+                                   state, self._collapses.patience, self._period)
         if state["streak"] > self._collapses.patience:
             logger.warning(message + " Still collapsed.")
             return
-        banner = "!" * 100
         if self._action == "warn":
-            logger.warning(
-                f"\n{banner}\n{message}\nTraining goes on (HEALTH.ACTION 'warn'). The usual "
-                "causes: too few foreground samples (see health/anchor_fg_share and "
-                "health/roi_fg_share), a learning rate too high, empty images dominating.\n"
-                f"{banner}"
-            )
+            logger.warning(banner(f"{message}\n{GOES_ON}"))
             return
         path = save_checkpoint_and_synchronize(self.trainer.checkpointer,
                                                f"model_collapse_{iteration:07d}", iteration)
@@ -352,5 +295,5 @@ class TrainingHealthMonitor(HookBase):
             f" Saved the model to {path}. Stopping training (HEALTH.ACTION 'stop', exit code "
             f"{EXIT_COLLAPSE})."
         )
-        logger.error(f"\n{banner}\n{message}\n{banner}")
+        logger.error(banner(message))
         raise DetectionCollapseError(message)

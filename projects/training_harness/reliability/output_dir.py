@@ -35,7 +35,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from ..errors import OutputDirError
-from .checkpoint import local_checkpoint_path
+from .weights_files import local_checkpoint_path
 
 __all__ = ["claim_output_dir", "release_output_dir", "remove_earlier_run"]
 
