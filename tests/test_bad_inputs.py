@@ -1,6 +1,6 @@
 """
-Bad inputs: one test per row of the README's "Bad inputs" table, each asserting that the message
-names the culprit (config key and value; json, annotation id, image id and file; checkpoint file).
+Bad inputs: one test per row of the table in docs/reliability.md, "Bad inputs", each asserting
+that the message names the culprit (config key and value; json, annotation id, image id and file; checkpoint file).
 
 Rows tested elsewhere: MODEL.WEIGHTS and checkpoint files in tests/test_checkpoint.py;
 NUM_CLASSES not matching the dataset and unknown dataset names in tests/test_coco_registration.py

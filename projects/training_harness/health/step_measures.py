@@ -1,5 +1,5 @@
 """
-The monitor's per-step balance measures (docs/health.md, "Every step"), from the scalars that
+The monitor's per-step balance measures (docs/health.md, "Scalars"), from the scalars that
 the heads, the trainer and GradientNormHook recorded in the same step.
 """
 
