@@ -6,7 +6,8 @@ import torch
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from training_harness.health.grad_shares import LossGradientShares, loss_gradient_shares
+from training_harness.health.grad_shares import (LossGradientShares, loss_gradient_shares,
+                                                 loss_scale)
 
 
 def test_shares_by_hand():
@@ -91,3 +92,15 @@ def test_reentrant_checkpointing_turns_the_measurement_off(caplog):
         assert not shares_measurable(model.backbone)
     assert "no health/grad_share/* scalars: the backbone uses activation checkpointing" in (
         caplog.text)
+
+
+def test_loss_scale_is_the_trainers_grad_scaler_scale():
+    class AmpTrainer:
+        grad_scaler = torch.amp.GradScaler("cpu", init_scale=128.0)
+
+    class PlainTrainer:
+        grad_scaler = None
+
+    assert loss_scale(AmpTrainer()) == 128.0
+    assert loss_scale(PlainTrainer()) == 1.0
+    assert loss_scale(object()) == 1.0  # a trainer without the core's accessor

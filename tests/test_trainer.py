@@ -192,6 +192,7 @@ def test_trainer_logs_grad_norm_every_step_and_skips_eval_without_test_set(synth
     trainer = GuardedTrainer(synthetic_cfg)
     assert [type(h) for h in trainer._trainer._hooks] == [GradientNormHook]
     assert not any(isinstance(h, hooks.EvalHook) for h in trainer._hooks)
+    assert trainer.grad_scaler is None  # no AMP
     trainer.train()
 
     logged = trainer.storage.history(GRAD_NORM_SCALAR).values()

@@ -80,6 +80,12 @@ class Trainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    @property
+    def grad_scaler(self) -> Optional[torch.amp.GradScaler]:
+        """The GradScaler of the inner AMPTrainer (SOLVER.AMP), None without AMP: DefaultTrainer
+        exposes the model, data loader and optimizer of its inner trainer, not this."""
+        return getattr(self._trainer, "grad_scaler", None)
+
     @classmethod
     def build_checkpointer(cls, cfg: CfgNode, model, **checkpointables) -> DetectionCheckpointer:
         """The checkpointer of the run (DefaultTrainer's)."""

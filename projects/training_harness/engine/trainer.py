@@ -76,7 +76,7 @@ class GuardedTrainer(Trainer):
         cfg.defrost()
         cfg.DATALOADER.NUM_WORKERS = 0  # as DefaultTrainer: PreciseBN's loader, less memory
         main = comm.is_main_process()
-        skipped = getattr(self._trainer.data_loader, "skipped", None)  # data/mapper.py
+        skipped = getattr(self.data_loader, "skipped", None)  # data/mapper.py
 
         def test_and_save_results():
             self._last_eval_results = self.test(self.cfg, self.model)

@@ -110,10 +110,9 @@ def shares_measurable(backbone: nn.Module) -> bool:
 
 
 def loss_scale(trainer: TrainerBase) -> float:
-    """The GradScaler's scale of a DefaultTrainer under AMP, else 1 (call it once per measured
-    step: its value waits for the device). DefaultTrainer keeps its inner AMPTrainer, which owns
-    the scaler, in ``_trainer``: there is no public accessor."""
-    scaler = getattr(getattr(trainer, "_trainer", None), "grad_scaler", None)
+    """The GradScaler's scale of the core's Trainer under AMP (its ``grad_scaler``), else 1
+    (call it once per measured step: its value waits for the device)."""
+    scaler = getattr(trainer, "grad_scaler", None)
     if scaler is None or not scaler.is_enabled():
         return 1.0
     return float(scaler.get_scale())
