@@ -8,10 +8,10 @@ Time a full training step and inference, balanced heads vs detectron2's stock he
 What is timed, per config, with both models holding identical weights:
 
 - "train step": the project Trainer's ``run_step`` (forward, losses, backward, gradient-norm clip,
-  the non-finite guard's metric write, optimizer step, the once-per-step scalar flush) on one
-  fixed batch; no data loading, no per-iteration hooks. Before every timed step the weights are
-  restored and the random seed reset, so both models run the same anchor and proposal sampling
-  on the same weights: the loss code is the only difference.
+  the non-finite stop's check, detectron2's metric write, optimizer step, the once-per-step
+  scalar flush) on one fixed batch; no data loading, no per-iteration hooks. Before every timed
+  step the weights are restored and the random seed reset, so both models run the same anchor
+  and proposal sampling on the same weights: the loss code is the only difference.
 - "inference": ``model(images)`` in eval mode with SCORE_THRESH_TEST 0 (every kept box goes
   through the mask head). The outputs of the two models must be identical; the script fails
   otherwise.
@@ -50,6 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 from training_harness import GuardedTrainer
 from training_harness.config import load_project_config
 from training_harness.data import register_builtin_synthetic
+from training_harness.health import NonFiniteStop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
 import common  # noqa: E402
@@ -106,7 +107,12 @@ def build_trainer(cfg: CfgNode, batch: List[dict]) -> GuardedTrainer:
             return itertools.repeat(batch)  # the same images every step, no loading cost
 
     torch.manual_seed(0)
-    return FixedBatchTrainer(cfg)
+    trainer = FixedBatchTrainer(cfg)
+    # The non-finite stop checks every step; its loss capture starts with training.
+    for hook in trainer._hooks:
+        if isinstance(hook, NonFiniteStop):
+            hook.before_train()
+    return trainer
 
 
 def _module(model: torch.nn.Module) -> torch.nn.Module:
@@ -281,8 +287,9 @@ def render(results: List[dict], device: torch.device, threads: int) -> Tuple[str
     notes = [
         f"device {device.type}, {threads} thread(s); medians of interleaved repetitions "
         "(stock and balanced alternate); identical weights and random seed before every step.",
-        "train step = Trainer.run_step on a fixed batch (forward, losses, backward, clip, metric "
-        "write, optimizer step, scalar flush); inference = eval forward with SCORE_THRESH_TEST 0.",
+        "train step = Trainer.run_step on a fixed batch (forward, losses, backward, clip, "
+        "non-finite check, metric write, optimizer step, scalar flush); inference = eval "
+        "forward with SCORE_THRESH_TEST 0.",
         f"Balanced loss path without host synchronization: "
         f"{'yes' if balanced_syncs == 0 else f'NO ({balanced_syncs} found)'}.",
     ]

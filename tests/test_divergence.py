@@ -108,4 +108,5 @@ def test_far_too_high_learning_rate_stops_with_exit_code_4(repo_root, tmp_path):
     checkpoint = torch.load(saved[0], map_location="cpu", weights_only=False)
     assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
     # The rule's reference, the largest earlier total, is in it for --resume.
-    assert 0 < checkpoint["trainer"]["_trainer"]["loss_divergence"]["largest"]["total_loss"] < 1000
+    rule = checkpoint["trainer"]["hooks"]["NonFiniteStop"]["loss_divergence"]
+    assert 0 < rule["largest"]["total_loss"] < 1000

@@ -50,12 +50,15 @@ SITECUSTOMIZE = textwrap.dedent(
             build_hooks = GuardedTrainer.build_hooks
             GuardedTrainer.build_hooks = lambda self: build_hooks(self) + [ForceBackground()]
 
-        if fault == "nan":
+        if fault in ("nan", "nan_on_worker_1"):
+            from detectron2.utils import comm
+
             forward = GeneralizedRCNN.forward
 
             def nan_mask_loss(self, batched_inputs):
                 losses = forward(self, batched_inputs)
-                if self.training and get_event_storage().iter == at:
+                poisoned = fault == "nan" or comm.get_rank() == 1  # the rank of the launched worker
+                if self.training and poisoned and get_event_storage().iter == at:
                     losses["loss_mask"] = losses["loss_mask"] * float("nan")
                 return losses
 
@@ -197,6 +200,21 @@ def test_nan_in_one_loss_term_stops_with_its_name(repo_root, fault_env, tmp_path
     for healthy_term in ("loss_cls =", "loss_box_reg =", "loss_rpn_cls =", "loss_rpn_loc ="):
         assert healthy_term not in log
     # The weights before the bad step were saved: iteration 3's checkpoint holds iteration 3.
+    saved = torch.load(tmp_path / "model_nonfinite_0000003.pth", map_location="cpu",
+                       weights_only=False)
+    assert saved["iteration"] == 3
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_two_processes_stop_together_on_a_nan_in_one_of_them(repo_root, fault_env, tmp_path):
+    result, log = _train(repo_root, fault_env, tmp_path, "SOLVER.MAX_ITER", "8",
+                         "HEALTH.PERIOD", "0", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()",
+                         fault="nan_on_worker_1:3", num_gpus=2, timeout=300)
+    assert result.returncode == EXIT_NON_FINITE, log[-4000:]
+    stopped = "Non-finite training values at iteration 3: loss_mask = nan (worker 1)"
+    assert stopped in log
+    # Worker 0, whose losses were finite, stopped at the same step, before the optimizer step.
+    assert stopped in (tmp_path / "log.txt.rank1").read_text()
     saved = torch.load(tmp_path / "model_nonfinite_0000003.pth", map_location="cpu",
                        weights_only=False)
     assert saved["iteration"] == 3

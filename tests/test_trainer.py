@@ -190,7 +190,9 @@ def synthetic_cfg(tiny_cfg, tmp_path):
 def test_trainer_logs_grad_norm_every_step_and_skips_eval_without_test_set(synthetic_cfg):
     synthetic_cfg.DATASETS.TEST = ()
     trainer = GuardedTrainer(synthetic_cfg)
-    assert [type(h) for h in trainer._trainer._hooks] == [GradientNormHook]
+    # GradientNormHook first: the outer hooks' after_backward sees the clipped gradients.
+    assert [type(h).__name__ for h in trainer._trainer._hooks] == ["GradientNormHook",
+                                                                  "_PassAfterBackwardOn"]
     assert not any(isinstance(h, hooks.EvalHook) for h in trainer._hooks)
     assert trainer.grad_scaler is None  # no AMP
     trainer.train()
@@ -260,18 +262,19 @@ def test_trainer_sets_every_attribute_default_trainer_sets(synthetic_cfg):
     stock = DefaultTrainer(synthetic_cfg)
     assert set(vars(stock)) <= set(vars(ours))
     assert type(ours.checkpointer).__name__ == "AtomicCheckpointer"
-    assert type(ours._trainer).__name__ == "GuardedSimpleTrainer"
+    assert type(ours._trainer).__name__ == "SimpleTrainer"
 
 
 def test_hooks_run_in_the_order_build_hooks_writes_them(synthetic_cfg):
-    from training_harness.health import TrainingHealthMonitor
+    from training_harness.health import NonFiniteStop, TrainingHealthMonitor
     from training_harness.reliability import CheckpointOnSignal, PeerWatchdogHook
 
     kinds = [type(h) for h in GuardedTrainer(synthetic_cfg)._hooks]
-    assert kinds == [hooks.IterationTimer, hooks.LRScheduler, TrainingHealthMonitor,
+    assert kinds == [hooks.IterationTimer, NonFiniteStop, hooks.LRScheduler, TrainingHealthMonitor,
                      hooks.PeriodicCheckpointer, CheckpointOnSignal, hooks.EvalHook,
                      hooks.PeriodicWriter, hooks.CallbackHook, PeerWatchdogHook]
     synthetic_cfg.HEALTH.ENABLED = False
     synthetic_cfg.DATASETS.TEST = ()
     kinds = [type(h) for h in GuardedTrainer(synthetic_cfg)._hooks]
     assert TrainingHealthMonitor not in kinds and hooks.EvalHook not in kinds
+    assert NonFiniteStop not in kinds

@@ -45,9 +45,22 @@ def amp_precision(name: str) -> torch.dtype:
     return AMP_PRECISIONS[name]
 
 
+class _PassAfterBackwardOn(HookBase):
+    """detectron2 calls ``after_backward`` on the hooks of the inner SimpleTrainer / AMPTrainer
+    only; this passes it on to the outer trainer's hooks, which then see the gradients complete
+    (DDP-averaged, clipped) and not yet applied."""
+
+    def __init__(self, outer: TrainerBase):
+        self._outer = weakref.proxy(outer)
+
+    def after_backward(self) -> None:
+        self._outer.after_backward()
+
+
 class Trainer(DefaultTrainer):
     """
-    DefaultTrainer with the project's optimizer, gradient-norm hook, loader and evaluators.
+    DefaultTrainer with the project's optimizer, gradient-norm hook, loader and evaluators; its
+    hooks get ``after_backward`` too (detectron2 calls it on the inner trainer's hooks only).
 
     Configured by SOLVER.OPTIMIZER / BETAS / NO_WEIGHT_DECAY_KEYS, SOLVER.CLIP_GRADIENTS (incl.
     CLIP_TYPE "full_model"), SOLVER.AMP.ENABLED / PRECISION, DATALOADER.SAMPLER_TRAIN /
@@ -73,6 +86,7 @@ class Trainer(DefaultTrainer):
         model = create_ddp_model(model, broadcast_buffers=False,
                                  device_ids=[comm.get_local_rank()] if on_gpu else None)
         self._trainer = self.build_inner_trainer(cfg, model, data_loader, optimizer)
+        self._trainer.register_hooks([_PassAfterBackwardOn(self)])  # after the inner hooks
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = self.build_checkpointer(cfg, model, trainer=weakref.proxy(self))
         self.start_iter = 0

@@ -11,9 +11,9 @@ from collections import OrderedDict
 from typing import List, Optional
 
 import torch
-from balanced_rcnn.engine.trainer import Trainer, amp_precision
+from balanced_rcnn.engine.trainer import Trainer
 from detectron2.config import CfgNode
-from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer, hooks
+from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
 from fvcore.nn.precise_bn import get_bn_modules
 from torch.nn.parallel import DistributedDataParallel
@@ -21,12 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data.loader import build_test_loader, build_train_loader
 from ..errors import (EXIT_PEER_LOST, DataLoaderWorkerLost, LossExplosionError,
                       NonFiniteTrainingError)
-from ..health import (
-    GuardedAMPTrainer,
-    GuardedSimpleTrainer,
-    LossDivergenceRule,
-    TrainingHealthMonitor,
-)
+from ..health import LossDivergenceRule, NonFiniteStop, TrainingHealthMonitor
 from ..reliability import AtomicCheckpointer, CheckpointOnSignal, PeerWatchdogHook
 from ..reliability.checkpoint import save_checkpoint_and_synchronize
 from .resume_hparams import apply_config_hyperparameters
@@ -42,30 +37,12 @@ class GuardedTrainer(Trainer):
     """
     The core's Trainer (balanced_rcnn.engine.trainer) with atomic checkpoints that must fit the
     model, the checked and skipping data loaders, and, with HEALTH.ENABLED, the health checks
-    (health/) and the stop on a non-finite or exploding loss.
+    (health/) and the stop on a non-finite or exploding loss (health/nonfinite.py).
     """
 
     @classmethod
     def build_checkpointer(cls, cfg: CfgNode, model, **checkpointables) -> AtomicCheckpointer:
         return AtomicCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
-
-    @classmethod
-    def build_inner_trainer(cls, cfg: CfgNode, model, data_loader, optimizer) -> SimpleTrainer:
-        """
-        SimpleTrainer or AMPTrainer (SOLVER.AMP); with HEALTH.ENABLED the guarded one, which
-        stops every worker before the optimizer step on a non-finite or exploding loss
-        (health/nonfinite.py, health/divergence.py). Its hooks are :meth:`build_inner_hooks`.
-        """
-        guard = {"divergence": LossDivergenceRule.from_config(cfg)} if cfg.HEALTH.ENABLED else {}
-        if cfg.SOLVER.AMP.ENABLED:
-            inner = GuardedAMPTrainer if cfg.HEALTH.ENABLED else AMPTrainer
-            trainer = inner(model, data_loader, optimizer,
-                            precision=amp_precision(cfg.SOLVER.AMP.PRECISION), **guard)
-        else:
-            inner = GuardedSimpleTrainer if cfg.HEALTH.ENABLED else SimpleTrainer
-            trainer = inner(model, data_loader, optimizer, **guard)
-        trainer.register_hooks(cls.build_inner_hooks(cfg))
-        return trainer
 
     def build_hooks(self) -> List[Optional[HookBase]]:
         """
@@ -84,6 +61,8 @@ class GuardedTrainer(Trainer):
 
         return [
             hooks.IterationTimer(),
+            # Its after_backward stops a non-finite or exploding step before it is applied.
+            NonFiniteStop(LossDivergenceRule.from_config(cfg)) if cfg.HEALTH.ENABLED else None,
             hooks.LRScheduler(),
             # Before the checkpointer, which saves the statistics it updates.
             hooks.PreciseBN(cfg.TEST.EVAL_PERIOD, self.model, self.build_train_loader(cfg),

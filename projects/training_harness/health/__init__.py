@@ -3,7 +3,6 @@ collapse rule, and the per-step stop on a non-finite or exploding loss."""
 
 from .divergence import LossDivergenceRule
 from .monitor import TrainingHealthMonitor
-from .nonfinite import GuardedAMPTrainer, GuardedSimpleTrainer
+from .nonfinite import NonFiniteStop
 
-__all__ = ["GuardedAMPTrainer", "GuardedSimpleTrainer", "LossDivergenceRule",
-           "TrainingHealthMonitor"]
+__all__ = ["LossDivergenceRule", "NonFiniteStop", "TrainingHealthMonitor"]

@@ -1,44 +1,42 @@
 """
-The per-step stop on a non-finite loss term or gradient norm, before the optimizer applies it.
+The per-step stop on a non-finite loss term or gradient norm, before the optimizer applies it,
+built from public hook points.
 
 detectron2's SimpleTrainer already raises ``FloatingPointError`` on a non-finite *total* loss, but
 only on the main worker (the others run on into the next collective and wait there) and without
-saying which term went bad. :class:`NonFiniteGuardMixin` replaces the trainer's per-step metric
-write, which runs after ``after_backward`` and before ``optimizer.step()``:
+saying which term went bad. :class:`NonFiniteStop` is a trainer hook:
 
-- every loss term and the total gradient norm (``optim/grad_norm``, recorded by
-  GradientNormHook in ``after_backward``) reach the host in one transfer, where detectron2 does
-  one ``.item()`` per term: no synchronization is added;
-- the workers exchange their values with one ``all_gather`` where detectron2 does one
-  ``gather``, so every worker sees every worker's values and all of them take the same decision;
-- a non-finite value raises :class:`~training_harness.errors.NonFiniteTrainingError`, on
-  every worker at the same step, naming the terms, the workers and the iteration. The optimizer
-  step is not applied, so the weights are still those of the last finite step; the Trainer saves
-  them before letting the error through.
+- a forward hook on the model (torch's ``register_forward_hook``) keeps the step's loss dict;
+- in ``after_backward``, where the gradients are complete (DDP-averaged, clipped) and not yet
+  applied (the core Trainer passes after_backward on to its hooks), every loss term and the
+  total gradient norm (``optim/grad_norm``, recorded by GradientNormHook) reach the host in one
+  transfer, and the workers exchange them with one ``all_gather``, so every worker sees every
+  worker's values and all of them take the same decision;
+- a non-finite value raises :class:`~training_harness.errors.NonFiniteTrainingError` on every
+  worker at the same step, naming the terms, the workers and the iteration. The optimizer step is
+  not applied, so the weights are still those of the last finite step; the Trainer saves them
+  before letting the error through.
 
-The same values feed the stop on a loss that explodes while finite (health/divergence.py).
-
-Under AMP a non-finite gradient norm is a legitimate overflow step (the GradScaler skips it and
-lowers its scale), so only the losses are checked there. The metrics it writes are detectron2's:
-``total_loss``, each ``loss_*`` averaged over workers, ``data_time`` (the slowest worker) and
-``rank_data_time``.
+The same values feed the stop on a loss that explodes while finite (health/divergence.py), whose
+reference travels in checkpoints as this hook's state. Under AMP (an enabled ``grad_scaler``) a
+non-finite gradient norm is a legitimate overflow step (the GradScaler skips it and lowers its
+scale), so only the losses are checked there.
 """
 
 import math
-from typing import Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
 from balanced_rcnn.engine.grad_norm import GRAD_NORM_SCALAR
 from balanced_rcnn.utils.events import pending_tensor_scalar
-from detectron2.engine import AMPTrainer, SimpleTrainer
+from detectron2.engine import HookBase
 from detectron2.utils import comm
-from detectron2.utils.events import get_event_storage
 
 from ..errors import NonFiniteTrainingError
 from .divergence import LossDivergenceRule
 
-__all__ = ["GuardedAMPTrainer", "GuardedSimpleTrainer", "NonFiniteGuardMixin", "write_metrics"]
+__all__ = ["NonFiniteStop", "check_step"]
 
 
 def _non_finite_report(gathered: List[Dict], names: List[str], check_grad_norm: bool) -> List[str]:
@@ -57,18 +55,12 @@ def _non_finite_report(gathered: List[Dict], names: List[str], check_grad_norm: 
     return bad
 
 
-def write_metrics(
-    loss_dict: Mapping[str, torch.Tensor],
-    data_time: float,
-    cur_iter: int,
-    prefix: str = "",
-    check_grad_norm: bool = True,
-    divergence: Optional[LossDivergenceRule] = None,
-) -> None:
+def check_step(loss_dict: Mapping[str, torch.Tensor], cur_iter: int, check_grad_norm: bool = True,
+               divergence: Optional[LossDivergenceRule] = None) -> None:
     """
-    detectron2's ``SimpleTrainer.write_metrics`` plus the non-finite stop described in the module
-    docstring, and ``divergence``'s stop on a finite explosion (health/divergence.py). Must be
-    called by every worker at the same step (one collective).
+    The checks of the module docstring on one step's losses; ``divergence``'s stop on a finite
+    explosion on their means over the workers. Must be called by every worker at the same step
+    (one collective).
 
     Raises:
         NonFiniteTrainingError: on every worker, if any worker has a non-finite loss term or
@@ -80,82 +72,56 @@ def write_metrics(
     grad_norm = pending_tensor_scalar(GRAD_NORM_SCALAR) if check_grad_norm else None
     if grad_norm is not None:
         tensors.append(grad_norm.to(device=tensors[0].device, dtype=torch.float32))
-    values = torch.stack(tensors).cpu().tolist()  # the step's one device-to-host copy
-    local = {
-        "losses": dict(zip(names, values)),
-        "grad_norm": values[-1] if grad_norm is not None else None,
-        "data_time": data_time,
-    }
-    storage = get_event_storage()
-    storage.put_scalar("rank_data_time", data_time, cur_iter=cur_iter)
-    gathered = comm.all_gather(local)
-
+    values = torch.stack(tensors).cpu().tolist()  # the check's one device-to-host copy
+    local = {"losses": dict(zip(names, values)),
+             "grad_norm": values[-1] if grad_norm is not None else None}
+    gathered = comm.all_gather(local) if comm.get_world_size() > 1 else [local]
     bad = _non_finite_report(gathered, names, check_grad_norm)
     if bad:
         raise NonFiniteTrainingError(
             f"Non-finite training values at iteration {cur_iter}: {', '.join(bad)}. The "
             "optimizer step was not applied."
         )
-    # As detectron2: losses averaged over workers; the same values, so the same decision, on all.
-    means = {k: float(np.mean([w["losses"][k] for w in gathered])) for k in names}
     if divergence is not None:
-        divergence.check(cur_iter, means)
-    if comm.is_main_process():
-        storage.put_scalar("data_time", max(w["data_time"] for w in gathered), cur_iter=cur_iter)
-        storage.put_scalar(f"{prefix}total_loss", sum(means.values()), cur_iter=cur_iter)
-        if len(means) > 1:
-            storage.put_scalars(cur_iter=cur_iter, **means)
+        # The same means on every worker, so the same decision.
+        divergence.check(cur_iter, {k: float(np.mean([w["losses"][k] for w in gathered]))
+                                    for k in names})
 
 
-class NonFiniteGuardMixin:
-    """Mixed into SimpleTrainer / AMPTrainer: their metric write becomes :func:`write_metrics`,
-    with ``divergence`` (a LossDivergenceRule, or None) checked every step."""
+class NonFiniteStop(HookBase):
+    """The hook of the module docstring; register it on every worker. ``divergence``: a
+    LossDivergenceRule checked every step, or None."""
 
-    def __init__(self, *args, divergence: Optional[LossDivergenceRule] = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, divergence: Optional[LossDivergenceRule] = None):
         self.divergence = divergence
+        self._losses: Optional[Mapping[str, torch.Tensor]] = None
+        self._capture = None
 
-    # The divergence rule's reference travels in checkpoints (DefaultTrainer saves "_trainer").
-    def state_dict(self) -> dict:
-        ret = super().state_dict()
-        if self.divergence is not None:
-            ret["loss_divergence"] = self.divergence.state_dict()
-        return ret
+    def before_train(self) -> None:
+        if self._capture is None:
+            self._capture = self.trainer.model.register_forward_hook(self._keep_losses)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
+    def after_train(self) -> None:
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+
+    def _keep_losses(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        if module.training and isinstance(output, Mapping):
+            self._losses = output
+
+    def after_backward(self) -> None:
+        losses, self._losses = self._losses, None
+        if losses is None:
+            return
+        scaler = getattr(self.trainer, "grad_scaler", None)
+        amp = scaler is not None and scaler.is_enabled()
+        check_step(losses, self.trainer.iter, check_grad_norm=not amp, divergence=self.divergence)
+
+    # The divergence rule's reference travels in checkpoints (TrainerBase saves hook states).
+    def state_dict(self) -> Dict[str, Any]:
+        return {"loss_divergence": self.divergence.state_dict()} if self.divergence else {}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if self.divergence is not None and "loss_divergence" in state_dict:
             self.divergence.load_state_dict(state_dict["loss_divergence"])
-
-    # detectron2's only call between after_backward and optimizer.step() with the step's loss
-    # dict: no public hook sees the losses before the step is applied. A private method, so the
-    # tests pin the behaviour relied on: a NaN loss term stops before the weights change
-    # (tests/test_nonfinite_guard.py; tests/test_health_runs.py through train_net.py).
-    def _write_metrics(
-        self,
-        loss_dict: Mapping[str, torch.Tensor],
-        data_time: float,
-        prefix: str = "",
-        iter: Optional[int] = None,
-    ) -> None:
-        # detectron2 can write metrics from a thread (async_write_metrics), where an exception
-        # would be lost instead of stopping training.
-        assert not self.async_write_metrics, "the non-finite stop needs synchronous metric writes"
-        iter = self.iter if iter is None else iter
-        if (iter + 1) % self.gather_metric_period == 0:
-            write_metrics(
-                loss_dict,
-                data_time,
-                iter,
-                prefix,
-                check_grad_norm=not isinstance(self, AMPTrainer),
-                divergence=self.divergence,
-            )
-
-
-class GuardedSimpleTrainer(NonFiniteGuardMixin, SimpleTrainer):
-    """SimpleTrainer that stops on a non-finite loss term or gradient norm."""
-
-
-class GuardedAMPTrainer(NonFiniteGuardMixin, AMPTrainer):
-    """AMPTrainer that stops on a non-finite loss term (overflowing gradients are AMP's)."""
