@@ -18,6 +18,7 @@ override the config. Starting points for MODEL.WEIGHTS:
 """
 
 import logging
+import os
 import sys
 
 from detectron2.config import CfgNode
@@ -35,7 +36,8 @@ from training_harness.data import register_datasets_from_config
 from training_harness.errors import TrainingHealthError, exit_on_refusal
 from training_harness.health.check_images import check_health_images
 from training_harness.reliability.checkpoint import AtomicCheckpointer
-from training_harness.reliability.launch import collective_timeout, launch, refused_together
+from training_harness.reliability.launch import (collective_timeout, launch, launched_by_torchrun,
+                                                 refused_together, run_torchrun_worker)
 from training_harness.reliability.output_dir import claim_output_dir, remove_earlier_run
 from training_harness.reliability.weights_files import check_weights_file
 
@@ -120,7 +122,18 @@ if __name__ == "__main__":
     with exit_on_refusal("train_net.py"):
         config = load_config(args)
         check_config_ranges(config)
-        check_launch_devices(config, args.num_gpus)
+        torchrun = launched_by_torchrun()
+        if torchrun and (args.num_gpus != 1 or args.num_machines != 1):
+            raise ValueError("under torchrun, each process is one worker: give the workers to "
+                             "torchrun (--nproc-per-node, --nnodes), not --num-gpus or "
+                             "--num-machines")
+        check_launch_devices(config, int(os.environ["LOCAL_WORLD_SIZE"]) if torchrun
+                             else args.num_gpus)
+    if torchrun:
+        # torchrun started this process as one worker; torch's elastic agent stops the others
+        # when one fails and restarts them (--max-restarts).
+        run_torchrun_worker(main, args=(args,), timeout=collective_timeout(config))
+        sys.exit(0)
     # The project's launch: exits with the status of a failed worker (docs/reliability.md, "Exit
     # codes": 3 collapse, 4 non-finite, 75 lost peer, 130 / 143 Ctrl-C / SIGTERM after a
     # checkpoint).

@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TEXT_SUFFIXES = (".py", ".yaml", ".md")
 
-# "README, Results", "README, Install: ...", "README, \"Train on COCO\"", "README's 'Bad inputs'"
+# "README, Results", "README, Install: ...", "README, \"Train on COCO\"", "README's 'Layout'"
 README_SECTION = re.compile(r"README(?:'s|,) (?:[\"'“]([^\"'”\n]+)[\"'”]|([A-Z][a-z]+(?: [a-z]+)*))")
 DOCS_PAGE = re.compile(r"docs/([a-z_]+)\.md(?:, [\"'“]([^\"'”\n]+)[\"'”])?")
 SOURCE_PATH = re.compile(r"(?<![\w/.-])((?:[a-z_]+/)+[a-z_0-9]+\.py)\b")

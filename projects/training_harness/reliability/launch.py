@@ -14,13 +14,20 @@ Three additions, each for the multi-process case only:
   by signal N, as a shell reports it), so that schedulers and scripts see the real reason, e.g.
   143 (stopped by SIGTERM, checkpoint saved) or 75 (a peer was lost, reliability/watchdog.py).
   A worker that raised a Python exception still ends with detectron2's report of it.
+
+Under torchrun (torch.distributed.elastic) train_net.py starts no process: each worker torchrun
+started joins the process group from its environment (:func:`run_torchrun_worker`), and torch's
+elastic agent stops the others when one fails and restarts them up to ``--max-restarts``.
 """
 
 import contextlib
 import datetime
+import os
 import sys
 from typing import Any, Callable, Iterator, Sequence
 
+import torch
+import torch.distributed as dist
 from detectron2.config import CfgNode
 from detectron2.engine import launch as detectron2_launch
 from detectron2.utils import comm
@@ -29,7 +36,12 @@ from torch.multiprocessing import ProcessExitedException
 from ..errors import SetupRefusedElsewhere, exit_code_of
 from .signals import forward_signals_to_workers
 
-__all__ = ["collective_timeout", "launch", "refused_together", "worker_exit_status"]
+__all__ = ["collective_timeout", "launch", "launched_by_torchrun", "refused_together",
+           "run_torchrun_worker", "worker_exit_status"]
+
+# What torchrun sets in the environment of every worker it starts.
+_TORCHRUN_VARIABLES = ("TORCHELASTIC_RUN_ID", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+                       "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @contextlib.contextmanager
@@ -96,3 +108,25 @@ def launch(
                   f"this machine were stopped. Exit code {status} (docs/reliability.md, 'Exit codes').",
                   file=sys.stderr, flush=True)
             sys.exit(status)
+
+
+def launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in _TORCHRUN_VARIABLES)
+
+
+def run_torchrun_worker(main_func: Callable[..., Any], args: Sequence[Any] = (),
+                        timeout: datetime.timedelta = datetime.timedelta(minutes=30)) -> Any:
+    """``main_func(*args)`` in this worker of a torchrun launch, set up as detectron2's launch
+    sets up its workers (the backend, the local process group, the device), with the process
+    group from torchrun's environment."""
+    has_gpu = torch.cuda.is_available()
+    dist.init_process_group(backend="NCCL" if has_gpu else "GLOO", init_method="env://",
+                            timeout=timeout)
+    comm.create_local_process_group(int(os.environ["LOCAL_WORLD_SIZE"]))
+    if has_gpu:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    comm.synchronize()
+    try:
+        return main_func(*args)
+    finally:
+        dist.destroy_process_group()
