@@ -19,11 +19,9 @@ from fvcore.nn.precise_bn import get_bn_modules
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.loader import build_test_loader, build_train_loader
-from ..errors import (EXIT_PEER_LOST, DataLoaderWorkerLost, LossExplosionError,
-                      NonFiniteTrainingError)
+from ..errors import EXIT_PEER_LOST, DataLoaderWorkerLost
 from ..health import LossDivergenceRule, NonFiniteStop, TrainingHealthMonitor
 from ..reliability import AtomicCheckpointer, CheckpointOnSignal, PeerWatchdogHook
-from ..reliability.checkpoint import save_checkpoint_and_synchronize
 from .resume_hparams import apply_config_hyperparameters
 
 # torch's words for a worker that died: "DataLoader worker (pid(s) 123) exited unexpectedly",
@@ -114,27 +112,6 @@ class GuardedTrainer(Trainer):
     def run_step(self) -> None:
         try:
             super().run_step()
-        except NonFiniteTrainingError as e:
-            # Raised on every worker before optimizer.step(): the weights are those of the last
-            # finite step, worth keeping. After a non-finite value (often one bad batch) --resume
-            # continues from them, past this iteration. After an explosion they are what the
-            # high learning rate made of the model: kept to inspect, while last_checkpoint keeps
-            # naming the checkpoint before, from which --resume with a lower SOLVER.BASE_LR
-            # continues.
-            exploded = isinstance(e, LossExplosionError)
-            path = save_checkpoint_and_synchronize(
-                self.checkpointer, f"{e.checkpoint_prefix}_{self.iter:07d}", self.iter,
-                tag_last=not exploded)
-            logger = logging.getLogger(__name__)
-            logger.error(f"Saved the weights before the step to {path}")
-            if exploded:
-                before = self.checkpointer.get_checkpoint_file() if \
-                    self.checkpointer.has_checkpoint() else ""
-                logger.error(
-                    f"--resume continues from {before} (last_checkpoint), with the config's "
-                    "SOLVER.BASE_LR" if before else "No checkpoint was written before: --resume "
-                    "starts anew from MODEL.WEIGHTS, with the config's SOLVER.BASE_LR")
-            raise
         except RuntimeError as e:
             if not _LOST_LOADER_WORKER.search(str(e)):
                 raise

@@ -14,8 +14,8 @@ saying which term went bad. :class:`NonFiniteStop` is a trainer hook:
   worker's values and all of them take the same decision;
 - a non-finite value raises :class:`~training_harness.errors.NonFiniteTrainingError` on every
   worker at the same step, naming the terms, the workers and the iteration. The optimizer step is
-  not applied, so the weights are still those of the last finite step; the Trainer saves them
-  before letting the error through.
+  not applied, so the weights are still those of the last finite step: the hook saves them
+  (``model_nonfinite_<iter>.pth``) before letting the error through.
 
 The same values feed the stop on a loss that explodes while finite (health/divergence.py), whose
 reference travels in checkpoints as this hook's state. Under AMP (an enabled ``grad_scaler``) a
@@ -23,6 +23,7 @@ non-finite gradient norm is a legitimate overflow step (the GradScaler skips it 
 scale), so only the losses are checked there.
 """
 
+import logging
 import math
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -33,7 +34,8 @@ from balanced_rcnn.utils.events import pending_tensor_scalar
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from ..errors import NonFiniteTrainingError
+from ..errors import LossExplosionError, NonFiniteTrainingError
+from ..reliability.checkpoint import save_checkpoint_and_synchronize
 from .divergence import LossDivergenceRule
 
 __all__ = ["NonFiniteStop", "check_step"]
@@ -116,7 +118,33 @@ class NonFiniteStop(HookBase):
             return
         scaler = getattr(self.trainer, "grad_scaler", None)
         amp = scaler is not None and scaler.is_enabled()
-        check_step(losses, self.trainer.iter, check_grad_norm=not amp, divergence=self.divergence)
+        try:
+            check_step(losses, self.trainer.iter, check_grad_norm=not amp,
+                       divergence=self.divergence)
+        except NonFiniteTrainingError as e:
+            if getattr(self.trainer, "checkpointer", None) is not None:
+                self._save_weights_before_the_step(e)
+            raise
+
+    def _save_weights_before_the_step(self, error: NonFiniteTrainingError) -> None:
+        # On every worker, before optimizer.step(): the weights are those of the last finite
+        # step, worth keeping. After a non-finite value (often one bad batch) --resume continues
+        # from them, past this iteration. After an explosion they are what the high learning rate
+        # made of the model: kept to inspect, while last_checkpoint keeps naming the checkpoint
+        # before, from which --resume with a lower SOLVER.BASE_LR continues.
+        checkpointer, iteration = self.trainer.checkpointer, self.trainer.iter
+        exploded = isinstance(error, LossExplosionError)
+        path = save_checkpoint_and_synchronize(
+            checkpointer, f"{error.checkpoint_prefix}_{iteration:07d}", iteration,
+            tag_last=not exploded)
+        logger = logging.getLogger(__name__)
+        logger.error(f"Saved the weights before the step to {path}")
+        if exploded:
+            before = checkpointer.get_checkpoint_file() if checkpointer.has_checkpoint() else ""
+            logger.error(
+                f"--resume continues from {before} (last_checkpoint), with the config's "
+                "SOLVER.BASE_LR" if before else "No checkpoint was written before: --resume "
+                "starts anew from MODEL.WEIGHTS, with the config's SOLVER.BASE_LR")
 
     # The divergence rule's reference travels in checkpoints (TrainerBase saves hook states).
     def state_dict(self) -> Dict[str, Any]:
