@@ -5,7 +5,10 @@ What a dead peer does to the others depends on the backend. gloo (CPU) sees the 
 and raises at once ("Connection closed by peer"), after which the interpreter aborts at exit
 (SIGABRT) with nothing that says which worker died. NCCL (GPU) waits in the collective until its
 timeout (RELIABILITY.COLLECTIVE_TIMEOUT_MIN, 30 min by default). detectron2's launch() stops the
-other workers of its own machine when one dies, but not those on other machines.
+other workers of its own machine when one dies, but not those on other machines. What the
+libraries lack here: torchrun's elastic agent acts on a worker that exits, not on one that
+freezes; ``dist.monitored_barrier`` names a late rank only at a barrier the code calls (gloo
+only); NCCL's watchdog fires at the collective timeout.
 
 :class:`PeerWatchdog` is a daemon thread started with training on every worker. Every heartbeat
 period (1 s, shorter for short timeouts) it adds 1 to this worker's counter in a key-value store
