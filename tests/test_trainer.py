@@ -265,16 +265,26 @@ def test_trainer_sets_every_attribute_default_trainer_sets(synthetic_cfg):
     assert type(ours._trainer).__name__ == "SimpleTrainer"
 
 
-def test_hooks_run_in_the_order_build_hooks_writes_them(synthetic_cfg):
+def test_the_harness_places_its_hooks_among_detectron2s(synthetic_cfg):
+    from balanced_rcnn import Trainer
     from training_harness.health import NonFiniteStop, TrainingHealthMonitor
     from training_harness.reliability import CheckpointOnSignal, PeerWatchdogHook
 
     kinds = [type(h) for h in GuardedTrainer(synthetic_cfg)._hooks]
-    assert kinds == [hooks.IterationTimer, NonFiniteStop, hooks.LRScheduler, TrainingHealthMonitor,
-                     hooks.PeriodicCheckpointer, CheckpointOnSignal, hooks.EvalHook,
-                     hooks.PeriodicWriter, hooks.CallbackHook, PeerWatchdogHook]
+    harness = (NonFiniteStop, TrainingHealthMonitor, CheckpointOnSignal, hooks.CallbackHook,
+               PeerWatchdogHook)
+    # detectron2's hooks (the core Trainer's) keep their order; the harness adds its own.
+    assert [k for k in kinds if k not in harness] == [type(h) for h in Trainer(synthetic_cfg)._hooks]
+    assert set(harness) <= set(kinds)  # CallbackHook: the summary of the skipped images
+    at = kinds.index
+    # The health checks see the step before the checkpointer saves it and the writer writes it.
+    assert at(hooks.LRScheduler) < at(NonFiniteStop) < at(TrainingHealthMonitor) \
+        < at(hooks.PeriodicCheckpointer) < at(CheckpointOnSignal) < at(hooks.EvalHook) \
+        < at(hooks.PeriodicWriter)
+    assert kinds[-1] is PeerWatchdogHook
     synthetic_cfg.HEALTH.ENABLED = False
     synthetic_cfg.DATASETS.TEST = ()
     kinds = [type(h) for h in GuardedTrainer(synthetic_cfg)._hooks]
     assert TrainingHealthMonitor not in kinds and hooks.EvalHook not in kinds
     assert NonFiniteStop not in kinds
+    assert kinds.index(CheckpointOnSignal) == kinds.index(hooks.PeriodicCheckpointer) + 1

@@ -10,10 +10,13 @@ generated on first use). Nothing in balanced_rcnn imports it.
 from .config import add_training_harness_config, load_project_config
 from .data import register_datasets_from_config
 from .engine import GuardedTrainer
+from .entry import check_setup, launch
 
 __all__ = [
     "GuardedTrainer",
     "add_training_harness_config",
+    "check_setup",
+    "launch",
     "load_project_config",
     "register_datasets_from_config",
 ]

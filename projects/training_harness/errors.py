@@ -41,6 +41,7 @@ __all__ = [
     "UnsupportedImageError",
     "exit_code_of",
     "exit_on_refusal",
+    "refusal_line",
 ]
 
 import contextlib
@@ -171,5 +172,11 @@ def exit_on_refusal(program: str) -> Iterator[None]:
     try:
         yield
     except SETUP_REFUSALS as e:
-        name = "" if type(e).__module__ == "builtins" else f"{type(e).__name__}: "
-        sys.exit(f"{program}: error: {name}{e}")
+        sys.exit(refusal_line(program, e))
+
+
+def refusal_line(program: str, error: BaseException) -> str:
+    """``<program>: error: [ErrorClass: ]message``: the project's own error classes keep their
+    name."""
+    name = "" if type(error).__module__ == "builtins" else f"{type(error).__name__}: "
+    return f"{program}: error: {name}{error}"

@@ -8,14 +8,13 @@ import logging
 import os
 import re
 from collections import OrderedDict
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from balanced_rcnn.engine.trainer import Trainer
 from detectron2.config import CfgNode
 from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
-from fvcore.nn.precise_bn import get_bn_modules
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.loader import build_test_loader, build_train_loader
@@ -31,6 +30,13 @@ _LOST_LOADER_WORKER = re.compile(r"DataLoader worker \(pid")
 __all__ = ["GuardedTrainer"]
 
 
+def _insert_before(built: List[HookBase], anchors: Tuple[type, ...],
+                   new: List[HookBase]) -> None:
+    """``new`` before the first hook of a type in ``anchors``, or at the end."""
+    at = next((i for i, h in enumerate(built) if isinstance(h, anchors)), len(built))
+    built[at:at] = new
+
+
 class GuardedTrainer(Trainer):
     """
     The core's Trainer (balanced_rcnn.engine.trainer) with atomic checkpoints that must fit the
@@ -40,50 +46,40 @@ class GuardedTrainer(Trainer):
 
     @classmethod
     def build_checkpointer(cls, cfg: CfgNode, model, **checkpointables) -> AtomicCheckpointer:
-        return AtomicCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
+        """Atomic writes. Without a trainer's state (evaluation) every model tensor must come
+        from the file: no AP for weights not loaded; a training run decides in
+        :meth:`resume_or_load`."""
+        return AtomicCheckpointer(model, cfg.OUTPUT_DIR, require_full_model=not checkpointables,
+                                  **checkpointables)
 
     def build_hooks(self) -> List[Optional[HookBase]]:
         """
-        DefaultTrainer's hooks and the project's, in the order they run after each step
-        (detectron2 skips the None entries).
+        The core's hooks (detectron2's) with the harness's, each where it must run:
+
+        - the health checks after the LR scheduler and before the checkpointer, evaluation and
+          writer: a checkpoint then holds their state of the same step, and the writer their
+          scalars;
+        - the checkpoint on a signal after the periodic one (which may have saved this very
+          step) and before any evaluation;
+        - the watchdog last: its ``after_train`` comes after the final evaluation, which it
+          watches too (reliability/watchdog.py).
         """
-        cfg = self.cfg.clone()
-        cfg.defrost()
-        cfg.DATALOADER.NUM_WORKERS = 0  # as DefaultTrainer: PreciseBN's loader, less memory
-        main = comm.is_main_process()
-        skipped = getattr(self.data_loader, "skipped", None)  # data/mapper.py
-
-        def test_and_save_results():
-            self._last_eval_results = self.test(self.cfg, self.model)
-            return self._last_eval_results
-
-        return [
-            hooks.IterationTimer(),
+        cfg = self.cfg
+        built = super().build_hooks()
+        health = [
             # Its after_backward stops a non-finite or exploding step before it is applied.
-            NonFiniteStop(LossDivergenceRule.from_config(cfg)) if cfg.HEALTH.ENABLED else None,
-            hooks.LRScheduler(),
-            # Before the checkpointer, which saves the statistics it updates.
-            hooks.PreciseBN(cfg.TEST.EVAL_PERIOD, self.model, self.build_train_loader(cfg),
-                            cfg.TEST.PRECISE_BN.NUM_ITER)
-            if cfg.TEST.PRECISE_BN.ENABLED and get_bn_modules(self.model) else None,
-            # Before the checkpointer (a checkpoint holds the monitor's state of the same
-            # iteration) and the writer (which writes the monitor's scalars).
-            TrainingHealthMonitor.from_config(self.cfg) if cfg.HEALTH.ENABLED else None,
-            hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD)
-            if main else None,
-            # SIGTERM / Ctrl-C: a checkpoint at the end of the step, after the scheduler step
-            # and the periodic checkpoint, before any evaluation.
-            CheckpointOnSignal(self.checkpointer),
-            # After the checkpointer: a failed evaluation leaves a checkpoint to debug. With no
-            # test set there is nothing to evaluate (and `test` refuses an empty DATASETS.TEST).
-            hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results)
-            if cfg.DATASETS.TEST else None,
-            # Last of detectron2's: the writers then see the evaluation's metrics.
-            hooks.PeriodicWriter(self.build_writers(), period=20) if main else None,
-            hooks.CallbackHook(after_train=lambda _: skipped.log_summary())
-            if skipped is not None else None,
-            PeerWatchdogHook(cfg.RELIABILITY.PEER_TIMEOUT_S),  # last: see reliability/watchdog.py
-        ]
+            NonFiniteStop(LossDivergenceRule.from_config(cfg)),
+            TrainingHealthMonitor.from_config(cfg),
+        ] if cfg.HEALTH.ENABLED else []
+        _insert_before(built, (hooks.PeriodicCheckpointer, hooks.EvalHook, hooks.PeriodicWriter),
+                       health)
+        _insert_before(built, (hooks.EvalHook, hooks.PeriodicWriter),
+                       [CheckpointOnSignal(self.checkpointer)])
+        skipped = getattr(self.data_loader, "skipped", None)  # data/mapper.py
+        if skipped is not None:
+            built.append(hooks.CallbackHook(after_train=lambda _: skipped.log_summary()))
+        built.append(PeerWatchdogHook(cfg.RELIABILITY.PEER_TIMEOUT_S))
+        return built
 
     def resume_or_load(self, resume: bool = True) -> None:
         # A resumed run continues this run's model: a checkpoint of another one is refused

@@ -11,6 +11,8 @@ One training run per OUTPUT_DIR.
   of the lock file, so they do not hold it after their parent). On a network file system the lock of a machine
   that crashed can outlive it until the server notices; the message then says to delete the lock
   file. Where the file system has no locks at all, a warning says so and training goes on.
+  (filelock would take the same ``flock``; what it lacks is the record of the holder, which the
+  refusal names: process, host and start time, written into the lock file.)
 - without ``--resume``, a folder that already holds checkpoints (``last_checkpoint``,
   ``model_*.pth``) is refused with the two ways out (``--resume``, or another OUTPUT_DIR):
   detectron2 would start afresh and leave a new ``last_checkpoint`` beside the old
