@@ -59,6 +59,12 @@ def test_box_regression_uses_the_transform_weights():
     assert_scalar_close(loss, 2.0 + 0.75)
 
 
+def test_an_unknown_loss_type_is_refused():
+    with pytest.raises(ValueError, match=r"^Invalid box regression loss type 'l2': one of "
+                                         r"\('smooth_l1', 'giou', 'diou', 'ciou'\)$"):
+        box_regression_terms(UNIT_BOX_TRANSFORM, _pred_deltas(), SRC, GT, loss_type="l2")
+
+
 def test_iou_loss_terms_equal_hand_computed_values():
     pred = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 2.0, 1.0]])
     gt = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 2.0]])

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.core
         ("MODEL.BALANCED_LOSS.EPS", -1e-6, "MODEL.BALANCED_LOSS.EPS"),
         ("MODEL.RPN.BBOX_REG_LOSS_TYPE", "l2", "MODEL.RPN.BBOX_REG_LOSS_TYPE.*l2"),
         ("MODEL.BALANCED_LOSS.REG_NORMALIZER", "mean",
-         r"REG_NORMALIZER must be one of \('positives', 'samples'\), got 'mean'"),
+         r"REG_NORMALIZER must be one of 'positives', 'samples'; got 'mean'.$"),
         ("MODEL.BALANCED_LOSS.NORMALIZER_MOMENTUM", 1.0,
          r"NORMALIZER_MOMENTUM must be in \[0, 1\), got 1.0"),
         ("MODEL.BALANCED_LOSS.PRIOR_PROB", 1.0, r"PRIOR_PROB must be in \[0, 1\)"),

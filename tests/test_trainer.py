@@ -71,7 +71,8 @@ def test_sgd_and_per_parameter_clipping_are_detectron2s(tiny_cfg):
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("OPTIMIZER", "Adam", r"SOLVER.OPTIMIZER must be one of \('SGD', 'AdamW'\), got 'Adam'"),
+        ("OPTIMIZER", "Adam", r"^SOLVER.OPTIMIZER must be one of 'AdamW', 'SGD'; got 'Adam'. "
+                              r"Did you mean 'AdamW'\?$"),
         ("CLIP_GRADIENTS.CLIP_TYPE", "global", "CLIP_TYPE must be one of .*got 'global'"),
     ],
 )

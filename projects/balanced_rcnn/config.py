@@ -3,7 +3,30 @@ The yacs keys of the model, its losses, the optimizer, the sampler and copy-past
 ``add_balanced_rcnn_config(cfg)`` adds them with their defaults; calling it twice is harmless (keys
 already present keep their values).
 """
+import difflib
+from typing import Sequence
+
 from detectron2.config import CfgNode as CN
+
+__all__ = ["add_balanced_rcnn_config", "check_choice"]
+
+
+def check_choice(key: str, value: object, choices: Sequence[str]) -> None:
+    """
+    The one refusal of a key with a fixed set of values; each component that reads such a key
+    calls it with its own table, when it reads the key and, through the set-up checks, before
+    anything is built.
+
+    Raises:
+        ValueError: "<key> must be one of <choices>; got <value>. Did you mean <close match>?"
+    """
+    if value in choices:
+        return
+    choices = sorted(choices, key=str.lower)
+    close = difflib.get_close_matches(str(value), choices, n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise ValueError(f"{key} must be one of {', '.join(map(repr, choices))}; got {value!r}."
+                     f"{hint}")
 
 
 def _add_balanced_loss_config(cfg: CN) -> None:

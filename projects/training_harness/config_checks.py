@@ -1,27 +1,32 @@
 """
-Every string-valued config key with a fixed set of values, checked at set-up, before anything is
-built, whether or not this run reads it: a typo in a key that only a later stage reads (the
-evaluation, an unused head's loss options, a sampler) otherwise fails hours in, or never.
+Every config key with a fixed set of values, checked at set-up, before anything is built, whether
+or not this run reads it: a typo in a key that only a later stage reads (the evaluation, an unused
+head's loss options) otherwise fails hours in, or never.
 
-:func:`check_config_choices` refuses the first key whose value is not one of its choices, naming
-the key, the value, the choices and the close matches. The project's choices are the tuples its
-modules use; detectron2's are the values its builders accept (as of detectron2 0.6) and the
-names in its registries (so a class a user registers before set-up is accepted). Every other
-string key of the config is free text (:data:`FREE_TEXT_KEYS`); a test keeps the three lists
-covering every string key. Keys holding lists of feature names (``IN_FEATURES``) are checked by
-detectron2 when the model is built.
+Each key is checked by the component that reads it, with that component's own table of choices
+(``balanced_rcnn.config.check_choice``, which names the close matches): here they are only called
+early. detectron2's keys are left to detectron2: the names of registered classes are looked up in
+its registries (so a class a user registers before set-up is accepted), and the keys its cheap
+builders read are checked by calling those builders (:data:`DETECTRON2_BUILDERS`). The keys of
+components that only a built model reads (MODEL.FPN.FUSE_TYPE, the RetinaNet keys, the
+training sampler) are refused by detectron2 when the Trainer builds them, before the first
+iteration.
 """
 
-import difflib
-from typing import Dict, Iterable, Sequence
+import contextlib
+import logging
+from typing import Callable, Dict, Iterator, Tuple
 
-from balanced_rcnn.data.samplers import CLASS_AWARE_OBJECT_SHARE_SAMPLER, OBJECT_SHARE_SAMPLER
-from balanced_rcnn.engine.optimizer import CLIP_TYPES, OPTIMIZERS
-from balanced_rcnn.engine.trainer import AMP_PRECISIONS
+import torch
+from balanced_rcnn.config import check_choice
+from balanced_rcnn.engine.optimizer import check_solver_choices
+from balanced_rcnn.engine.trainer import amp_precision
 from balanced_rcnn.evaluation.image_level import check_deployment_score_thresh
-from balanced_rcnn.modeling.checks import check_balanced_loss_keys
-from balanced_rcnn.modeling.losses import BOX_REG_LOSS_TYPES, REG_NORMALIZERS
+from balanced_rcnn.modeling.checks import check_balanced_loss_keys, check_box_reg_loss_type
 from detectron2.config import CfgNode
+from detectron2.data import DatasetMapper
+from detectron2.data.detection_utils import annotations_to_instances
+from detectron2.layers import get_norm
 from detectron2.modeling import (
     ANCHOR_GENERATOR_REGISTRY,
     BACKBONE_REGISTRY,
@@ -34,53 +39,14 @@ from detectron2.modeling import (
     RPN_HEAD_REGISTRY,
     SEM_SEG_HEADS_REGISTRY,
 )
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.solver import build_lr_scheduler
+from detectron2.structures import BoxMode
 
 from .data.checks import BAD_ANNOTATION_POLICIES
 from .health.collapse import ACTIONS
 
-__all__ = ["CHOICES", "FREE_TEXT_KEYS", "REGISTRY_KEYS", "check_config_choices", "config_value"]
-
-_NORMS = ("", "BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
-_POOLERS = ("ROIAlign", "ROIAlignV2", "ROIPool", "ROIAlignRotated")
-
-CHOICES: Dict[str, Sequence[str]] = {
-    # The project's keys.
-    "SOLVER.OPTIMIZER": OPTIMIZERS,
-    "SOLVER.AMP.PRECISION": tuple(AMP_PRECISIONS),
-    "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": CLIP_TYPES,
-    "HEALTH.ACTION": ACTIONS,
-    "RELIABILITY.BAD_ANNOTATIONS": BAD_ANNOTATION_POLICIES,
-    # detectron2's keys (detectron2/data/build.py, solver/build.py, layers/batch_norm.py, ...).
-    "DATALOADER.SAMPLER_TRAIN": ("TrainingSampler", "RepeatFactorTrainingSampler",
-                                 "RandomSubsetTrainingSampler", OBJECT_SHARE_SAMPLER,
-                                 CLASS_AWARE_OBJECT_SHARE_SAMPLER),
-    "SOLVER.LR_SCHEDULER_NAME": ("WarmupMultiStepLR", "WarmupCosineLR",
-                                 "WarmupStepWithFixedGammaLR"),
-    "SOLVER.WARMUP_METHOD": ("linear", "constant"),
-    "INPUT.MASK_FORMAT": ("polygon", "bitmask"),
-    "INPUT.RANDOM_FLIP": ("none", "horizontal", "vertical"),
-    "INPUT.CROP.TYPE": ("relative_range", "relative", "absolute", "absolute_range"),
-    "INPUT.MIN_SIZE_TRAIN_SAMPLING": ("choice", "range"),
-    "MODEL.RPN.BBOX_REG_LOSS_TYPE": BOX_REG_LOSS_TYPES,
-    "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE": BOX_REG_LOSS_TYPES,
-    "MODEL.ROI_BOX_HEAD.POOLER_TYPE": _POOLERS,
-    "MODEL.ROI_MASK_HEAD.POOLER_TYPE": _POOLERS,
-    "MODEL.ROI_KEYPOINT_HEAD.POOLER_TYPE": _POOLERS,
-    "MODEL.RETINANET.BBOX_REG_LOSS_TYPE": BOX_REG_LOSS_TYPES,
-    "MODEL.FPN.FUSE_TYPE": ("sum", "avg"),
-    "MODEL.FPN.NORM": _NORMS,
-    "MODEL.RESNETS.NORM": _NORMS,
-    "MODEL.ROI_BOX_HEAD.NORM": _NORMS,
-    "MODEL.ROI_MASK_HEAD.NORM": _NORMS,
-    "MODEL.RETINANET.NORM": _NORMS,
-    "MODEL.SEM_SEG_HEAD.NORM": _NORMS,
-    "MODEL.BALANCED_LOSS.REG_NORMALIZER": REG_NORMALIZERS,
-}
-
-# String keys without a fixed set: paths, devices, dataset names (checked against the dataset
-# registry in data/register.py), and INPUT.FORMAT (any PIL mode, or BGR).
-FREE_TEXT_KEYS = ("MODEL.DEVICE", "MODEL.WEIGHTS", "INPUT.FORMAT", "OUTPUT_DIR",
-                  "DATASETS.SYNTHETIC_ROOT", "HEALTH.DATASET")
+__all__ = ["DETECTRON2_BUILDERS", "REGISTRY_KEYS", "check_config_choices", "config_value"]
 
 # Keys that name a registered class; read when the model is built.
 REGISTRY_KEYS = {
@@ -100,6 +66,41 @@ REGISTRY_KEYS = {
 _UNREGISTERED_NAMES = {"MODEL.PROPOSAL_GENERATOR.NAME": ("PrecomputedProposals",),
                        "MODEL.ROI_BOX_HEAD.NAME": ("",)}
 
+_NORM_KEYS = ("MODEL.FPN.NORM", "MODEL.RESNETS.NORM", "MODEL.ROI_BOX_HEAD.NORM",
+              "MODEL.ROI_MASK_HEAD.NORM", "MODEL.RETINANET.NORM", "MODEL.SEM_SEG_HEAD.NORM")
+_POOLER_KEYS = ("MODEL.ROI_BOX_HEAD.POOLER_TYPE", "MODEL.ROI_MASK_HEAD.POOLER_TYPE",
+                "MODEL.ROI_KEYPOINT_HEAD.POOLER_TYPE")
+
+
+def _one_polygon(cfg: CfgNode) -> None:
+    annotation = {"bbox": [0, 0, 2, 2], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0,
+                  "segmentation": [[0, 0, 2, 0, 2, 2]]}
+    annotations_to_instances([annotation], (4, 4), mask_format=cfg.INPUT.MASK_FORMAT)
+
+
+def _lr_scheduler(cfg: CfgNode) -> None:
+    build_lr_scheduler(cfg, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
+
+
+def _norm(key: str) -> Callable[[CfgNode], None]:
+    return lambda cfg: get_norm(config_value(cfg, key), 32)
+
+
+def _pooler(key: str) -> Callable[[CfgNode], None]:
+    return lambda cfg: ROIPooler(7, (0.25,), 0, config_value(cfg, key))
+
+
+# detectron2's keys with a fixed set of values -> the detectron2 builder that reads them, called
+# on the config (each costs well under a millisecond).
+DETECTRON2_BUILDERS: Dict[Tuple[str, ...], Callable[[CfgNode], None]] = {
+    ("INPUT.RANDOM_FLIP", "INPUT.CROP.TYPE", "INPUT.MIN_SIZE_TRAIN_SAMPLING"):
+        lambda cfg: DatasetMapper.from_config(cfg, is_train=True),
+    ("SOLVER.LR_SCHEDULER_NAME", "SOLVER.WARMUP_METHOD"): _lr_scheduler,
+    ("INPUT.MASK_FORMAT",): _one_polygon,
+    **{(key,): _norm(key) for key in _NORM_KEYS},
+    **{(key,): _pooler(key) for key in _POOLER_KEYS},
+}
+
 
 def config_value(cfg: CfgNode, key: str):
     """The value of a dotted config key, e.g. "SOLVER.BASE_LR"."""
@@ -109,31 +110,46 @@ def config_value(cfg: CfgNode, key: str):
     return node
 
 
-def _refuse(key: str, value: object, choices: Iterable[str]) -> None:
-    choices = sorted(choices, key=str.lower)
-    close = difflib.get_close_matches(str(value), choices, n=3, cutoff=0.6)
-    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-    raise ValueError(f"{key} must be one of {', '.join(map(repr, choices))}; got {value!r}."
-                     f"{hint}")
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    # A builder's warnings (e.g. SOLVER.STEPS past MAX_ITER) are logged again when the Trainer
+    # calls it.
+    logger = logging.getLogger(logger_name)
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
 
 
 def check_config_choices(cfg: CfgNode) -> None:
-    """Refuse the first key of :data:`CHOICES` or :data:`REGISTRY_KEYS` whose value is not
-    allowed, then check MODEL.BALANCED_LOSS's ranges (see the module docstring)."""
-    for key, choices in CHOICES.items():
-        value = config_value(cfg, key)
-        if value not in choices:
-            _refuse(key, value, choices)
-    for key, registry in REGISTRY_KEYS.items():
-        value = config_value(cfg, key)
-        allowed = [name for name, _ in registry] + list(_UNREGISTERED_NAMES.get(key, ()))
-        if value not in allowed:
-            _refuse(key, value, allowed)
+    """Refuse the first key whose value is not allowed (see the module docstring)."""
+    # The project's keys, by the checks of the components that read them.
+    check_solver_choices(cfg)
+    amp_precision(cfg.SOLVER.AMP.PRECISION)
+    for key in ("MODEL.RPN.BBOX_REG_LOSS_TYPE", "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE"):
+        check_box_reg_loss_type(key, config_value(cfg, key))
     # The balanced heads check their section when they are built; a stock-heads run never
     # builds them, and would carry a bad value into the next config copied from it.
     check_balanced_loss_keys(cfg)
     check_deployment_score_thresh(cfg.TEST.DEPLOYMENT_SCORE_THRESH)
+    check_choice("HEALTH.ACTION", cfg.HEALTH.ACTION, ACTIONS)
+    check_choice("RELIABILITY.BAD_ANNOTATIONS", cfg.RELIABILITY.BAD_ANNOTATIONS,
+                 BAD_ANNOTATION_POLICIES)
     _check_health_rule_keys(cfg)
+    # detectron2's keys, by its registries and its builders.
+    for key, registry in REGISTRY_KEYS.items():
+        allowed = [name for name, _ in registry] + list(_UNREGISTERED_NAMES.get(key, ()))
+        check_choice(key, config_value(cfg, key), allowed)
+    for keys, build in DETECTRON2_BUILDERS.items():
+        try:
+            with _quiet("detectron2.solver.build"):
+                build(cfg)
+        except (ValueError, KeyError, AssertionError, AttributeError) as e:
+            values = ", ".join(f"{key} = {config_value(cfg, key)!r}" for key in keys)
+            which = "one of " if len(keys) > 1 else ""
+            raise ValueError(f"detectron2 refuses {which}{values} ({type(e).__name__}: {e})") \
+                from None
 
 
 def _check_health_rule_keys(cfg: CfgNode) -> None:

@@ -14,14 +14,24 @@ from typing import Any, Dict, List
 import torch
 from detectron2.config import CfgNode
 from detectron2.solver import get_default_optimizer_params
-from detectron2.solver.build import maybe_add_gradient_clipping
+from detectron2.solver.build import GradientClipType, maybe_add_gradient_clipping
 
-__all__ = ["CLIP_TYPES", "FULL_MODEL_CLIP", "OPTIMIZERS", "build_optimizer", "build_param_groups"]
+from ..config import check_choice
+
+__all__ = ["CLIP_TYPES", "FULL_MODEL_CLIP", "OPTIMIZERS", "build_optimizer", "build_param_groups",
+           "check_solver_choices"]
 
 FULL_MODEL_CLIP = "full_model"
 # detectron2's per-parameter clip types plus the whole-model L2 clip.
-CLIP_TYPES = ("value", "norm", FULL_MODEL_CLIP)
+CLIP_TYPES = tuple(t.value for t in GradientClipType) + (FULL_MODEL_CLIP,)
 OPTIMIZERS = ("SGD", "AdamW")  # SOLVER.OPTIMIZER
+
+
+def check_solver_choices(cfg: CfgNode) -> None:
+    """SOLVER.OPTIMIZER and SOLVER.CLIP_GRADIENTS.CLIP_TYPE."""
+    check_choice("SOLVER.OPTIMIZER", cfg.SOLVER.OPTIMIZER, OPTIMIZERS)
+    check_choice("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE,
+                 CLIP_TYPES)
 
 
 def build_param_groups(cfg: CfgNode, model: torch.nn.Module) -> List[Dict[str, Any]]:
@@ -42,9 +52,9 @@ def build_param_groups(cfg: CfgNode, model: torch.nn.Module) -> List[Dict[str, A
 
 def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
     """SOLVER.OPTIMIZER ("SGD" or "AdamW") over :func:`build_param_groups`."""
+    check_solver_choices(cfg)
     params = build_param_groups(cfg, model)
-    name = cfg.SOLVER.OPTIMIZER
-    if name == "SGD":
+    if cfg.SOLVER.OPTIMIZER == "SGD":
         optimizer = torch.optim.SGD(
             params,
             lr=cfg.SOLVER.BASE_LR,
@@ -52,21 +62,14 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
             nesterov=cfg.SOLVER.NESTEROV,
             weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         )
-    elif name == "AdamW":
+    else:
         optimizer = torch.optim.AdamW(
             params,
             lr=cfg.SOLVER.BASE_LR,
             betas=tuple(cfg.SOLVER.BETAS),
             weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         )
-    else:
-        raise ValueError(f"SOLVER.OPTIMIZER must be one of {OPTIMIZERS}, got {name!r}")
-
     clip = cfg.SOLVER.CLIP_GRADIENTS
-    if clip.CLIP_TYPE not in CLIP_TYPES:
-        raise ValueError(
-            f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be one of {CLIP_TYPES}, got {clip.CLIP_TYPE!r}"
-        )
     if clip.ENABLED and clip.CLIP_TYPE != FULL_MODEL_CLIP:
         optimizer = maybe_add_gradient_clipping(cfg, optimizer)
     return optimizer

@@ -26,6 +26,7 @@ from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..config import check_choice
 from ..data.loader import build_train_loader
 from ..evaluation import FrequencyGroupCOCOEvaluator, ImageLevelEvaluator
 from ..utils.events import flush_tensor_scalars
@@ -39,9 +40,7 @@ AMP_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def amp_precision(name: str) -> torch.dtype:
-    if name not in AMP_PRECISIONS:
-        raise ValueError(
-            f"SOLVER.AMP.PRECISION must be one of {tuple(AMP_PRECISIONS)}, got {name!r}")
+    check_choice("SOLVER.AMP.PRECISION", name, tuple(AMP_PRECISIONS))
     return AMP_PRECISIONS[name]
 
 

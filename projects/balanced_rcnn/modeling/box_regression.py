@@ -86,7 +86,8 @@ def iou_loss_terms(
         return 1 - (iou - ((area_c - union) / (area_c + eps)))
 
     if loss_type not in ("diou", "ciou"):
-        raise ValueError(f"Invalid IoU loss type '{loss_type}'")
+        raise ValueError(f"Invalid box regression loss type {loss_type!r}: one of "
+                         f"{BOX_REG_LOSS_TYPES}")
     iou = intsct / (union + eps)
     diag_len = ((xc2 - xc1) ** 2) + ((yc2 - yc1) ** 2) + eps
     x_p = (x2 + x1) / 2
@@ -130,10 +131,8 @@ def box_regression_terms(
     if loss_type == "smooth_l1":
         target = encode_box_deltas(box2box_transform.weights, src_boxes, gt_boxes)
         return smooth_l1_loss(pred_deltas, target, beta=smooth_l1_beta, reduction="none").sum(-1)
-    if loss_type in BOX_REG_LOSS_TYPES:
-        pred_boxes = box2box_transform.apply_deltas(pred_deltas, src_boxes)
-        return iou_loss_terms(pred_boxes, gt_boxes.float(), loss_type)
-    raise ValueError(f"Invalid box regression loss type '{loss_type}'")
+    pred_boxes = box2box_transform.apply_deltas(pred_deltas, src_boxes)
+    return iou_loss_terms(pred_boxes, gt_boxes.float(), loss_type)  # refuses an unknown type
 
 
 def box_loss_options(head: Any) -> Dict[str, Any]:

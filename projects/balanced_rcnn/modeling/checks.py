@@ -14,6 +14,7 @@ import math
 
 from detectron2.config import CfgNode
 
+from ..config import check_choice
 from .box_regression import BOX_REG_LOSS_TYPES
 from .losses import REG_NORMALIZERS
 
@@ -53,9 +54,7 @@ def check_shared_loss_values(eps: float, reg_normalizer: str, prior_prob: float)
     """EPS finite and > 0, REG_NORMALIZER one of :data:`REG_NORMALIZERS`, PRIOR_PROB in [0, 1)."""
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"MODEL.BALANCED_LOSS.EPS must be finite and > 0, got {eps}")
-    if reg_normalizer not in REG_NORMALIZERS:
-        raise ValueError(f"MODEL.BALANCED_LOSS.REG_NORMALIZER must be one of {REG_NORMALIZERS}, "
-                         f"got {reg_normalizer!r}")
+    check_choice("MODEL.BALANCED_LOSS.REG_NORMALIZER", reg_normalizer, REG_NORMALIZERS)
     if not 0.0 <= prior_prob < 1.0:
         raise ValueError("MODEL.BALANCED_LOSS.PRIOR_PROB must be in [0, 1) (0: detectron2's "
                          f"initialization), got {prior_prob}")
@@ -100,8 +99,7 @@ def refuse_stock_loss_weight(key: str, value: float, use_instead: str) -> None:
 
 def check_box_reg_loss_type(key: str, value: str) -> None:
     """Fail at build time rather than at the first training step."""
-    if value not in BOX_REG_LOSS_TYPES:
-        raise ValueError(f"{key} must be one of {BOX_REG_LOSS_TYPES}, got '{value}'")
+    check_choice(key, value, BOX_REG_LOSS_TYPES)
 
 
 def check_rpn_config(cfg: CfgNode) -> None:

@@ -33,6 +33,8 @@ import collections
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
+from balanced_rcnn.config import check_choice
+
 from .annotation_geometry import geometry_problem, is_number
 
 __all__ = ["BAD_ANNOTATION_POLICIES", "FIELD_RULES", "ID_TYPES", "check_coco_annotations"]
@@ -118,9 +120,7 @@ def check_coco_annotations(
     Raises:
         ValueError: naming every problem (the first few in the message, the count of all).
     """
-    if bad_annotations not in BAD_ANNOTATION_POLICIES:
-        raise ValueError(f"RELIABILITY.BAD_ANNOTATIONS must be one of {BAD_ANNOTATION_POLICIES}, "
-                         f"got {bad_annotations!r}")
+    check_choice("RELIABILITY.BAD_ANNOTATIONS", bad_annotations, BAD_ANNOTATION_POLICIES)
     errors: List[str] = []
     images: Dict[Any, Dict] = {}
     unsized: Set[Any] = set()  # images whose size is reported: their boxes are not checked

@@ -28,6 +28,7 @@ import time
 from typing import Any, Callable, Dict, List, Sequence
 
 import torch
+from balanced_rcnn.config import check_choice
 from balanced_rcnn.data.samplers import holds_objects
 from detectron2.config import CfgNode
 from detectron2.data import DatasetMapper
@@ -101,8 +102,7 @@ class TrainingHealthMonitor(HookBase):
             foreground_rule: periods in which most steps sampled no foreground anchor or ROI
                 count towards a collapse.
         """
-        if action not in ACTIONS:
-            raise ValueError(f"HEALTH.ACTION must be one of {ACTIONS}, got {action!r}")
+        check_choice("HEALTH.ACTION", action, ACTIONS)
         if period < 0 or num_images < 0:
             raise ValueError(
                 f"HEALTH.PERIOD and HEALTH.NUM_IMAGES must be >= 0, got {period}, {num_images}"
