@@ -9,9 +9,10 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import cv2
 import numpy as np
-from balanced_rcnn import add_balanced_rcnn_config
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from conftest import harness_cfg
 
 SIZE = 32  # height and width of the test images
 CATEGORIES = [{"id": 3, "name": "dog"}, {"id": 7, "name": "cat"}]
@@ -45,19 +46,10 @@ def write_coco(root: Path, num_images: int = 4, annotations: Optional[List[Dict]
     return json_file, images_dir
 
 
-def project_cfg() -> CfgNode:
-    from training_harness import add_training_harness_config  # write_coco serves core tests too
-
-    cfg = get_cfg()
-    add_balanced_rcnn_config(cfg)
-    add_training_harness_config(cfg)
-    return cfg
-
-
 def coco_cfg(name: str, json_file: Path, image_root: Path, base: Optional[CfgNode] = None
              ) -> CfgNode:
     """``base`` (default: detectron2's defaults and the project's keys) training on the json."""
-    cfg = base if base is not None else project_cfg()
+    cfg = base if base is not None else harness_cfg()
     cfg.DATASETS.REGISTER_COCO = [[name, str(json_file), str(image_root)]]
     cfg.DATASETS.TRAIN = (name,)
     cfg.DATASETS.TEST = ()
@@ -68,7 +60,7 @@ def coco_cfg(name: str, json_file: Path, image_root: Path, base: Optional[CfgNod
 def tiny_synthetic_cfg(**datasets) -> CfgNode:
     """The project's defaults training on synthetic_shapes_tiny_train and testing on
     synthetic_shapes_tiny_val (3 classes); ``datasets``: DATASETS keys to override."""
-    cfg = project_cfg()
+    cfg = harness_cfg()
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
     cfg.DATASETS.TRAIN = ("synthetic_shapes_tiny_train",)
     cfg.DATASETS.TEST = ("synthetic_shapes_tiny_val",)

@@ -24,7 +24,8 @@ from training_harness.data.train_dicts import load_train_dicts
 from training_harness.errors import TooManySkippedImages
 from training_harness.reliability.launch import collective_timeout
 
-from coco_builders import SIZE, annotation, coco_cfg, project_cfg, write_coco
+from coco_builders import SIZE, annotation, coco_cfg, write_coco
+from conftest import harness_cfg
 
 pytestmark = pytest.mark.usefixtures("forget_bad_datasets")
 
@@ -35,23 +36,23 @@ pytestmark = pytest.mark.usefixtures("forget_bad_datasets")
 def test_unknown_config_key_is_named(tmp_path: Path):
     # yacs: an assertion for the command line, a KeyError for a file; both name the full key.
     with pytest.raises(AssertionError, match="^Non-existent key: SOLVER.BASE_LRR$"):
-        project_cfg().merge_from_list(["SOLVER.BASE_LRR", "0.1"])
+        harness_cfg().merge_from_list(["SOLVER.BASE_LRR", "0.1"])
     config = tmp_path / "typo.yaml"
     config.write_text("RELIABILITY:\n  PEER_TIMEOUT: 10.0\n")
     with pytest.raises(KeyError, match="Non-existent config key: RELIABILITY.PEER_TIMEOUT"):
-        project_cfg().merge_from_file(str(config))
+        harness_cfg().merge_from_file(str(config))
 
 
 def test_wrong_config_type_is_named():
     with pytest.raises(ValueError) as info:
-        project_cfg().merge_from_list(["SOLVER.BASE_LR", "fast"])
+        harness_cfg().merge_from_list(["SOLVER.BASE_LR", "fast"])
     assert str(info.value) == ("Type mismatch (<class 'float'> vs. <class 'str'>) with values "
                                "(0.001 vs. fast) for config key: SOLVER.BASE_LR")
     # yacs does not turn an int into a float: float keys need a decimal point.
     with pytest.raises(ValueError, match=r"\(<class 'float'> vs. <class 'int'>\) with values "
                                          r"\(60.0 vs. 5\) for config key: "
                                          "RELIABILITY.PEER_TIMEOUT_S"):
-        project_cfg().merge_from_list(["RELIABILITY.PEER_TIMEOUT_S", "5"])
+        harness_cfg().merge_from_list(["RELIABILITY.PEER_TIMEOUT_S", "5"])
 
 
 def test_negative_or_nan_loss_weight_is_refused_when_the_model_is_built(tiny_cfg, tmp_path):
@@ -70,7 +71,7 @@ def test_negative_or_nan_loss_weight_is_refused_when_the_model_is_built(tiny_cfg
 
 
 def test_reliability_keys_out_of_range_are_named(tmp_path: Path):
-    cfg = project_cfg()
+    cfg = harness_cfg()
     cfg.RELIABILITY.COLLECTIVE_TIMEOUT_MIN = 0.0
     with pytest.raises(ValueError, match="RELIABILITY.COLLECTIVE_TIMEOUT_MIN must be > 0, got 0.0"):
         collective_timeout(cfg)
