@@ -29,6 +29,7 @@ A worker that leaves training normally (finished, or stopped by a signal with a 
 its counter to -1, "done": the others then no longer expect heartbeats from it.
 """
 
+import contextlib
 import datetime
 import logging
 import os
@@ -53,27 +54,14 @@ _DONE = -1
 _VERDICT_BEATS = 5
 
 
-def _flush_logs() -> None:
-    loggers = [logging.getLogger()] + [
-        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
-    ]
-    for lg in loggers:
-        for handler in lg.handlers:
-            try:
-                handler.flush()
-            except Exception:  # a closed stream must not keep the process alive
-                pass
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-
-
 def exit_peer_lost(message: str) -> None:
     """Log ``message`` and end the process with EXIT_PEER_LOST, whatever the main thread does."""
     logger.error(message)
-    _flush_logs()
+    # os._exit skips the interpreter's exit, which would flush and close the log handlers.
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed stream must not keep the process alive
+            stream.flush()
     os._exit(EXIT_PEER_LOST)
 
 
