@@ -4,8 +4,10 @@ tools/submit_slurm.py).
 
 Each node of the job runs one submitit task, which runs ``train_net.py`` (the same ``main`` and
 ``launch`` as by hand) with ``--num-gpus G --num-machines N --machine-rank <node> --dist-url
-tcp://<first node>:<port>``, all derived from submitit's JobEnvironment. The task process only
-supervises:
+tcp://<first node>:<port>``, all derived from submitit's JobEnvironment. (submitit's
+``helpers.TorchDistributedEnvironment`` makes each GPU a task and sets up its process group
+itself; what it lacks is train_net.py's own launch: the one-line refusals, the exit codes and the
+SIGTERM checkpoint of every worker at the same step.) The task process only supervises:
 
 - SLURM sends the job USR2 some time before its time limit or a preemption (submitit asks for
   it: ``#SBATCH --signal=USR2@<delay>``). The training processes ignore USR2 (set before they
