@@ -32,6 +32,14 @@ def test_registered_and_built_from_detectron2_swin(swin_cfg):
     assert [len(layer.blocks) for layer in backbone.bottom_up.layers] == [2, 2, 2, 2]
 
 
+def test_an_unknown_fpn_fuse_type_is_refused_naming_the_key(swin_cfg):
+    # detectron2's FPN would raise a bare AssertionError.
+    swin_cfg.MODEL.FPN.FUSE_TYPE = "mean"
+    with pytest.raises(ValueError, match=r"^MODEL.FPN.FUSE_TYPE must be one of 'avg', 'sum'; "
+                                         r"got 'mean'.$"):
+        build_backbone(swin_cfg)
+
+
 def test_names_channels_strides_tiny(swin_cfg):
     backbone = build_backbone(swin_cfg)
     bottom_up = backbone.bottom_up.output_shape()

@@ -7,15 +7,14 @@ Each key is checked by the component that reads it, with that component's own ta
 (``balanced_rcnn.config.check_choice``, which names the close matches): here they are only called
 early. detectron2's keys are left to detectron2: the names of registered classes are looked up in
 its registries (so a class a user registers before set-up is accepted), and the keys its cheap
-builders read are checked by calling those builders (:data:`DETECTRON2_BUILDERS`). The keys of
-components that only a built model reads (MODEL.FPN.FUSE_TYPE, the RetinaNet keys, the
-training sampler) are refused by detectron2 when the Trainer builds them, before the first
-iteration.
+builders read are checked by calling those builders (:data:`DETECTRON2_BUILDERS`) on detectron2's
+defaults with only that key changed, so that a refusal is about the key named. MODEL.FPN.FUSE_TYPE,
+which detectron2's FPN only asserts, has the core's table (modeling/backbone.py);
+DATALOADER.SAMPLER_TRAIN is refused by detectron2 when the Trainer builds the loader, before the
+first iteration.
 """
 
-import contextlib
-import logging
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Callable, Dict
 
 import torch
 from balanced_rcnn.config import check_choice
@@ -23,9 +22,10 @@ from balanced_rcnn.engine.optimizer import check_solver_choices
 from balanced_rcnn.engine.trainer import amp_precision
 from balanced_rcnn.evaluation.image_level import check_deployment_score_thresh
 from balanced_rcnn.modeling.checks import check_balanced_loss_keys, check_box_reg_loss_type
-from detectron2.config import CfgNode
+from balanced_rcnn.modeling.backbone import check_fpn_fuse_type
+from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetMapper
-from detectron2.data.detection_utils import annotations_to_instances
+from detectron2.data.detection_utils import annotations_to_instances, build_augmentation
 from detectron2.layers import get_norm
 from detectron2.modeling import (
     ANCHOR_GENERATOR_REGISTRY,
@@ -78,27 +78,28 @@ def _one_polygon(cfg: CfgNode) -> None:
     annotations_to_instances([annotation], (4, 4), mask_format=cfg.INPUT.MASK_FORMAT)
 
 
+def _crop(cfg: CfgNode) -> None:
+    cfg.INPUT.CROP.ENABLED = True  # read whether or not this run crops
+    DatasetMapper.from_config(cfg, is_train=True)
+
+
 def _lr_scheduler(cfg: CfgNode) -> None:
     build_lr_scheduler(cfg, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
 
 
-def _norm(key: str) -> Callable[[CfgNode], None]:
-    return lambda cfg: get_norm(config_value(cfg, key), 32)
-
-
-def _pooler(key: str) -> Callable[[CfgNode], None]:
-    return lambda cfg: ROIPooler(7, (0.25,), 0, config_value(cfg, key))
-
-
-# detectron2's keys with a fixed set of values -> the detectron2 builder that reads them, called
-# on the config (each costs well under a millisecond).
-DETECTRON2_BUILDERS: Dict[Tuple[str, ...], Callable[[CfgNode], None]] = {
-    ("INPUT.RANDOM_FLIP", "INPUT.CROP.TYPE", "INPUT.MIN_SIZE_TRAIN_SAMPLING"):
-        lambda cfg: DatasetMapper.from_config(cfg, is_train=True),
-    ("SOLVER.LR_SCHEDULER_NAME", "SOLVER.WARMUP_METHOD"): _lr_scheduler,
-    ("INPUT.MASK_FORMAT",): _one_polygon,
-    **{(key,): _norm(key) for key in _NORM_KEYS},
-    **{(key,): _pooler(key) for key in _POOLER_KEYS},
+# detectron2's keys with a fixed set of values -> the detectron2 builder that reads them. Each is
+# called on detectron2's default config with only that key changed, so that a refusal is about
+# that key (each call costs about a millisecond).
+DETECTRON2_BUILDERS: Dict[str, Callable[[CfgNode], object]] = {
+    "INPUT.RANDOM_FLIP": lambda cfg: build_augmentation(cfg, is_train=True),
+    "INPUT.MIN_SIZE_TRAIN_SAMPLING": lambda cfg: build_augmentation(cfg, is_train=True),
+    "INPUT.CROP.TYPE": _crop,
+    "SOLVER.LR_SCHEDULER_NAME": _lr_scheduler,
+    "SOLVER.WARMUP_METHOD": _lr_scheduler,
+    "INPUT.MASK_FORMAT": _one_polygon,
+    **{key: lambda cfg, key=key: get_norm(config_value(cfg, key), 32) for key in _NORM_KEYS},
+    **{key: lambda cfg, key=key: ROIPooler(7, (0.25,), 0, config_value(cfg, key))
+       for key in _POOLER_KEYS},
 }
 
 
@@ -110,25 +111,16 @@ def config_value(cfg: CfgNode, key: str):
     return node
 
 
-@contextlib.contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    # A builder's warnings (e.g. SOLVER.STEPS past MAX_ITER) are logged again when the Trainer
-    # calls it.
-    logger = logging.getLogger(logger_name)
-    disabled, logger.disabled = logger.disabled, True
-    try:
-        yield
-    finally:
-        logger.disabled = disabled
-
-
 def check_config_choices(cfg: CfgNode) -> None:
     """Refuse the first key whose value is not allowed (see the module docstring)."""
     # The project's keys, by the checks of the components that read them.
     check_solver_choices(cfg)
     amp_precision(cfg.SOLVER.AMP.PRECISION)
-    for key in ("MODEL.RPN.BBOX_REG_LOSS_TYPE", "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE"):
+    # detectron2's RetinaNet takes the same types as its RPN and box head (the same table).
+    for key in ("MODEL.RPN.BBOX_REG_LOSS_TYPE", "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE",
+                "MODEL.RETINANET.BBOX_REG_LOSS_TYPE"):
         check_box_reg_loss_type(key, config_value(cfg, key))
+    check_fpn_fuse_type(cfg)
     # The balanced heads check their section when they are built; a stock-heads run never
     # builds them, and would carry a bad value into the next config copied from it.
     check_balanced_loss_keys(cfg)
@@ -141,14 +133,14 @@ def check_config_choices(cfg: CfgNode) -> None:
     for key, registry in REGISTRY_KEYS.items():
         allowed = [name for name, _ in registry] + list(_UNREGISTERED_NAMES.get(key, ()))
         check_choice(key, config_value(cfg, key), allowed)
-    for keys, build in DETECTRON2_BUILDERS.items():
+    for key, build in DETECTRON2_BUILDERS.items():
+        value = config_value(cfg, key)
+        defaults = get_cfg()
+        defaults.merge_from_list([key, value])
         try:
-            with _quiet("detectron2.solver.build"):
-                build(cfg)
-        except (ValueError, KeyError, AssertionError, AttributeError) as e:
-            values = ", ".join(f"{key} = {config_value(cfg, key)!r}" for key in keys)
-            which = "one of " if len(keys) > 1 else ""
-            raise ValueError(f"detectron2 refuses {which}{values} ({type(e).__name__}: {e})") \
+            build(defaults)
+        except (ValueError, KeyError, AssertionError) as e:
+            raise ValueError(f"detectron2 refuses {key} = {value!r} ({type(e).__name__}: {e})") \
                 from None
 
 

@@ -18,7 +18,17 @@ from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.swin import SwinTransformer
 
-__all__ = ["D2SwinTransformer", "build_swin_backbone", "build_swin_fpn_backbone"]
+from ..config import check_choice
+
+__all__ = ["D2SwinTransformer", "FPN_FUSE_TYPES", "build_swin_backbone",
+           "build_swin_fpn_backbone", "check_fpn_fuse_type"]
+
+# What detectron2's FPN accepts; it only asserts it (a bare AssertionError), with no table to ask.
+FPN_FUSE_TYPES = ("sum", "avg")
+
+
+def check_fpn_fuse_type(cfg: CfgNode) -> None:
+    check_choice("MODEL.FPN.FUSE_TYPE", cfg.MODEL.FPN.FUSE_TYPE, FPN_FUSE_TYPES)
 
 # FPN's top-down path upsamples by exactly 2 and adds the lateral map, so every stage must be
 # exactly half the size of the previous one: the input must be a multiple of the last stride.
@@ -107,6 +117,7 @@ def build_swin_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2SwinTransform
 @BACKBONE_REGISTRY.register()
 def build_swin_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
     """Swin + FPN with P2-P6 (P6 by LastLevelMaxPool), as detectron2's Base-RCNN-FPN."""
+    check_fpn_fuse_type(cfg)
     return FPN(
         bottom_up=build_swin_backbone(cfg, input_shape),
         in_features=cfg.MODEL.FPN.IN_FEATURES,
