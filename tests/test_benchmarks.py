@@ -4,11 +4,14 @@ result parsing, BENCHMARKS.md sections, counting host synchronizations."""
 import importlib.util
 import json
 import math
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import harness_cfg
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -182,12 +185,11 @@ def test_loss_margin_tiny_measures_every_step(one_thread, tmp_path):
 def test_quality_ab_tiny_runs_tabulates_and_resumes(one_thread, datasets_root, tmp_path, capsys):
     quality_ab = _load("quality_ab")
     argv = ["--tiny", "--settings", "severe", "many", "finetune",
-            "--arms", "stock", "samples_adaptive", "samples_cshare", "--ab-balanced", "3:0.25",
+            "--arms", "samples_cshare", "--ab-balanced", "3:0.25",
             "--output-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")]
     results = quality_ab.main(argv)
     assert set(results) == {f"{s}_{a}_s0" for s in ("severe", "many", "finetune")
-                            for a in ("stock", "samples_adaptive", "samples_cshare",
-                                      "balanced_w3_b0.25")}
+                            for a in ("samples_cshare", "balanced_w3_b0.25")}
     for r in results.values():
         assert r["status"] == "ok" and r["evaluated"], r
         assert r["health_checks"] and r["lowest_dets_per_image"] is not None
@@ -204,22 +206,20 @@ def test_quality_ab_tiny_runs_tabulates_and_resumes(one_thread, datasets_root, t
     assert "ROI_CLS_POS_WEIGHT: 3.0" in config("severe_balanced_w3_b0.25_s0")
     assert "RPN_LOSS_BBOX_WEIGHT: 0.25" in config("severe_balanced_w3_b0.25_s0")
     assert "REG_NORMALIZER: positives" in config("severe_balanced_w3_b0.25_s0")
-    adaptive = config("severe_samples_adaptive_s0")
-    assert "REG_NORMALIZER: samples" in adaptive and "ADAPTIVE_POS_WEIGHT: true" in adaptive
-    assert "RPN_CLS_POS_WEIGHT: 1.0" in adaptive and "ROI_LOSS_BBOX_WEIGHT: 1.0" in adaptive
     cshare = config("many_samples_cshare_s0")
     assert "SAMPLER_TRAIN: ClassAwareObjectShareTrainingSampler" in cshare
     assert "REPEAT_THRESHOLD: 1.0" in cshare and "OBJECT_IMAGE_SHARE: 0.5" in cshare
-    assert "FILTER_EMPTY_ANNOTATIONS: false" in config("severe_stock_s0")
-    assert "NUM_CLASSES: 20" in config("many_stock_s0")
+    assert "REG_NORMALIZER: samples" in cshare and "ROI_LOSS_BBOX_WEIGHT: 1.0" in cshare
+    assert "FILTER_EMPTY_ANNOTATIONS: false" in config("severe_samples_cshare_s0")
+    assert "NUM_CLASSES: 20" in cshare
     # The fine-tune starts from the pretraining run, trained once, with 2 new classes.
     pretrain = tmp_path / "runs" / "pretrain_mild_stock_4it_s0" / "model_final.pth"
     assert pretrain.is_file()
-    finetune = config("finetune_stock_s0")
+    finetune = config("finetune_samples_cshare_s0")
     assert f"WEIGHTS: {pretrain}" in finetune and "NUM_CLASSES: 2" in finetune
     text = (tmp_path / "results" / "quality_ab_tiny.md").read_text()
-    assert "| severe | stock | 1 |" in text
-    assert "| finetune | samples + adaptive | 1 |" in text
+    assert "| severe | samples + class-aware share 0.5 | 1 |" in text
+    assert "| finetune | samples + class-aware share 0.5 | 1 |" in text
     assert "| many | balanced POS 3, BBOX 0.25 | 1 |" in text
     assert "bbox AP differences paired by seed" in text
     assert "| setting | arm | loss_rpn_cls | loss_rpn_loc | loss_cls | loss_box_reg | loss_mask |" in (
@@ -233,17 +233,43 @@ def test_quality_ab_tiny_runs_tabulates_and_resumes(one_thread, datasets_root, t
 
     again = quality_ab.main(argv)  # every result is reused: no training
     out = capsys.readouterr().out
-    assert "13 of 13 runs already done; 0 to run" in out  # 12 runs and the pretraining
+    assert "7 of 7 runs already done; 0 to run" in out  # 6 runs and the pretraining
     assert {k: v["bbox/AP"] for k, v in again.items()} == {
         k: v["bbox/AP"] for k, v in results.items()
     }
     # --reuse-only trains nothing: seed 1 was never run.
     partial = quality_ab.main(argv + ["--seeds", "0", "1", "--reuse-only"])
     out = capsys.readouterr().out
-    assert "13 of 25 runs done; --reuse-only: 12 not run" in out
-    assert partial["severe_stock_s1"]["status"] == "not run (--reuse-only)"
-    assert partial["severe_stock_s0"]["bbox/AP"] == results["severe_stock_s0"]["bbox/AP"]
-    assert not (tmp_path / "runs" / "severe_stock_s1").exists()
+    assert "7 of 13 runs done; --reuse-only: 6 not run" in out
+    assert partial["severe_samples_cshare_s1"]["status"] == "not run (--reuse-only)"
+    assert partial["severe_samples_cshare_s0"]["bbox/AP"] == \
+        results["severe_samples_cshare_s0"]["bbox/AP"]
+    assert not (tmp_path / "runs" / "severe_samples_cshare_s1").exists()
+
+
+def test_every_balanced_arm_sets_every_balanced_loss_key(tmp_path, capsys):
+    """Whatever a config file's MODEL.BALANCED_LOSS says, no arm inherits a loss option: each
+    balanced arm's command sets every one (read from the commands quality_ab.py would run)."""
+    quality_ab = _load("quality_ab")
+    arms = [name for name, arm in quality_ab.ARMS.items() if arm.heads == "balanced"]
+    quality_ab.main(["--tiny", "--settings", "severe", "--arms", *arms, "--dry-run",
+                     "--output-dir", str(tmp_path)])
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()
+                if "train_net.py" in line]
+    assert len(commands) == len(arms)
+    # Every loss option; not EPS (a division guard) or SYNC_NORMALIZERS (a multi-GPU option).
+    keys = {f"MODEL.BALANCED_LOSS.{k}" for k in harness_cfg().MODEL.BALANCED_LOSS} - {
+        "MODEL.BALANCED_LOSS.EPS", "MODEL.BALANCED_LOSS.SYNC_NORMALIZERS"}
+
+    def options(command):  # train_net.py --config-file FILE KEY VALUE ...
+        start = command.index("--config-file") + 2
+        return dict(zip(command[start::2], command[start + 1::2]))
+
+    for command in commands:
+        assert keys <= set(options(command)), command
+    opts = options(commands[arms.index("samples_adaptive")])
+    assert opts["MODEL.BALANCED_LOSS.ADAPTIVE_POS_WEIGHT"] == "True"
+    assert opts["MODEL.BALANCED_LOSS.REG_NORMALIZER"] == "samples"
 
 
 def test_quality_ab_reuse_needs_the_same_resolved_config():
