@@ -14,6 +14,7 @@ from training_harness.preflight.anchor_coverage import AnchorMatching, anchor_co
 from training_harness.preflight.dataset_stats import dataset_statistics
 from training_harness.preflight.report import preflight_report, preflight_summary, render_report
 from training_harness.preflight.schedule import times_seen
+from training_harness.preflight.suggestions import no_anchor_share
 
 TINY = "configs/quick_schedules/swin_tiny_balanced_demo.yaml"
 
@@ -137,6 +138,13 @@ def test_report_suggestions_are_checked(tiny):
     # The suggestion was recomputed on the same objects, and does better.
     after = float(anchors["checked"].split("with these overrides: ")[1].split("%")[0]) / 100
     assert after < now
+    # What it states is what the whole analysis gives with its overrides applied.
+    applied = cfg.clone()
+    applied.merge_from_list([x for kv in anchors["overrides"] for x in kv])
+    full = anchor_coverage(applied, kept)[128]
+    assert anchors["checked"] == (
+        f"with these overrides: {100 * no_anchor_share(full):.1f}% without an anchor at IoU >= "
+        f"{applied.MODEL.RPN.IOU_THRESHOLDS[-1]:g}")
     text = render_report(report)
     assert "== Suggestions" in text and "All of them: " in text
 

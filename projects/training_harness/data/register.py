@@ -19,6 +19,7 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
+from .box_records import box_records
 from .builtin import BUILTIN_SYNTHETIC, register_builtin_synthetic
 from .catalog import DatasetRegistry, coco_metadata
 from .checks import FIELD_RULES, ID_TYPES, check_coco_annotations
@@ -115,14 +116,16 @@ def _load_coco(json_file: str, image_root: str, name: str, dropped: AbstractSet[
 def register_coco_dataset(name: str, json_file: str, image_root: str,
                           key: str = "register_coco_dataset", bad_annotations: str = "error",
                           mask_format: Optional[str] = None, training: bool = True,
-                          evaluated: bool = False) -> None:
+                          evaluated: bool = False,
+                          keep_records: Optional[Dict[str, List[Dict]]] = None) -> None:
     """
     Register a COCO instances dataset whose class names come from its json, after checking the
     files, images and annotations. ``key`` names where the entry came from (a config key) in
     error messages; ``bad_annotations`` is RELIABILITY.BAD_ANNOTATIONS, ``mask_format``
     INPUT.MASK_FORMAT with MODEL.MASK_ON, else None, ``training`` and ``evaluated`` whether it
     is trained on and evaluated (data/checks.py). Idempotent for the same arguments; a name
-    registered by other code is never replaced.
+    registered by other code is never replaced. ``keep_records``, when a dict, receives the
+    dataset's :func:`box_records` under its name when this call parses the json.
     """
     json_file, image_root = str(Path(json_file).resolve()), str(Path(image_root).resolve())
     checked_as = (json_file, image_root, bad_annotations, mask_format, training, evaluated)
@@ -144,6 +147,8 @@ def register_coco_dataset(name: str, json_file: str, image_root: str,
     _NUM_IMAGES[name] = len(coco["images"])
     _NUM_OBJECTS[name] = sum(1 for a in coco["annotations"]
                              if not a.get("iscrowd", 0) and a.get("id") not in dropped)
+    if keep_records is not None:
+        keep_records[name] = box_records(coco, dropped)
     del coco  # the loader parses the json again when the dataset is used
     _REGISTERED.register(
         name,
@@ -183,10 +188,11 @@ def _check_num_classes(cfg: CfgNode, names: Sequence[str], key: str) -> None:
                 f"{num_key} is {expected}; set {num_key} {len(classes)}")
 
 
-def register_datasets_from_config(cfg: CfgNode) -> None:
+def register_datasets_from_config(cfg: CfgNode,
+                                  keep_records: Optional[Dict[str, List[Dict]]] = None) -> None:
     """Register the synthetic and the configured COCO datasets, then check DATASETS.TRAIN/TEST
     and HEALTH.DATASET against the registry and the model's class count. Raises on the first
-    problem found."""
+    problem found. ``keep_records``: see :func:`register_coco_dataset`."""
     register_builtin_synthetic(cfg.DATASETS.SYNTHETIC_ROOT or None)
     seen: Dict[str, str] = {}
     for i, entry in enumerate(cfg.DATASETS.REGISTER_COCO):
@@ -203,7 +209,7 @@ def register_datasets_from_config(cfg: CfgNode) -> None:
                               bad_annotations=cfg.RELIABILITY.BAD_ANNOTATIONS,
                               mask_format=cfg.INPUT.MASK_FORMAT if cfg.MODEL.MASK_ON else None,
                               training=name in cfg.DATASETS.TRAIN,
-                              evaluated=name in cfg.DATASETS.TEST)
+                              evaluated=name in cfg.DATASETS.TEST, keep_records=keep_records)
     for name in cfg.DATASETS.TRAIN:
         if _NUM_ANNOTATIONS.get(name) == 0:
             logger.warning(

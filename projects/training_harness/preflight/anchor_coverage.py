@@ -32,7 +32,8 @@ from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
 
-__all__ = ["SIZE_BANDS", "AnchorMatching", "anchor_coverage", "training_scales"]
+__all__ = ["SIZE_BANDS", "AnchorMatching", "anchor_coverage", "sample_object_images",
+           "training_scales"]
 
 _CACHED_SIZES = 16  # image sizes whose anchors are kept (least recently used out)
 # sqrt(area) bands in resized pixels: COCO's small / medium / large (32, 96), small split at 16.
@@ -155,21 +156,28 @@ def training_scales(cfg: CfgNode) -> List[int]:
     return sorted({int(min(sizes)), int(max(sizes))})
 
 
+def sample_object_images(dataset_dicts: Sequence[Dict[str, Any]], max_images: int = 0,
+                         seed: int = 0) -> List[Dict[str, Any]]:
+    """The records that hold objects and state their size, or a random sample of ``max_images``
+    of them (0: all), in their order."""
+    # A record without its size (detectron2 reads it from the image then) cannot be resized here.
+    images = [r for r in dataset_dicts if holds_objects(r) and "height" in r and "width" in r]
+    if 0 < max_images < len(images):
+        rng = np.random.default_rng(seed)
+        images = [images[i] for i in sorted(rng.choice(len(images), max_images, replace=False))]
+    return images
+
+
 def anchor_coverage(cfg: CfgNode, dataset_dicts: Sequence[Dict[str, Any]], max_images: int = 0,
                     seed: int = 0, scales: Optional[Sequence[int]] = None
                     ) -> Dict[int, Dict[str, np.ndarray]]:
     """
     Per training scale (``scales``, default :func:`training_scales`): every non-crowd object's
     resized ``size`` (sqrt of the area), ``best_iou``, ``above`` and ``positives`` (module
-    docstring), as arrays, over the images that hold objects and state their size, or a random
-    sample of ``max_images`` of them (0: all).
+    docstring), as arrays, over :func:`sample_object_images`.
     """
     matching = AnchorMatching.from_config(cfg)
-    # A record without its size (detectron2 reads it from the image then) cannot be resized here.
-    images = [r for r in dataset_dicts if holds_objects(r) and "height" in r and "width" in r]
-    if 0 < max_images < len(images):
-        rng = np.random.default_rng(seed)
-        images = [images[i] for i in sorted(rng.choice(len(images), max_images, replace=False))]
+    images = sample_object_images(dataset_dicts, max_images, seed)
     out = {}
     for scale in scales or training_scales(cfg):
         columns: Dict[str, List[np.ndarray]] = {"size": [], "best_iou": [], "above": [],

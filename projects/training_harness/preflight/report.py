@@ -12,7 +12,7 @@ from balanced_rcnn.data.samplers import holds_objects
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .anchor_coverage import SIZE_BANDS, anchor_coverage, training_scales
+from .anchor_coverage import SIZE_BANDS, anchor_coverage, sample_object_images, training_scales
 from .dataset_stats import dataset_statistics
 from .schedule import iterations_per_epoch, times_seen
 from .suggestions import format_overrides, no_anchor_share, suggest
@@ -23,15 +23,20 @@ __all__ = ["POSITIVES_BINS", "load_datasets", "preflight_report", "preflight_sum
 POSITIVES_BINS = (("0", 0, 0), ("1", 1, 1), ("2-3", 2, 3), ("4-7", 4, 7), ("8+", 8, 10 ** 9))
 
 
-def load_datasets(cfg: CfgNode) -> Tuple[List[Dict], List[Dict], List[str], Dict[str, List]]:
+def load_datasets(cfg: CfgNode, records: Optional[Dict[str, List[Dict]]] = None
+                  ) -> Tuple[List[Dict], List[Dict], List[str], Dict[str, List]]:
     """(every training record, those the trainer keeps under DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-    the class names, {test set: records}) of registered datasets."""
-    train = [r for name in cfg.DATASETS.TRAIN for r in DatasetCatalog.get(name)]
+    the class names, {test set: records}) of registered datasets; a dataset in ``records``
+    (registration's box records, data/box_records.py) is read from there."""
+    def get(name: str) -> List[Dict]:
+        return records[name] if records and name in records else DatasetCatalog.get(name)
+
+    train = [r for name in cfg.DATASETS.TRAIN for r in get(name)]
     classes = list(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).thing_classes)
     # What detectron2's filter_images_with_only_crowd_annotations keeps.
     kept = [r for r in train if holds_objects(r)] if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS \
         else train
-    return train, kept, classes, {name: DatasetCatalog.get(name) for name in cfg.DATASETS.TEST}
+    return train, kept, classes, {name: get(name) for name in cfg.DATASETS.TEST}
 
 
 def summarize_coverage(coverage: Dict[str, np.ndarray]) -> Dict[str, Any]:
@@ -65,11 +70,12 @@ def preflight_report(cfg: CfgNode, anchor_images: int = 200, target_epochs: floa
     stats = dataset_statistics(train, classes, tests)
     schedule = times_seen(cfg, kept, classes)
 
-    coverage = anchor_coverage(cfg, kept, anchor_images)
+    images = sample_object_images(kept, anchor_images)  # one sample for every anchor set
+    coverage = anchor_coverage(cfg, images)
 
     def recompute(c: CfgNode) -> Dict[int, Dict[str, np.ndarray]]:
         # The suggestions are judged at the smallest scale: only that one is recomputed.
-        return anchor_coverage(c, kept, anchor_images, scales=[min(coverage)])
+        return anchor_coverage(c, images, scales=[min(coverage)])
 
     return {
         "config": {"DATASETS.TRAIN": list(cfg.DATASETS.TRAIN),

@@ -1,7 +1,8 @@
 """
 What the pre-flight report suggests, each as config overrides with its measured reason. The
-anchor suggestion is checked: every candidate is applied to the config and the coverage
-recomputed on the same objects, and the best one is suggested with the coverage it reaches.
+anchor suggestion is checked: every candidate is applied to the config and its share of objects
+without an anchor at its threshold recomputed on the same objects, and the best one is suggested
+with the coverage it reaches.
 """
 
 import shlex
@@ -64,13 +65,20 @@ def _anchor_suggestion(cfg: CfgNode, coverage: Dict[int, Dict[str, np.ndarray]],
     if now <= NO_ANCHOR_SHARE:
         return []
     threshold = cfg.MODEL.RPN.IOU_THRESHOLDS[-1]
+    # An object has no anchor at the threshold exactly when its best IoU is below it, and the
+    # best IoU depends on the anchors alone: one recomputation per anchor set, not per candidate.
+    best_iou = {cfg.MODEL.ANCHOR_GENERATOR.dump(): coverage[scale]["best_iou"]}
     tried = []
     for overrides in anchor_candidates(cfg):
         candidate = cfg.clone()
         candidate.defrost()
         candidate.merge_from_list([x for kv in overrides for x in kv])
-        tried.append((no_anchor_share(recompute(candidate)[scale]), len(overrides), overrides,
-                      candidate.MODEL.RPN.IOU_THRESHOLDS[-1]))
+        anchors = candidate.MODEL.ANCHOR_GENERATOR.dump()
+        if anchors not in best_iou:
+            best_iou[anchors] = recompute(candidate)[scale]["best_iou"]
+        new_threshold = candidate.MODEL.RPN.IOU_THRESHOLDS[-1]
+        tried.append((float((best_iou[anchors] < new_threshold).mean()), len(overrides),
+                      overrides, new_threshold))
     best, _, overrides, new_threshold = min(tried, key=lambda t: (t[0], t[1]))
     if best >= now:
         return [{"warning": f"{100 * now:.1f}% of the objects have no anchor at IoU >= "
