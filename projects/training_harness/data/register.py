@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import AbstractSet, Any, Dict, List, Optional, Sequence
 
+import orjson
 from balanced_rcnn.data.class_counts import set_class_image_count_metadata
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -43,11 +44,21 @@ _NUM_OBJECTS: Dict[str, int] = {}  # the non-crowd annotations, which are traine
 _NUM_IMAGES: Dict[str, int] = {}
 
 
+def _parse_json(json_file: str) -> Any:
+    try:
+        return orjson.loads(Path(json_file).read_bytes())
+    except orjson.JSONDecodeError:
+        # What orjson refuses and json reads (NaN, infinities, integers past 64 bits, lone
+        # surrogates) is left to the checks that name the annotation; json's message names what
+        # neither reads.
+        with open(json_file) as f:
+            return json.load(f)
+
+
 def read_coco_json(json_file: str) -> Dict[str, Any]:
     """A COCO instances json, after checking its structure and its categories."""
     try:
-        with open(json_file) as f:
-            data = json.load(f)
+        data = _parse_json(json_file)
     except json.JSONDecodeError as e:
         raise ValueError(f"'{json_file}' is not valid JSON: {e}") from e
     if not isinstance(data, dict):

@@ -6,7 +6,6 @@ between empty and object images and between classes, before anything is trained.
 from typing import Any, Dict, Mapping, Sequence
 
 from balanced_rcnn.data.class_counts import class_image_counts
-from balanced_rcnn.data.samplers import holds_objects
 from balanced_rcnn.evaluation.frequency_groups import frequency_groups
 
 __all__ = ["FEW_IMAGES", "dataset_statistics"]
@@ -26,12 +25,18 @@ def dataset_statistics(train_dicts: Sequence[Dict[str, Any]], class_names: Seque
     classes without any object there (their AP is undefined).
     """
     num_classes = len(class_names)
-    anns = [a for r in train_dicts for a in r.get("annotations", [])]
-    objects = [a for a in anns if a.get("iscrowd", 0) == 0]
-    object_images = sum(holds_objects(r) for r in train_dicts)
+    # One pass (the json's size: a million annotations); an image holds objects as
+    # holds_objects says: a non-crowd annotation.
+    num_anns = num_objects = object_images = 0
     instances = [0] * num_classes
-    for a in objects:
-        instances[a["category_id"]] += 1
+    for record in train_dicts:
+        before = num_objects
+        for a in record.get("annotations", ()):
+            num_anns += 1
+            if a.get("iscrowd", 0) == 0:
+                instances[a["category_id"]] += 1
+                num_objects += 1
+        object_images += num_objects > before
     images = class_image_counts(train_dicts, num_classes)
     order = sorted(range(num_classes), key=lambda c: (-images[c], c))
     present = [images[c] for c in order if images[c] > 0]
@@ -44,9 +49,9 @@ def dataset_statistics(train_dicts: Sequence[Dict[str, Any]], class_names: Seque
         "images": len(train_dicts),
         "object_images": object_images,
         "empty_share": 1.0 - object_images / len(train_dicts) if train_dicts else 0.0,
-        "objects": len(objects),
-        "objects_per_object_image": len(objects) / object_images if object_images else 0.0,
-        "crowd_share": (len(anns) - len(objects)) / len(anns) if anns else 0.0,
+        "objects": num_objects,
+        "objects_per_object_image": num_objects / object_images if object_images else 0.0,
+        "crowd_share": (num_anns - num_objects) / num_anns if num_anns else 0.0,
         "classes": [{"name": class_names[c], "instances": instances[c], "images": images[c],
                      "group": next(g for g, members in groups.items() if c in members)}
                     for c in order],
