@@ -2,6 +2,7 @@
 (reliability/tool_outputs.py): a file where a folder is expected, a folder it cannot write, or a
 file it would write over one of its inputs is refused with one line naming the option and path."""
 
+import gc
 import os
 from pathlib import Path
 
@@ -78,6 +79,7 @@ def test_each_tool_refuses_a_file_as_its_output_before_any_work(repo_root, tmp_p
     message = str(info.value.code) + capsys.readouterr().err
     assert f"{option} {taken} is a file, not a folder" in message
     assert taken.read_text() == "[]"
+    assert gc.isenabled()  # analyze_data pauses the collector while it works, and only then
 
 
 def test_plot_metrics_refuses_a_file_as_its_output(repo_root, tmp_path):
