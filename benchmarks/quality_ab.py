@@ -47,7 +47,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside this file
@@ -218,11 +218,21 @@ def _unused_keys(config: Dict[str, object]) -> List[str]:
     return unused
 
 
+def _comparable(key: str, value: object) -> object:
+    # A fine-tune's MODEL.WEIGHTS is <study output>/<pretraining run>/model_final.pth: the run
+    # folder and file say which pretraining it starts from, the output folder only where the
+    # study ran (another clone, another session), so an archived run stays reusable.
+    if key == "MODEL.WEIGHTS" and value:
+        return PurePath(str(value)).parts[-2:]
+    return value
+
+
 def same_config(stored: Dict[str, object], current: Dict[str, object]) -> bool:
     """Every key of the stored run that the run reads has the same value now; keys added since,
     and keys nothing reads (the balanced heads' options in a stock run, say), are ignored."""
     unused = tuple(_unused_keys(current))
-    return all(k.startswith(unused) or (k in current and current[k] == v)
+    return all(k.startswith(unused)
+               or (k in current and _comparable(k, current[k]) == _comparable(k, v))
                for k, v in stored.items())
 
 
@@ -551,7 +561,7 @@ def execute_study(study: Study, runs: List[Run], jobs: int, threads: int,
     results = execute(todo, study.schedule, jobs, threads, reuse_only, study.archive)
     for key in needed:
         pre = results.pop(study.pretrains[key].name)
-        if pre["status"] not in ("ok", "not needed"):
+        if pre["status"] not in ("ok", "not needed") and not reuse_only:
             print(f"pretraining {pre['name']} failed: the runs that start from it were skipped",
                   file=sys.stderr)
     return results

@@ -297,6 +297,17 @@ def test_quality_ab_reuse_needs_the_same_resolved_config():
               "DATALOADER.REPEAT_THRESHOLD": 1.0}
     assert not quality_ab.same_config(cshare, {**cshare, "DATALOADER.OBJECT_IMAGE_SHARE": 0.7})
     assert not quality_ab.same_config(cshare, {**cshare, "DATALOADER.REPEAT_THRESHOLD": 0.5})
+    # A fine-tune names its pretraining run by path: a study in another folder is the same run,
+    # another pretraining run or file is not.
+    finetune = {"MODEL.WEIGHTS": "/a/output/quality_ab/"
+                                 "pretrain_mild_stock_1500it_s0/model_final.pth"}
+    assert quality_ab.same_config(finetune, {"MODEL.WEIGHTS": "/clone/output/quality_ab/"
+                                             "pretrain_mild_stock_1500it_s0/model_final.pth"})
+    assert not quality_ab.same_config(finetune, {"MODEL.WEIGHTS": "/a/output/quality_ab/"
+                                                 "pretrain_mild_stock_1500it_s1/model_final.pth"})
+    assert not quality_ab.same_config(finetune, {"MODEL.WEIGHTS": "/a/output/quality_ab/"
+                                                 "pretrain_mild_stock_1500it_s0/model_0000999.pth"})
+    assert not quality_ab.same_config(finetune, {"MODEL.WEIGHTS": ""})
 
 
 def test_archived_runs_are_restored_into_an_empty_run_folder(tmp_path):
