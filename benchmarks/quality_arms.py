@@ -221,20 +221,33 @@ for _share in SWEEP_SHARES:
             f"OBJECT_IMAGE_SHARE {_share:g}")
 
 
+_COPY_PASTE = "INPUT.COPY_PASTE.PROBABILITY"
 # Simple copy-paste (Ghiasi et al. 2021; data/copy_paste.py) on top of either object share
 # ("samples_share_paste", "samples_cshare_paste"): half of the sampled empty images get the
 # objects of a random object image.
 for _key in ("share", "cshare"):
     _base = ARMS[f"samples_{_key}"]
     ARMS[f"samples_{_key}_paste"] = Arm(
-        "balanced", _base.overrides + (("INPUT.COPY_PASTE.PROBABILITY", "0.5"),),
+        "balanced", _base.overrides + ((_COPY_PASTE, "0.5"),),
         f"{_base.label} + copy-paste 0.5",
         f"{_base.about}; INPUT.COPY_PASTE.PROBABILITY 0.5 (simple copy-paste onto empty images, "
         "Ghiasi et al. 2021)")
 
 
+# The shipped configs paste objects onto empty images (INPUT.COPY_PASTE.PROBABILITY 0.5); every
+# arm that does not name copy-paste trains without it, so that each arm still changes one thing
+# and its runs stay those the study trained.
+def _without_paste_unless_named(arm: Arm) -> Arm:
+    if any(key == _COPY_PASTE for key, _ in arm.overrides):
+        return arm
+    return replace(arm, overrides=arm.overrides + ((_COPY_PASTE, "0.0"),))
+
+
+ARMS = {k: _without_paste_unless_named(a) for k, a in ARMS.items()}
+
+
 def weight_pair_arm(pos: float, bbox: float) -> Tuple[str, Arm]:
     """--ab-balanced POS:BBOX: the design's normalization with these weights."""
     name = f"balanced_w{pos:g}" + (f"_b{bbox:g}" if bbox != 1 else "")
-    return name, _balanced(f"balanced POS {pos:g}, BBOX {bbox:g}", "--ab-balanced", pos=pos,
-                           bbox=bbox)
+    return name, _without_paste_unless_named(_balanced(
+        f"balanced POS {pos:g}, BBOX {bbox:g}", "--ab-balanced", pos=pos, bbox=bbox))

@@ -247,9 +247,10 @@ def test_quality_ab_tiny_runs_tabulates_and_resumes(one_thread, datasets_root, t
     assert not (tmp_path / "runs" / "severe_samples_cshare_s1").exists()
 
 
-def test_every_balanced_arm_sets_every_balanced_loss_key(tmp_path, capsys):
-    """Whatever a config file's MODEL.BALANCED_LOSS says, no arm inherits a loss option: each
-    balanced arm's command sets every one (read from the commands quality_ab.py would run)."""
+def test_every_balanced_arm_sets_every_balanced_loss_key_and_copy_paste(tmp_path, capsys):
+    """Whatever a config file's MODEL.BALANCED_LOSS and copy-paste say, no arm inherits them:
+    each balanced arm's command sets every one (read from the commands quality_ab.py would
+    run)."""
     quality_ab = _load("quality_ab")
     arms = [name for name, arm in quality_ab.ARMS.items() if arm.heads == "balanced"]
     quality_ab.main(["--tiny", "--settings", "severe", "--arms", *arms, "--dry-run",
@@ -270,6 +271,10 @@ def test_every_balanced_arm_sets_every_balanced_loss_key(tmp_path, capsys):
     opts = options(commands[arms.index("samples_adaptive")])
     assert opts["MODEL.BALANCED_LOSS.ADAPTIVE_POS_WEIGHT"] == "True"
     assert opts["MODEL.BALANCED_LOSS.REG_NORMALIZER"] == "samples"
+    # Nor copy-paste, which the shipped configs turn on: only the arms named for it paste.
+    pasting = {arm for arm, command in zip(arms, commands)
+               if options(command)["INPUT.COPY_PASTE.PROBABILITY"] != "0.0"}
+    assert pasting == {"samples_share_paste", "samples_cshare_paste"}
 
 
 def test_quality_ab_reuse_needs_the_same_resolved_config():
@@ -390,8 +395,9 @@ def test_a_pretraining_whose_runs_are_all_done_is_not_trained(tmp_path, repo_roo
     assert (done / "metrics.json").read_text() == ""
 
 
-@pytest.mark.parametrize("demo, arm", [("swin_tiny_balanced_sparse_demo.yaml", "samples_share"),
-                                       ("swin_tiny_stock_sparse_demo.yaml", "stock")])
+@pytest.mark.parametrize("demo, arm", [
+    ("swin_tiny_balanced_sparse_demo.yaml", "samples_cshare_paste"),
+    ("swin_tiny_stock_sparse_demo.yaml", "stock")])
 def test_the_demo_configs_are_the_studys_sparse_runs(repo_root, tmp_path, demo, arm):
     """README quotes the study's sparse table (5 seeds) for what `make demo` gives: the demo
     trains exactly the seed-0 run of that arm, every resolved key equal."""

@@ -37,6 +37,7 @@ DESIGN = {
     "MODEL.BALANCED_LOSS.ADAPTIVE_POS_WEIGHT": False,
     "MODEL.BALANCED_LOSS.PRIOR_PROB": 0.0,
     "DATALOADER.SAMPLER_TRAIN": "TrainingSampler",
+    "INPUT.COPY_PASTE.PROBABILITY": 0.0,
 }
 HEAD_NAMES = {
     "balanced": ("BalancedRPN", "BalancedROIHeads", "BalancedMaskRCNNConvUpsampleHead"),
@@ -76,10 +77,19 @@ def _flatten(cfg, prefix=""):
     return out
 
 
-def test_stock_differs_from_balanced_only_in_the_heads_and_sampler(load_project_config):
-    balanced = _flatten(load_project_config("swin_balanced.yaml"))
-    stock = _flatten(load_project_config("swin_stock.yaml"))
-    differing = {k: (balanced[k], stock[k]) for k in balanced if balanced[k] != stock[k]}
+@pytest.mark.parametrize(
+    "shipped, stock",
+    [("swin_balanced.yaml", "swin_stock.yaml"),
+     ("quick_schedules/swin_tiny_balanced_demo.yaml", "quick_schedules/swin_tiny_stock_demo.yaml"),
+     ("quick_schedules/swin_tiny_balanced_sparse_demo.yaml",
+      "quick_schedules/swin_tiny_stock_sparse_demo.yaml")],
+)
+def test_stock_differs_from_shipped_only_in_heads_sampler_and_copy_paste(load_project_config,
+                                                                         shipped, stock):
+    ours = _flatten(load_project_config(shipped))
+    theirs = _flatten(load_project_config(stock))
+    differing = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
+    assert differing.pop("OUTPUT_DIR")
     assert differing == {
         "MODEL.PROPOSAL_GENERATOR.NAME": ("BalancedRPN", "RPN"),
         "MODEL.ROI_HEADS.NAME": ("BalancedROIHeads", "StandardROIHeads"),
@@ -87,23 +97,29 @@ def test_stock_differs_from_balanced_only_in_the_heads_and_sampler(load_project_
             "BalancedMaskRCNNConvUpsampleHead",
             "MaskRCNNConvUpsampleHead",
         ),
-        "DATALOADER.SAMPLER_TRAIN": ("ObjectShareTrainingSampler", "TrainingSampler"),
-        "OUTPUT_DIR": ("output/swin_balanced", "output/swin_stock"),
+        "DATALOADER.SAMPLER_TRAIN": ("ClassAwareObjectShareTrainingSampler", "TrainingSampler"),
+        "INPUT.COPY_PASTE.PROBABILITY": (0.5, 0.0),
     }
 
 
 # What ships (README, Results): stock's losses through the balanced heads, half the sampled images
-# holding objects.
+# holding objects, drawn by their rarest class's repeat factor at threshold 1, and copy-paste 0.5
+# onto the empty ones (the quality study's samples_cshare_paste arm).
 SHIPPED = {**DESIGN, **{f"MODEL.BALANCED_LOSS.{k}_POS_WEIGHT": 1.0 for k in ("RPN_CLS", "ROI_CLS")},
            "MODEL.BALANCED_LOSS.REG_NORMALIZER": "samples",
-           "DATALOADER.SAMPLER_TRAIN": "ObjectShareTrainingSampler",
-           "DATALOADER.OBJECT_IMAGE_SHARE": 0.5}
+           "DATALOADER.SAMPLER_TRAIN": "ClassAwareObjectShareTrainingSampler",
+           "DATALOADER.OBJECT_IMAGE_SHARE": 0.5,
+           "DATALOADER.REPEAT_THRESHOLD": 1.0,
+           "DATALOADER.REPEAT_SQRT": True,
+           "INPUT.COPY_PASTE.PROBABILITY": 0.5}
 
 
 @pytest.mark.parametrize("name", ["swin_balanced.yaml", "swin_balanced_3x.yaml",
                                   "swin_s_balanced.yaml", "swin_b_balanced.yaml",
                                   "quick_schedules/swin_tiny_balanced_demo.yaml",
-                                  "my_data/imbalanced_coco.yaml"])
+                                  "quick_schedules/swin_tiny_balanced_sparse_demo.yaml",
+                                  "my_data/imbalanced_coco.yaml",
+                                  "my_data/imbalanced_coco_cpu.yaml"])
 def test_shipped_configs_have_the_measured_configuration(load_project_config, name):
     ours = _flatten(load_project_config(name))
     assert {k: ours[k] for k in SHIPPED} == SHIPPED

@@ -102,7 +102,8 @@ def test_a_box_no_anchor_matches_gets_only_its_best_anchors(tiny):
 
 
 def test_times_seen_under_the_object_share(tiny):
-    cfg = tiny("SOLVER.MAX_ITER", "100", "SOLVER.IMS_PER_BATCH", "4")
+    cfg = tiny("SOLVER.MAX_ITER", "100", "SOLVER.IMS_PER_BATCH", "4",
+               "DATALOADER.SAMPLER_TRAIN", "ObjectShareTrainingSampler")
     seen = times_seen(cfg, _records(), ["a", "b", "c"])
     # 10 images at 4 per step: 3 iterations per epoch; 100 iterations = 33.3 epochs. Share 0.5:
     # 3 object images r = 0.5*10/3, 7 others (crowd-only counts as empty) 0.5*10/7; 400 draws.
@@ -111,14 +112,21 @@ def test_times_seen_under_the_object_share(tiny):
     assert seen["seen_per_empty_image"] == pytest.approx(400 * 0.5 / 7)
     assert seen["seen_per_class_image"][1] == {"name": "b", "images": 1,
                                                "seen_per_image": pytest.approx(400 * 0.5 / 3)}
+    # The shipped class-aware share (t = 1): the images of a (3 of 10 images) and of b (1 of 10,
+    # with a) drawn as sqrt(10 / 3) : sqrt(10), their 200 draws split in that proportion.
+    cfg.DATALOADER.SAMPLER_TRAIN = "ClassAwareObjectShareTrainingSampler"
+    seen = times_seen(cfg, _records(), ["a", "b", "c"])
+    assert seen["seen_per_object_image"] == pytest.approx(400 * 0.5 / 3)
+    assert seen["seen_per_class_image"][1]["seen_per_image"] == pytest.approx(
+        200 * math.sqrt(10) / (2 * math.sqrt(10 / 3) + math.sqrt(10)), rel=1e-5)
     cfg.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"
     assert times_seen(cfg, _records(), ["a", "b", "c"])["seen_per_empty_image"] == pytest.approx(40)
 
 
 def test_report_suggestions_are_checked(tiny):
-    # detectron2's defaults for 128-px images of small objects: TrainingSampler, empty images
-    # dropped, anchors 32-512 at RPN IoU 0.7.
-    cfg = tiny("DATALOADER.SAMPLER_TRAIN", "TrainingSampler",
+    # detectron2's defaults for 128-px images of small objects: TrainingSampler, no copy-paste,
+    # empty images dropped, anchors 32-512 at RPN IoU 0.7.
+    cfg = tiny("DATALOADER.SAMPLER_TRAIN", "TrainingSampler", "INPUT.COPY_PASTE.PROBABILITY", "0.0",
                "DATALOADER.FILTER_EMPTY_ANNOTATIONS", "True",
                "MODEL.ANCHOR_GENERATOR.SIZES", "[[32], [64], [128], [256], [512]]",
                "MODEL.RPN.IOU_THRESHOLDS", "[0.3, 0.7]")
@@ -128,7 +136,10 @@ def test_report_suggestions_are_checked(tiny):
                               datasets=(records, kept, ["a", "b", "c"], {}))
     overrides = {k: v for s in report["suggestions"] for k, v in s.get("overrides", [])}
     assert overrides["DATALOADER.FILTER_EMPTY_ANNOTATIONS"] == "False"
-    assert overrides["DATALOADER.SAMPLER_TRAIN"] == "ObjectShareTrainingSampler"
+    # What ships: the class-aware share at 0.5, RFS's threshold 1, copy-paste 0.5.
+    assert overrides["DATALOADER.SAMPLER_TRAIN"] == "ClassAwareObjectShareTrainingSampler"
+    assert (overrides["DATALOADER.OBJECT_IMAGE_SHARE"], overrides["DATALOADER.REPEAT_THRESHOLD"],
+            overrides["INPUT.COPY_PASTE.PROBABILITY"]) == ("0.5", "1.0", "0.5")
     # 3 kept images at 4 per step: 1 iteration per epoch.
     assert overrides["SOLVER.MAX_ITER"] == "12"
     anchors = next(s for s in report["suggestions"] if "MODEL.RPN.IOU_THRESHOLDS" in dict(

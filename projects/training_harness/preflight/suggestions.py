@@ -107,15 +107,20 @@ def suggest(cfg: CfgNode, stats: Dict[str, Any], schedule: Dict[str, Any],
     sampler = cfg.DATALOADER.SAMPLER_TRAIN
     if (stats["empty_share"] >= MOSTLY_EMPTY
             and sampler not in (OBJECT_SHARE_SAMPLER, CLASS_AWARE_OBJECT_SHARE_SAMPLER)):
-        out.append({"overrides": [("DATALOADER.SAMPLER_TRAIN", OBJECT_SHARE_SAMPLER),
-                                  ("DATALOADER.OBJECT_IMAGE_SHARE", "0.5")],
+        # What ships (configs/Base-BalancedRCNN-Swin-FPN.yaml); copy-paste only where it is off.
+        keys = [("DATALOADER.SAMPLER_TRAIN", CLASS_AWARE_OBJECT_SHARE_SAMPLER),
+                ("DATALOADER.OBJECT_IMAGE_SHARE", "0.5"), ("DATALOADER.REPEAT_THRESHOLD", "1.0")]
+        if cfg.INPUT.COPY_PASTE.PROBABILITY == 0:
+            keys.append(("INPUT.COPY_PASTE.PROBABILITY", "0.5"))
+        out.append({"overrides": keys,
                     "reason": f"{100 * stats['empty_share']:.1f}% of the training images hold "
                               f"no object and {sampler} samples them as they come "
                               f"({100 * schedule.get('object_share_sampled', 0):.1f}% of the "
                               "sampled images hold objects); on mostly empty data that is "
                               "where detectron2 loses its detections, and half the sampled "
-                              "images holding objects kept them (BENCHMARKS.md, \"Keeping "
-                              "detections alive: the study\")"})
+                              "images holding objects, drawn by their rarest class, with "
+                              "objects pasted onto empty ones, kept them and beat detectron2's "
+                              "RepeatFactorTrainingSampler (BENCHMARKS.md, Conclusions)"})
     out += _anchor_suggestion(cfg, coverage, recompute)
     if target_epochs > 0:
         per_epoch = schedule["iterations_per_epoch"]
