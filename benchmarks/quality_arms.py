@@ -232,6 +232,14 @@ for _key in ("share", "cshare"):
         f"{_base.label} + copy-paste 0.5",
         f"{_base.about}; INPUT.COPY_PASTE.PROBABILITY 0.5 (simple copy-paste onto empty images, "
         "Ghiasi et al. 2021)")
+# The shipped rule (class-aware share + copy-paste 0.5) at the sweep's other shares
+# ("samples_cshare_paste_0.75", ...): each changes OBJECT_IMAGE_SHARE alone against
+# "samples_cshare_paste".
+for _share in SWEEP_SHARES:
+    _base = ARMS[f"samples_cshare_{_share:g}"]
+    ARMS[f"samples_cshare_paste_{_share:g}"] = Arm(
+        "balanced", _base.overrides + ((_COPY_PASTE, "0.5"),),
+        f"{_base.label} + copy-paste 0.5", f"{_base.about}; INPUT.COPY_PASTE.PROBABILITY 0.5")
 
 
 # The shipped configs paste objects onto empty images (INPUT.COPY_PASTE.PROBABILITY 0.5); every

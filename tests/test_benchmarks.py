@@ -274,7 +274,15 @@ def test_every_balanced_arm_sets_every_balanced_loss_key_and_copy_paste(tmp_path
     # Nor copy-paste, which the shipped configs turn on: only the arms named for it paste.
     pasting = {arm for arm, command in zip(arms, commands)
                if options(command)["INPUT.COPY_PASTE.PROBABILITY"] != "0.0"}
-    assert pasting == {"samples_share_paste", "samples_cshare_paste"}
+    assert pasting == {"samples_share_paste", "samples_cshare_paste", "samples_cshare_paste_0.1",
+                       "samples_cshare_paste_0.25", "samples_cshare_paste_0.75"}
+    # The sweep's shipped-rule arms differ from the shipped rule in OBJECT_IMAGE_SHARE alone.
+    shipped = options(commands[arms.index("samples_cshare_paste")])
+    swept = options(commands[arms.index("samples_cshare_paste_0.75")])
+    assert {k for k in shipped if shipped[k] != swept[k]} == {"DATALOADER.OBJECT_IMAGE_SHARE",
+                                                              "OUTPUT_DIR"}
+    assert (shipped["DATALOADER.OBJECT_IMAGE_SHARE"], swept["DATALOADER.OBJECT_IMAGE_SHARE"]) == \
+        ("0.5", "0.75")
 
 
 def test_quality_ab_reuse_needs_the_same_resolved_config():
