@@ -119,8 +119,13 @@ def test_times_seen_under_the_object_share(tiny):
     assert seen["seen_per_object_image"] == pytest.approx(400 * 0.5 / 3)
     assert seen["seen_per_class_image"][1]["seen_per_image"] == pytest.approx(
         200 * math.sqrt(10) / (2 * math.sqrt(10 / 3) + math.sqrt(10)), rel=1e-5)
+    # Copy-paste onto half the sampled empty images: up to 0.5 + 0.5 * 0.5 show objects.
+    assert seen["copy_paste"] == 0.5 and seen["object_share_shown"] == pytest.approx(0.75)
     cfg.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"
-    assert times_seen(cfg, _records(), ["a", "b", "c"])["seen_per_empty_image"] == pytest.approx(40)
+    cfg.INPUT.COPY_PASTE.PROBABILITY = 0.0
+    seen = times_seen(cfg, _records(), ["a", "b", "c"])
+    assert seen["seen_per_empty_image"] == pytest.approx(40)
+    assert seen["object_share_shown"] == seen["object_share_sampled"] == pytest.approx(0.3)
 
 
 def test_report_suggestions_are_checked(tiny):
@@ -158,6 +163,19 @@ def test_report_suggestions_are_checked(tiny):
         f"{applied.MODEL.RPN.IOU_THRESHOLDS[-1]:g}")
     text = render_report(report)
     assert "== Suggestions" in text and "All of them: " in text
+    # Empty images dropped, no copy-paste: every sampled image holds objects, nothing pasted.
+    assert "\n100.0% of the sampled images hold objects; each object image is seen" in text
+
+
+def test_report_states_the_share_shown_with_copy_paste(tiny):
+    cfg = tiny("DATALOADER.SAMPLER_TRAIN", "ObjectShareTrainingSampler",
+               "INPUT.COPY_PASTE.PROBABILITY", "0.5")
+    records = _records()
+    report = preflight_report(cfg, anchor_images=0, datasets=(records, records, ["a", "b", "c"],
+                                                               {}))
+    assert ("\n50.0% of the sampled images hold objects (with copy-paste, "
+            "INPUT.COPY_PASTE.PROBABILITY 0.5: up to 75.0% show objects); each object image is "
+            "seen ") in render_report(report)
 
 
 def test_tiny_config_anchor_numbers_on_the_synthetic_shapes(tmp_path, monkeypatch, tiny):

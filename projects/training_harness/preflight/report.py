@@ -133,11 +133,14 @@ def render_report(report: Dict[str, Any]) -> str:
                      f", evaluation every {s['eval_period_epochs']:.2f}"
                      if s["eval_period_epochs"] else ""))
     if "seen_per_object_image" in s:
+        paste = s["copy_paste"]
         rarest = min((c for c in s["seen_per_class_image"] if c["images"]),
                      key=lambda c: c["images"], default=None)
         lines.append(
-            f"{_pct(s['object_share_sampled'])} of the sampled images hold objects; each object "
-            f"image is seen {s['seen_per_object_image']:.1f} times"
+            f"{_pct(s['object_share_sampled'])} of the sampled images hold objects"
+            + (f" (with copy-paste, INPUT.COPY_PASTE.PROBABILITY {paste:g}: up to "
+               f"{_pct(s['object_share_shown'])} show objects)" if paste else "")
+            + f"; each object image is seen {s['seen_per_object_image']:.1f} times"
             + (f", each empty one {s['seen_per_empty_image']:.2f}"
                if s["seen_per_empty_image"] is not None else "")
             + (f", each image of the rarest class ({rarest['name']}, {rarest['images']} images) "

@@ -69,6 +69,7 @@ def times_seen(cfg: CfgNode, dataset_dicts: List[Dict[str, Any]],
         "checkpoint_period_epochs": cfg.SOLVER.CHECKPOINT_PERIOD / per_epoch,
         "eval_period_epochs": cfg.TEST.EVAL_PERIOD / per_epoch if cfg.TEST.EVAL_PERIOD else None,
         "sampler": cfg.DATALOADER.SAMPLER_TRAIN,
+        "copy_paste": cfg.INPUT.COPY_PASTE.PROBABILITY,
     }
     factors = repeat_factors(cfg, dataset_dicts)
     if factors is None:
@@ -77,7 +78,11 @@ def times_seen(cfg: CfgNode, dataset_dicts: List[Dict[str, Any]],
     holds = torch.tensor([holds_objects(r) for r in dataset_dicts], dtype=torch.bool)
     out["seen_per_object_image"] = float(seen[holds].mean()) if holds.any() else None
     out["seen_per_empty_image"] = float(seen[~holds].mean()) if (~holds).any() else None
-    out["object_share_sampled"] = float(factors[holds].sum() / factors.sum())
+    out["object_share_sampled"] = share = float(factors[holds].sum() / factors.sum())
+    # Copy-paste gives each sampled empty image the objects of an object image with probability
+    # p (data/copy_paste.py), so the model sees objects in up to share + (1 - share) * p of the
+    # images ("up to": objects that do not fit a smaller image are left out).
+    out["object_share_shown"] = share + (1 - share) * cfg.INPUT.COPY_PASTE.PROBABILITY
     sums, counts = [0.0] * len(class_names), [0] * len(class_names)
     for seen_i, record in zip(seen.tolist(), dataset_dicts):
         for c in {a["category_id"] for a in record.get("annotations", [])
