@@ -651,7 +651,9 @@ def _diff_cell(diffs: List[float]) -> str:
 
 
 def render(study: Study, runs: List[Run], results: Dict[str, dict], threads: int,
-           jobs: int) -> Tuple[str, List[str]]:
+           jobs: int, versus: Optional[str] = None) -> Tuple[str, List[str]]:
+    """The tables and their notes; ``versus``: an arm every other arm is also paired against
+    (bbox AP and APr), as in a sweep against the shipped value."""
     schedule = study.schedule
     metric_headers = ["bbox AP", "bbox AP50", "segm AP", "segm AP50", "bbox APr",
                       "false-alarm images", "recall50", "dets/img before",
@@ -683,13 +685,19 @@ def render(study: Study, runs: List[Run], results: Dict[str, dict], threads: int
                               study.arms[best].label if best else "-",
                               _diff_cell(_paired(by_seed, arm, best)) if versus_best else "-",
                               _diff_cell(_paired(by_seed, arm, best, "bbox/APr"))
-                              if versus_best else "-"])
+                              if versus_best else "-"] + ([
+                                  _diff_cell(_paired(by_seed, arm, versus, key))
+                                  if arm != versus else "-" for key in ("bbox/AP", "bbox/APr")]
+                                  if versus else []))
     body = common.markdown_table(["setting", "arm", "runs", *metric_headers], rows)
     if diff_rows:
         body += ("\n\nbbox AP differences paired by seed (mean ± std, then each seed):\n\n"
                  + common.markdown_table(["setting", "arm", "minus stock", "better baseline",
                                           "minus the better baseline",
-                                          "bbox APr minus the better baseline"], diff_rows))
+                                          "bbox APr minus the better baseline"] + (
+                                              [f"minus {study.arms[versus].label}",
+                                               f"bbox APr minus {study.arms[versus].label}"]
+                                              if versus else []), diff_rows))
     if share_rows:
         body += ("\n\nGradient share of each loss term on the backbone + FPN (mean over the "
                  "checks and seeds; health/grad_shares.py):\n\n"
@@ -839,6 +847,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         metavar="POS:BBOX",
                         help="more arms: the design's normalization with POS_WEIGHT and "
                         "LOSS_BBOX_WEIGHT of both heads, e.g. 1:1 or 3:0.25")
+    parser.add_argument("--versus", choices=list(ARMS), metavar="ARM",
+                        help="also pair every arm against this one (one of --arms), e.g. the "
+                        "shipped value in a sweep")
     parser.add_argument("--iters", type=int, help=f"default {SCHEDULE.iters}")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     parser.add_argument("--threads-per-job", type=int, default=1, help="default 1")
@@ -878,6 +889,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         arms[name] = arm
         names.append(name)
     names = list(dict.fromkeys(names))
+    if args.versus and args.versus not in names:
+        raise SystemExit(f"--versus {args.versus}: not one of --arms ({' '.join(names)})")
     schedule = TINY_SCHEDULE if args.tiny else SCHEDULE
     if args.iters:
         schedule = replace(schedule, iters=args.iters)
@@ -906,7 +919,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         return {}
 
     results = execute_study(study, runs, args.jobs, args.threads_per_job, args.reuse_only)
-    body, notes = render(study, runs, results, args.threads_per_job, args.jobs)
+    body, notes = render(study, runs, results, args.threads_per_job, args.jobs, args.versus)
     details = f"<details><summary>Every run</summary>\n\n{per_run_table(results)}\n\n</details>"
     print("\n" + body + "\n\n" + "\n".join(f"- {n}" for n in notes))
     data = {"tiny": args.tiny, "schedule": asdict(schedule),

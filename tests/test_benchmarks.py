@@ -245,6 +245,22 @@ def test_quality_ab_tiny_runs_tabulates_and_resumes(one_thread, datasets_root, t
     assert partial["severe_samples_cshare_s0"]["bbox/AP"] == \
         results["severe_samples_cshare_s0"]["bbox/AP"]
     assert not (tmp_path / "runs" / "severe_samples_cshare_s1").exists()
+    # --versus pairs every arm against the one named, by seed.
+    quality_ab.main(argv + ["--reuse-only", "--versus", "samples_cshare"])
+    text = (tmp_path / "results" / "quality_ab_tiny.md").read_text()
+    header = next(line for line in text.splitlines() if "minus the better baseline" in line)
+    assert header.endswith("| minus samples + class-aware share 0.5 | bbox APr minus samples + "
+                           "class-aware share 0.5 |")
+    column = header.split(" | ").index("minus samples + class-aware share 0.5")
+    for setting in ("severe", "many", "finetune"):
+        row = [line for line in text.splitlines()
+               if line.startswith(f"| {setting} | balanced POS 3, BBOX 0.25 |")][-1]
+        diff = (results[f"{setting}_balanced_w3_b0.25_s0"]["bbox/AP"]
+                - results[f"{setting}_samples_cshare_s0"]["bbox/AP"])
+        assert row.split(" | ")[column].endswith(f"({diff:+.1f})"), row
+    with pytest.raises(SystemExit, match=r"--versus stock: not one of --arms "
+                                         r"\(samples_cshare balanced_w3_b0.25\)"):
+        quality_ab.main(argv + ["--reuse-only", "--versus", "stock"])
 
 
 def test_every_balanced_arm_sets_every_balanced_loss_key_and_copy_paste(tmp_path, capsys):
