@@ -245,19 +245,36 @@ def test_quality_ab_tiny_runs_tabulates_and_resumes(one_thread, datasets_root, t
     assert partial["severe_samples_cshare_s0"]["bbox/AP"] == \
         results["severe_samples_cshare_s0"]["bbox/AP"]
     assert not (tmp_path / "runs" / "severe_samples_cshare_s1").exists()
-    # --versus pairs every arm against the one named, by seed.
+    # --versus pairs every arm against the one named, by seed (read anew from each run's
+    # metrics.json: two of them given known final APs).
+    def set_final_ap(run, ap):
+        path = tmp_path / "runs" / run / "metrics.json"
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        final = next(r for r in reversed(records) if "bbox/AP" in r)
+        final["bbox/AP"] = ap
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        results[run]["bbox/AP"] = ap
+
+    set_final_ap("severe_samples_cshare_s0", 10.0)
+    set_final_ap("severe_balanced_w3_b0.25_s0", 17.5)
     quality_ab.main(argv + ["--reuse-only", "--versus", "samples_cshare"])
     text = (tmp_path / "results" / "quality_ab_tiny.md").read_text()
-    header = next(line for line in text.splitlines() if "minus the better baseline" in line)
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "minus the better baseline" in line)
+    header, table = lines[start], lines[start:lines.index("", start)]
     assert header.endswith("| minus samples + class-aware share 0.5 | bbox APr minus samples + "
                            "class-aware share 0.5 |")
     column = header.split(" | ").index("minus samples + class-aware share 0.5")
     for setting in ("severe", "many", "finetune"):
-        row = [line for line in text.splitlines()
-               if line.startswith(f"| {setting} | balanced POS 3, BBOX 0.25 |")][-1]
+        row = next(line for line in table
+                   if line.startswith(f"| {setting} | balanced POS 3, BBOX 0.25 |"))
         diff = (results[f"{setting}_balanced_w3_b0.25_s0"]["bbox/AP"]
                 - results[f"{setting}_samples_cshare_s0"]["bbox/AP"])
         assert row.split(" | ")[column].endswith(f"({diff:+.1f})"), row
+    assert (results["severe_balanced_w3_b0.25_s0"]["bbox/AP"]
+            - results["severe_samples_cshare_s0"]["bbox/AP"]) == 7.5  # the loop read "(+7.5)"
+    assert next(line for line in table if line.startswith("| severe | samples + class-aware")
+                ).split(" | ")[column] == "-"
     with pytest.raises(SystemExit, match=r"--versus stock: not one of --arms "
                                          r"\(samples_cshare balanced_w3_b0.25\)"):
         quality_ab.main(argv + ["--reuse-only", "--versus", "stock"])
