@@ -8,6 +8,7 @@ schedule and seeds. The settings and arms are defined in quality_arms.py.
     python benchmarks/quality_ab.py                 # the final table (every setting, 4 arms, 5 seeds)
     python benchmarks/quality_ab.py --settings severe --arms stock design_defaults --seeds 0 1
     python benchmarks/quality_ab.py --update-md     # ... and replace its section of BENCHMARKS.md
+    python benchmarks/quality_ab.py --versus stock_rfs   # every arm also paired against stock_rfs
     python benchmarks/quality_ab.py --tiny          # seconds: a few iterations (the test suite)
 
 Each run is ``train_net.py`` in a subprocess with a CPU demo config
