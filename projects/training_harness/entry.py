@@ -27,7 +27,7 @@ from .errors import SETUP_REFUSALS, TrainingHealthError, exit_on_refusal, refusa
 from .health.check_images import check_health_images
 from .reliability.launch import collective_timeout, launched_by_torchrun, refused_together
 from .reliability.launch import launch as launch_workers
-from .reliability.launch import run_torchrun_worker
+from .reliability.launch import leave_process_group, run_torchrun_worker
 from .reliability.output_dir import claim_output_dir, remove_earlier_run
 from .reliability.weights_files import check_weights_file
 
@@ -130,3 +130,5 @@ def _run_worker(main_func: Callable[..., Any], program: str, *args: Any) -> Any:
         if _raised_in_run(e):
             raise
         sys.exit(refusal_line(program, e))
+    finally:
+        leave_process_group()

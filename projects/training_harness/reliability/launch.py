@@ -36,8 +36,8 @@ from torch.multiprocessing import ProcessExitedException
 from ..errors import SetupRefusedElsewhere, exit_code_of
 from .signals import forward_signals_to_workers
 
-__all__ = ["collective_timeout", "launch", "launched_by_torchrun", "refused_together",
-           "run_torchrun_worker", "worker_exit_status"]
+__all__ = ["collective_timeout", "launch", "launched_by_torchrun", "leave_process_group",
+           "refused_together", "run_torchrun_worker", "worker_exit_status"]
 
 # What torchrun sets in the environment of every worker it starts.
 _TORCHRUN_VARIABLES = ("TORCHELASTIC_RUN_ID", "RANK", "LOCAL_RANK", "WORLD_SIZE",
@@ -129,4 +129,12 @@ def run_torchrun_worker(main_func: Callable[..., Any], args: Sequence[Any] = (),
     try:
         return main_func(*args)
     finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group, if any, before the worker exits: left to the
+    interpreter's exit, its threads can outlive it and abort the process (SIGABRT, "terminate
+    called without an active exception") after a clean refusal or stop."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
